@@ -1,0 +1,12 @@
+"""Quiver's public API: what an inference engine imports.
+
+``engine`` owns the cache identity (:class:`CacheIdentity`, its canonical
+encoding and BLAKE3 fingerprint), the chain keys that name KV blocks, the block
+envelope (header + body + CRC32C) with its codecs, and the typed errors
+(:mod:`engine.errors`).  The BlockStore facade, identity guard and torch
+copy-in/out join it in later work; nothing here is a stub.
+"""
+
+from engine.errors import QuiverError
+
+__all__ = ["QuiverError"]

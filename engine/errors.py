@@ -1,0 +1,78 @@
+"""Typed errors of Quiver's public API.
+
+Every failure a caller can act on is a subclass of :class:`QuiverError`, so an
+engine can catch one base class.  Lower layers (``walpub``, ``index_backends``)
+sit below ``engine`` in the dependency order and cannot import it; they raise
+their own typed errors, which the engine facade translates into these (with the
+original chained as ``__cause__``).
+"""
+
+from __future__ import annotations
+
+
+class QuiverError(Exception):
+    """Base class of every error Quiver raises on purpose."""
+
+
+# --- identity -----------------------------------------------------------------
+
+
+class InvalidIdentityError(QuiverError, ValueError):
+    """A CacheIdentity field is missing, empty, malformed or unknown."""
+
+
+class IdentityMismatchError(QuiverError):
+    """A stored block belongs to another identity, key, parent or token count."""
+
+
+# --- payloads -----------------------------------------------------------------
+
+
+class ShapeMismatchError(QuiverError, ValueError):
+    """A payload's shape does not match the identity's block shape."""
+
+
+class DTypeMismatchError(QuiverError, TypeError):
+    """A payload's dtype does not match the identity's kv dtype."""
+
+
+# --- envelope -----------------------------------------------------------------
+
+
+class EnvelopeError(QuiverError):
+    """A block envelope cannot be decoded; its bytes are never returned."""
+
+
+class BadMagicError(EnvelopeError):
+    """The bytes do not start with the envelope magic."""
+
+
+class UnsupportedVersionError(EnvelopeError):
+    """The envelope's format version is not one this build understands."""
+
+
+class UnknownCodecError(EnvelopeError):
+    """The envelope names a codec (or flag) this build does not know."""
+
+
+class TruncatedEnvelopeError(EnvelopeError):
+    """The envelope is shorter than its header says it must be."""
+
+
+class ChecksumMismatchError(EnvelopeError):
+    """CRC32C over header and body does not match: the block is corrupt."""
+
+
+class CorruptEnvelopeError(EnvelopeError):
+    """A header field is impossible (absurd length, bad shape, inconsistent sizes)."""
+
+
+# --- stores -------------------------------------------------------------------
+
+
+class StoreLockedError(QuiverError):
+    """Another process holds the store's write lock."""
+
+
+class ObjectStoreUnreachableError(QuiverError):
+    """The object store did not answer within the retry budget."""
