@@ -7,6 +7,16 @@ envelope (header + body + CRC32C) with its codecs, and the typed errors
 copy-in/out join it in later work; nothing here is a stub.
 """
 
-from engine.errors import QuiverError
+from engine.errors import InvalidTokensError, QuiverError
+from engine.identity import KV_DTYPES, CacheIdentity
+from engine.keys import chain_keys, parent_of, root_key
 
-__all__ = ["QuiverError"]
+__all__ = [
+    "CacheIdentity",
+    "KV_DTYPES",
+    "chain_keys",
+    "parent_of",
+    "root_key",
+    "QuiverError",
+    "InvalidTokensError",
+]

@@ -21,6 +21,10 @@ class InvalidIdentityError(QuiverError, ValueError):
     """A CacheIdentity field is missing, empty, malformed or unknown."""
 
 
+class InvalidTokensError(QuiverError, ValueError):
+    """Token ids cannot be keyed: not integers, not 1-D, or outside uint32."""
+
+
 class IdentityMismatchError(QuiverError):
     """A stored block belongs to another identity, key, parent or token count."""
 
