@@ -80,6 +80,16 @@ _INT_BOUNDS = {
 }
 
 
+class _Required:
+    """Default of a required field, so a missing one is a typed error, not TypeError."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
+
+
 def _bad(name: str, why: str) -> InvalidIdentityError:
     return InvalidIdentityError(f"CacheIdentity.{name}: {why}")
 
@@ -118,19 +128,19 @@ class CacheIdentity:
     ``tenant_secret``.
     """
 
-    model: str
-    model_revision: str
-    tokenizer: str
-    tokenizer_revision: str
+    model: str = REQUIRED
+    model_revision: str = REQUIRED
+    tokenizer: str = REQUIRED
+    tokenizer_revision: str = REQUIRED
     adapter: str | None = None
     adapter_revision: str | None = None
-    tenant: str
-    kv_dtype: str
+    tenant: str = REQUIRED
+    kv_dtype: str = REQUIRED
     kv_quant: str | None = None
-    block_tokens: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    block_tokens: int = REQUIRED
+    num_layers: int = REQUIRED
+    num_kv_heads: int = REQUIRED
+    head_dim: int = REQUIRED
     tp_rank: int = 0
     tp_size: int = 1
     pp_rank: int = 0
@@ -138,6 +148,9 @@ class CacheIdentity:
     tenant_secret: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is REQUIRED]
+        if missing:
+            raise InvalidIdentityError(f"CacheIdentity: missing field(s) {missing}")
         for _tag, name, kind in _FIELDS:
             value = getattr(self, name)
             if kind == _INT:
@@ -179,7 +192,7 @@ class CacheIdentity:
         missing = sorted(
             name
             for name, f in known.items()
-            if name not in d and f.default is dataclasses.MISSING
+            if name not in d and f.default is REQUIRED
         )
         if missing:
             raise InvalidIdentityError(f"CacheIdentity: missing field(s) {missing}")

@@ -155,6 +155,8 @@ def test_from_dict_roundtrip_and_refusals():
     del d["tenant"]
     with pytest.raises(InvalidIdentityError, match="missing field.*tenant"):
         CacheIdentity.from_dict(d)
+    with pytest.raises(InvalidIdentityError, match="missing field.*tenant"):
+        CacheIdentity(**d)
     with pytest.raises(InvalidIdentityError, match="mapping"):
         CacheIdentity.from_dict([("model", "x")])  # type: ignore[arg-type]
     keyed = CacheIdentity.from_dict({**BASE, "tenant_secret": b"k" * 16})
