@@ -7,6 +7,14 @@ envelope (header + body + CRC32C) with its codecs, and the typed errors
 copy-in/out join it in later work; nothing here is a stub.
 """
 
+from engine.envelope import (
+    EnvelopeHeader,
+    decode_block,
+    decode_block_into,
+    decode_header,
+    encode_block,
+    uniform_layer_offsets,
+)
 from engine.errors import InvalidTokensError, QuiverError
 from engine.identity import KV_DTYPES, CacheIdentity
 from engine.keys import chain_keys, parent_of, root_key
@@ -17,6 +25,12 @@ __all__ = [
     "chain_keys",
     "parent_of",
     "root_key",
+    "EnvelopeHeader",
+    "encode_block",
+    "decode_header",
+    "decode_block",
+    "decode_block_into",
+    "uniform_layer_offsets",
     "QuiverError",
     "InvalidTokensError",
 ]

@@ -1,0 +1,410 @@
+"""The block envelope: one byte format on disk, in the object store and in memory.
+
+    header (172 + 8 * layer_count bytes, ends with its own CRC32C)
+    body   (body_len bytes, the payload through a codec; see engine.codecs)
+    CRC32C (4 bytes) over header and body
+
+The exact layout is in docs/FORMAT.md.  The header carries everything that
+makes the bytes meaningful (identity fingerprint, block and parent key, token
+count, dtype, shape), so a reader can check a block against its request
+without trusting an index.  The header has its own CRC so a header read alone
+(a ranged GET, a HEAD-like peek) is already verified; the trailing CRC covers
+the whole envelope and is checked before any payload byte is returned.
+
+Payloads are numpy arrays (or torch CPU tensors, or any buffer-protocol object)
+of float16, bfloat16, float32 or int8.  numpy has no bfloat16: such payloads are
+carried and returned as 2-byte integer arrays (``uint16``), tagged "bfloat16";
+a torch bfloat16 tensor is accepted directly.  A non-C-contiguous payload is
+copied once to make it contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+
+from engine import codecs
+from engine.errors import (
+    BadMagicError,
+    ChecksumMismatchError,
+    CorruptEnvelopeError,
+    DTypeMismatchError,
+    ShapeMismatchError,
+    TruncatedEnvelopeError,
+    UnknownCodecError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"QVKB"
+VERSION = 1
+MAX_NDIM = 6
+MAX_LAYERS = 4096
+FLAG_SHUFFLE = 0x1
+KNOWN_FLAGS = FLAG_SHUFFLE
+
+# magic, version, codec, dtype, flags, header_len, fingerprint, key, parent,
+# token_count, ndim, reserved(3), shape[6], raw_len, body_len, chunk_size, layer_count
+_FIXED = struct.Struct("<4sHBBII32s32s32sIB3s6IQQII")
+assert _FIXED.size == 168
+_U32 = struct.Struct("<I")
+_CRC_SIZE = 4
+
+#: dtype name -> (code, numpy dtype used to carry it)
+DTYPES = {
+    "float16": (1, np.dtype("<f2")),
+    "bfloat16": (2, np.dtype("<u2")),
+    "float32": (3, np.dtype("<f4")),
+    "int8": (4, np.dtype("i1")),
+}
+_DTYPE_BY_CODE = {code: name for name, (code, _) in DTYPES.items()}
+_NATIVE = {np.dtype("<f2"): "float16", np.dtype("<f4"): "float32", np.dtype("i1"): "int8"}
+
+
+def header_size(layer_count: int) -> int:
+    """Bytes of a header with ``layer_count`` layer offsets (its CRC included)."""
+    return _FIXED.size + 8 * layer_count + _CRC_SIZE
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    """A decoded, validated envelope header."""
+
+    version: int
+    codec: int
+    flags: int
+    fingerprint: bytes
+    key: bytes
+    parent: bytes
+    token_count: int
+    dtype: str
+    shape: tuple[int, ...]
+    raw_len: int
+    body_len: int
+    chunk_size: int
+    layer_offsets: tuple[int, ...]
+    header_len: int
+
+    @property
+    def codec_name(self) -> str:
+        return codecs.CODEC_NAMES[self.codec]
+
+    @property
+    def shuffle(self) -> bool:
+        return bool(self.flags & FLAG_SHUFFLE)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype the payload is returned as (uint16 for bfloat16)."""
+        return DTYPES[self.dtype][1]
+
+    @property
+    def itemsize(self) -> int:
+        return self.np_dtype.itemsize
+
+    @property
+    def total_len(self) -> int:
+        """Bytes of the whole envelope: header, body and trailing CRC."""
+        return self.header_len + self.body_len + _CRC_SIZE
+
+    def layer_range(self, i: int) -> tuple[int, int]:
+        """[start, stop) of layer ``i`` within the raw payload."""
+        offs = self.layer_offsets
+        if not 0 <= i < len(offs):
+            raise IndexError(f"layer {i} out of range for {len(offs)} layers")
+        return offs[i], offs[i + 1] if i + 1 < len(offs) else self.raw_len
+
+    def layer_body_range(self, i: int) -> tuple[int, int]:
+        """[start, stop) of layer ``i`` within the envelope, for a ranged read.
+
+        Only codec ``none`` stores layers contiguously.  A ranged read is not
+        covered by the trailing CRC: it trusts the (separately checked) header
+        only.
+        """
+        if self.codec != codecs.CODEC_NONE:
+            raise ValueError(f"layer ranges need codec none, envelope uses {self.codec_name}")
+        start, stop = self.layer_range(i)
+        return self.header_len + start, self.header_len + stop
+
+
+# --- payload normalisation -----------------------------------------------------
+
+
+def _payload_array(payload, dtype: str | None) -> tuple[np.ndarray, str]:
+    """(C-contiguous numpy array, dtype name) for a numpy / torch / buffer payload."""
+    if type(payload).__module__.split(".")[0] == "torch":
+        payload, dtype = _torch_to_numpy(payload, dtype)
+    arr = payload if isinstance(payload, np.ndarray) else np.asarray(memoryview(payload))
+    if not arr.dtype.isnative:
+        raise DTypeMismatchError(f"payload dtype {arr.dtype} is not native byte order")
+    native = _NATIVE.get(arr.dtype)
+    if dtype is None:
+        if native is None:
+            raise DTypeMismatchError(
+                f"payload dtype {arr.dtype} is not float16/float32/int8; pass dtype= (bfloat16 as a uint16 view)"
+            )
+        dtype = native
+    if dtype not in DTYPES:
+        raise DTypeMismatchError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    carrier = DTYPES[dtype][1]
+    if native is not None and native != dtype:
+        raise DTypeMismatchError(f"payload is {native} but dtype={dtype!r} was given")
+    if native is None and not (dtype == "bfloat16" and arr.dtype.kind in "ui" and arr.dtype.itemsize == 2):
+        raise DTypeMismatchError(f"payload dtype {arr.dtype} cannot carry {dtype}")
+    if not 1 <= arr.ndim <= MAX_NDIM:  # before ascontiguousarray, which turns 0-d into 1-d
+        raise ShapeMismatchError(f"payload must have 1..{MAX_NDIM} dimensions, has {arr.ndim}")
+    arr = np.ascontiguousarray(arr).view(carrier)
+    return arr, dtype
+
+
+def _torch_to_numpy(t, dtype: str | None):
+    import torch  # lazily: the envelope itself does not need torch
+
+    if t.device.type != "cpu":
+        raise ValueError(f"payload tensor is on {t.device}; copy it to host memory first")
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        if dtype not in (None, "bfloat16"):
+            raise DTypeMismatchError(f"payload is bfloat16 but dtype={dtype!r} was given")
+        return t.contiguous().view(torch.int16).numpy(), "bfloat16"
+    return t.contiguous().numpy(), dtype
+
+
+def _out_array(out, header: EnvelopeHeader) -> np.ndarray:
+    """Flat writable uint8 view of a caller's destination, checked against the header."""
+    if type(out).__module__.split(".")[0] == "torch":
+        import torch
+
+        if out.device.type != "cpu":
+            raise ValueError(f"destination tensor is on {out.device}; decode into host memory")
+        if out.dtype == torch.bfloat16:
+            if header.dtype != "bfloat16":
+                raise DTypeMismatchError(f"destination is bfloat16, envelope holds {header.dtype}")
+            out = out.view(torch.int16)
+        out = out.numpy()
+    if isinstance(out, np.ndarray) and not (out.dtype == np.uint8 and out.ndim == 1):
+        if tuple(out.shape) != header.shape:
+            raise ShapeMismatchError(f"destination shape {tuple(out.shape)} != envelope shape {header.shape}")
+        native = _NATIVE.get(out.dtype)
+        ok = native == header.dtype or (
+            header.dtype == "bfloat16" and native is None and out.dtype.kind in "ui" and out.dtype.itemsize == 2
+        )
+        if not ok:
+            raise DTypeMismatchError(f"destination dtype {out.dtype} cannot hold {header.dtype}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("destination must be a writable C-contiguous array")
+        return out.reshape(-1).view(np.uint8)
+    mv = memoryview(out)
+    if mv.readonly or not mv.c_contiguous:
+        raise ValueError("destination buffer must be writable and C-contiguous")
+    if mv.nbytes != header.raw_len:
+        raise ShapeMismatchError(f"destination holds {mv.nbytes} bytes, envelope payload is {header.raw_len}")
+    return np.frombuffer(mv.cast("B"), dtype=np.uint8)
+
+
+def _check_key(name: str, value) -> bytes:
+    value = bytes(value)
+    if len(value) != 32:
+        raise ValueError(f"{name} must be 32 bytes, got {len(value)}")
+    return value
+
+
+# --- encode --------------------------------------------------------------------
+
+
+def encode_block(
+    payload,
+    *,
+    fingerprint: bytes,
+    key: bytes,
+    parent: bytes,
+    token_count: int,
+    codec: str = "none",
+    shuffle: bool = False,
+    layer_offsets=None,
+    dtype: str | None = None,
+    level: int = codecs.DEFAULT_ZSTD_LEVEL,
+    chunk_size: int = codecs.DEFAULT_CHUNK_SIZE,
+) -> bytes:
+    """The envelope of ``payload`` as bytes.
+
+    ``dtype`` is inferred from the array unless given; bfloat16 needs it when
+    the payload is a uint16/int16 view.  ``layer_offsets`` lists the raw byte
+    offset where each layer starts (first 0, non-decreasing); pass
+    ``uniform_layer_offsets(...)`` for an evenly split payload.
+    """
+    arr, dtype = _payload_array(payload, dtype)
+    if any(d >= 2**32 for d in arr.shape):
+        raise ShapeMismatchError(f"payload dimension too large: {arr.shape}")
+    if not 0 <= token_count < 2**32:
+        raise ValueError(f"token_count {token_count} out of uint32 range")
+    fingerprint = _check_key("fingerprint", fingerprint)
+    key = _check_key("key", key)
+    parent = _check_key("parent", parent)
+    cid = codecs.codec_id(codec)
+    itemsize = arr.itemsize
+    raw = arr.reshape(-1).view(np.uint8)
+    offsets = () if layer_offsets is None else tuple(int(o) for o in layer_offsets)
+    _check_layer_offsets(offsets, raw.size, ValueError)
+
+    if cid == codecs.CODEC_NONE:
+        if shuffle:
+            raise ValueError("byte shuffle needs a compressing codec (lz4 or zstd)")
+        chunk_size = 0
+    parts = codecs.encode_body(raw, cid, chunk_size=chunk_size, shuffle_bytes=shuffle, itemsize=itemsize, level=level)
+    body_len = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+    shape6 = tuple(arr.shape) + (0,) * (MAX_NDIM - arr.ndim)
+    fixed = _FIXED.pack(
+        MAGIC, VERSION, cid, DTYPES[dtype][0], FLAG_SHUFFLE if shuffle else 0, header_size(len(offsets)),
+        fingerprint, key, parent, token_count, arr.ndim, b"\0\0\0", *shape6,
+        raw.size, body_len, chunk_size, len(offsets),
+    )
+    head = fixed + struct.pack(f"<{len(offsets)}Q", *offsets)
+    head += _U32.pack(crc32c.crc32c(head))
+    crc = crc32c.crc32c(head)
+    for p in parts:
+        crc = crc32c.crc32c(p, crc)
+    return b"".join([head, *parts, _U32.pack(crc)])
+
+
+def uniform_layer_offsets(num_layers: int, raw_len: int) -> tuple[int, ...]:
+    """Start offsets of ``num_layers`` equal slices of a payload of ``raw_len`` bytes."""
+    if num_layers <= 0 or raw_len % num_layers:
+        raise ValueError(f"{raw_len} bytes do not split into {num_layers} equal layers")
+    step = raw_len // num_layers
+    return tuple(i * step for i in range(num_layers))
+
+
+def _check_layer_offsets(offsets, raw_len: int, error) -> None:
+    if len(offsets) > MAX_LAYERS:
+        raise error(f"{len(offsets)} layers exceed the limit of {MAX_LAYERS}")
+    if offsets and offsets[0] != 0:
+        raise error(f"first layer offset must be 0, is {offsets[0]}")
+    for a, b in zip(offsets, offsets[1:]):
+        if b < a:
+            raise error(f"layer offsets must be non-decreasing: {a} then {b}")
+    if offsets and offsets[-1] > raw_len:
+        raise error(f"last layer offset {offsets[-1]} beyond raw length {raw_len}")
+
+
+# --- decode --------------------------------------------------------------------
+
+
+def decode_header(buf) -> EnvelopeHeader:
+    """Parse and validate the header at the start of ``buf`` (a prefix is enough).
+
+    Checks magic, version, the header's own CRC, codec, flags and every length;
+    does not read the body or its CRC (``decode_block`` does).
+    """
+    mv = memoryview(buf).cast("B")
+    if len(mv) < 4:
+        raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the magic")
+    if bytes(mv[:4]) != MAGIC:
+        raise BadMagicError(f"bad magic {bytes(mv[:4])!r}, expected {MAGIC!r}")
+    if len(mv) < 6:
+        raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the version")
+    (version,) = struct.unpack_from("<H", mv, 4)
+    if version != VERSION:
+        raise UnsupportedVersionError(f"envelope version {version}; this build reads version {VERSION}")
+    if len(mv) < _FIXED.size:
+        raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the {_FIXED.size}-byte fixed header")
+    (_, _, cid, dcode, flags, header_len, fingerprint, key, parent, token_count, ndim, reserved,
+     *shape6, raw_len, body_len, chunk_size, layer_count) = _FIXED.unpack_from(mv, 0)
+    if layer_count > MAX_LAYERS or header_len != header_size(layer_count):
+        raise CorruptEnvelopeError(f"header length {header_len} inconsistent with {layer_count} layers")
+    if len(mv) < header_len:
+        raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the {header_len}-byte header")
+    (stored_crc,) = _U32.unpack_from(mv, header_len - _CRC_SIZE)
+    if crc32c.crc32c(mv[:header_len - _CRC_SIZE]) != stored_crc:
+        raise ChecksumMismatchError("header CRC32C mismatch")
+
+    codecs.check_codec_id(cid)
+    if flags & ~KNOWN_FLAGS:
+        raise UnknownCodecError(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
+    if dcode not in _DTYPE_BY_CODE:
+        raise CorruptEnvelopeError(f"unknown dtype code {dcode}")
+    dtype = _DTYPE_BY_CODE[dcode]
+    itemsize = DTYPES[dtype][1].itemsize
+    if reserved != b"\0\0\0":
+        raise CorruptEnvelopeError("reserved header bytes are not zero")
+    if not 1 <= ndim <= MAX_NDIM or any(shape6[ndim:]):
+        raise CorruptEnvelopeError(f"bad shape: ndim {ndim}, dims {shape6}")
+    shape = tuple(shape6[:ndim])
+    if raw_len != math.prod(shape) * itemsize:
+        raise CorruptEnvelopeError(f"raw length {raw_len} != prod{shape} * {itemsize}")
+    if cid == codecs.CODEC_NONE:
+        if flags & FLAG_SHUFFLE:
+            raise CorruptEnvelopeError("shuffle flag set with codec none")
+        if chunk_size != 0 or body_len != raw_len:
+            raise CorruptEnvelopeError(f"codec none: chunk size {chunk_size}, body {body_len} != raw {raw_len}")
+    elif not (0 < chunk_size <= codecs.MAX_CHUNK_SIZE) or chunk_size % itemsize:
+        raise CorruptEnvelopeError(f"chunk size {chunk_size} invalid for itemsize {itemsize}")
+    offsets = struct.unpack_from(f"<{layer_count}Q", mv, _FIXED.size)
+    _check_layer_offsets(offsets, raw_len, CorruptEnvelopeError)
+    return EnvelopeHeader(
+        version=version, codec=cid, flags=flags, fingerprint=fingerprint, key=key, parent=parent,
+        token_count=token_count, dtype=dtype, shape=shape, raw_len=raw_len, body_len=body_len,
+        chunk_size=chunk_size, layer_offsets=offsets, header_len=header_len,
+    )
+
+
+def _verified(buf) -> tuple[EnvelopeHeader, memoryview]:
+    """Header and body of a whole envelope whose trailing CRC32C matches."""
+    mv = memoryview(buf).cast("B")
+    h = decode_header(mv)
+    if len(mv) < h.total_len:
+        raise TruncatedEnvelopeError(f"envelope is {len(mv)} bytes, header says {h.total_len}")
+    if len(mv) > h.total_len:
+        raise CorruptEnvelopeError(f"{len(mv) - h.total_len} bytes after the envelope's CRC")
+    end = h.header_len + h.body_len
+    (stored,) = _U32.unpack_from(mv, end)
+    if crc32c.crc32c(mv[:end]) != stored:
+        raise ChecksumMismatchError("envelope CRC32C mismatch")
+    return h, mv[h.header_len:end]
+
+
+def decode_block(buf) -> tuple[EnvelopeHeader, np.ndarray]:
+    """Verify and decode a whole envelope; the payload comes back as a new array.
+
+    ``buf`` must be exactly one envelope (slice an arena slot to ``total_len``).
+    bfloat16 payloads come back as uint16 arrays.
+    """
+    h, body = _verified(buf)
+    if h.codec != codecs.CODEC_NONE:  # framing must be sound before raw_len is allocated
+        codecs.scan_chunks(body, h.raw_len, h.chunk_size)
+    out = np.empty(h.shape, dtype=h.np_dtype)
+    codecs.decode_body_into(body, out.reshape(-1).view(np.uint8), h.codec,
+                            chunk_size=h.chunk_size, shuffle_bytes=h.shuffle, itemsize=h.itemsize)
+    return h, out
+
+
+def decode_block_into(buf, out) -> EnvelopeHeader:
+    """Verify an envelope, then decode its payload straight into ``out``.
+
+    ``out`` is a writable C-contiguous numpy array (shape and dtype must match
+    the header), a CPU torch tensor, or raw bytes of exactly ``raw_len``: a
+    writable buffer or a 1-D uint8 array such as an arena slot (uint8 is no
+    payload dtype, so it always means raw bytes; no dtype check is possible).  Scratch memory is one chunk.
+    On any error ``out`` may hold partial data and must not be used.
+    """
+    h, body = _verified(buf)
+    dst = _out_array(out, h)
+    codecs.decode_body_into(body, dst, h.codec, chunk_size=h.chunk_size, shuffle_bytes=h.shuffle, itemsize=h.itemsize)
+    return h
+
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "EnvelopeHeader",
+    "encode_block",
+    "decode_header",
+    "decode_block",
+    "decode_block_into",
+    "header_size",
+    "uniform_layer_offsets",
+]
