@@ -4,6 +4,15 @@ A residency index maps a key (bytes: 16-byte identity namespace + 32-byte block
 key in Quiver's use, but any non-empty byte string here) to a small opaque value
 (the packed residency record the tier layer defines).  Keys order
 lexicographically as unsigned bytes; ``scan_prefix`` yields in that order.
+
+Contract shared by every backend (tests/test_index_conformance.py checks it):
+bad arguments fail when the method is called, before anything is written —
+a key or prefix that is not ``bytes`` (or an empty key) raises
+``InvalidKeyError``, a value that is not ``bytes`` raises ``TypeError``,
+mismatched ``put_many`` lengths raise ``ValueError``; any call after ``close()``
+(which is idempotent) raises ``IndexClosedError``; opening a persistent index
+that is already open raises ``IndexLockedError``.  Handles are not thread-safe:
+the caller serialises calls.
 """
 
 from __future__ import annotations
@@ -58,10 +67,12 @@ class ResidencyIndex(Protocol):
 
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs whose key starts with ``prefix``, in key order.
-        ``prefix=b""`` scans everything."""
+        ``prefix=b""`` scans everything.  Not necessarily a snapshot: a key
+        written or deleted while the iterator is suspended may or may not show."""
 
     def longest_prefix(self, chain: Sequence[bytes]) -> int:
-        """Number of leading keys of ``chain`` that are present."""
+        """Number of leading keys of ``chain`` that are present (stops at the
+        first miss: a block is usable only if every block before it is)."""
 
     def __len__(self) -> int:
         """Live record count."""
