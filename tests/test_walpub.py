@@ -1,0 +1,560 @@
+"""walpub unit tests: frames, publish/read/delete, lock, recovery repairs,
+eviction, rotation, compaction, group commit, index catch-up.  Real file system
+(tmp_path) unless a test needs the simulated one."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import pytest
+
+import index_backends
+from walpub import (
+    CorruptObjectError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    OsFileSystem,
+    SimFileSystem,
+    Volume,
+    VolumeClosedError,
+    VolumeLockedError,
+)
+from walpub import wal
+from walpub.volume import object_relpath
+
+
+def K(i: int) -> bytes:
+    return i.to_bytes(4, "little") * 8
+
+
+def data(i: int, n: int = 100) -> bytes:
+    return (b"%06d" % i) * (n // 6) + b"!" * (n % 6)
+
+
+def seg_files(root) -> list[str]:
+    return sorted(os.listdir(os.path.join(root, "wal")))
+
+
+# ----------------------------------------------------------------- frames
+def test_frame_roundtrip_and_types():
+    recs = [wal.PutRecord(1, K(1), 10, 99), wal.DeleteRecord(2, K(1)), wal.ResetRecord(7),
+            wal.PutRecord(8, K(2), 0, 0)]
+    buf = b"".join(wal.encode(r) for r in recs)
+    got, end, why = wal.decode_frames(buf)
+    assert got == recs and end == len(buf) and why is None
+
+
+@pytest.mark.parametrize("cut", [1, 5, 8, 9, 20])
+def test_torn_frame_is_detected_at_its_start(cut):
+    a, b = wal.encode(wal.PutRecord(1, K(1), 1, 1)), wal.encode(wal.PutRecord(2, K(2), 2, 2))
+    got, end, why = wal.decode_frames(a + b[:cut])
+    assert len(got) == 1 and end == len(a) and why.startswith("torn")
+
+
+def test_bad_crc_zeros_and_backward_seq_stop_replay():
+    a = wal.encode(wal.PutRecord(5, K(1), 1, 1))
+    b = bytearray(wal.encode(wal.PutRecord(6, K(2), 1, 1)))
+    b[-1] ^= 0x40
+    assert wal.decode_frames(a + bytes(b))[1:] == (len(a), "bad crc")
+    assert wal.decode_frames(a + bytes(64))[1] == len(a)
+    assert wal.decode_frames(a + wal.encode(wal.PutRecord(5, K(3), 1, 1)))[2] == "seq went backwards"
+    huge = struct.pack("<IIB", 1 << 30, 0, 1)
+    assert wal.decode_frames(a + huge)[2] == "oversized frame"
+
+
+# ----------------------------------------------------------------- basic API
+def test_publish_read_delete_reopen(tmp_path):
+    root = str(tmp_path / "vol")
+    with Volume(root) as v:
+        assert v.publish(K(1), data(1)) is True
+        assert v.publish(K(1), data(1)) is False          # immutable: no-op
+        assert v.publish_many([(K(2), data(2)), (K(3), data(3)), (K(2), data(2))]) == [True, True, False]
+        assert v.read(K(2)) == data(2)
+        assert v.delete(K(3)) is True and v.delete(K(3)) is False
+        with pytest.raises(ObjectNotFoundError):
+            v.read(K(3))
+        assert os.path.exists(os.path.join(root, object_relpath(K(1))))
+    with Volume(root) as v:
+        assert sorted(v.keys()) == sorted([K(1), K(2)])
+        assert v.read(K(1)) == data(1) and v.last_recovery.live == 2
+        assert v.last_recovery.orphans_removed == 0 and v.last_recovery.tmp_removed == 0
+    with pytest.raises(VolumeClosedError):
+        v.publish(K(9), b"x")
+
+
+def test_empty_object_and_memoryview(tmp_path):
+    with Volume(str(tmp_path)) as v:
+        v.publish(K(1), b"")
+        v.publish(K(2), memoryview(bytearray(b"abc")))
+        assert v.read(K(1)) == b"" and v.read(K(2)) == b"abc"
+
+
+def test_invalid_keys_and_sizes(tmp_path):
+    with Volume(str(tmp_path), capacity_bytes=1000) as v:
+        for bad in (b"", "str", b"x" * 121, None):
+            with pytest.raises(InvalidKeyError):
+                v.publish(bad, b"x")
+        with pytest.raises(ObjectTooLargeError):
+            v.publish(K(1), bytes(1001))
+
+
+def test_second_writer_is_refused_at_once(tmp_path):
+    root = str(tmp_path / "v")
+    v = Volume(root)
+    with pytest.raises(VolumeLockedError):
+        Volume(root)
+    v.close()
+    Volume(root).close()
+
+
+def test_lock_in_simulated_fs():
+    sim = SimFileSystem()
+    v = Volume("/v", io=sim)
+    with pytest.raises(VolumeLockedError):
+        Volume("/v", io=sim)
+    v.close()
+
+
+# ----------------------------------------------------------------- verification
+def test_corrupt_object_is_typed_error_then_miss(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+        v.publish(K(2), data(2))
+        path = os.path.join(root, object_relpath(K(1)))
+        raw = bytearray(open(path, "rb").read())
+        raw[10] ^= 0x01
+        open(path, "wb").write(raw)
+        with pytest.raises(CorruptObjectError):
+            v.read(K(1))
+        with pytest.raises(ObjectNotFoundError):
+            v.read(K(1))
+        assert not os.path.exists(path)
+        assert v.stats().corrupt_reads == 1
+    with Volume(root) as v:   # the drop was logged (WAL DELETE): still gone
+        assert K(1) not in v and v.read(K(2)) == data(2)
+        assert v.last_recovery.dropped == []
+
+
+def test_truncated_object_same_crc_length_check(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+        with open(os.path.join(root, object_relpath(K(1))), "r+b") as f:
+            f.truncate(10)
+        with pytest.raises(CorruptObjectError):
+            v.read(K(1))
+
+
+@pytest.mark.parametrize("damage", ["missing", "flip", "short"])
+def test_recovery_drops_bad_objects(tmp_path, damage):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+        v.publish(K(2), data(2))
+    path = os.path.join(root, object_relpath(K(1)))
+    if damage == "missing":
+        os.unlink(path)
+    elif damage == "flip":
+        raw = bytearray(open(path, "rb").read())
+        raw[0] ^= 0x80
+        open(path, "wb").write(raw)
+    else:
+        open(path, "wb").write(b"abc")
+    with Volume(root) as v:
+        assert [k for k, _ in v.last_recovery.dropped] == [K(1)]
+        assert K(1) not in v and v.read(K(2)) == data(2)
+        assert not os.path.exists(path)
+    with Volume(root) as v:
+        assert v.last_recovery.dropped == [] and len(v) == 1
+
+
+def test_verify_size_mode_still_catches_at_read(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+    path = os.path.join(root, object_relpath(K(1)))
+    raw = bytearray(open(path, "rb").read())
+    raw[3] ^= 1
+    open(path, "wb").write(raw)
+    with Volume(root, verify_on_recover="size") as v:
+        assert v.last_recovery.dropped == []
+        with pytest.raises(CorruptObjectError):
+            v.read(K(1))
+
+
+def test_recovery_clears_tmp_orphans_and_wal_junk(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+    open(os.path.join(root, "tmp", "half.tmp"), "wb").write(b"junk")
+    orphan = os.path.join(root, object_relpath(K(7)))
+    os.makedirs(os.path.dirname(orphan), exist_ok=True)
+    open(orphan, "wb").write(b"orphan")
+    open(os.path.join(root, os.path.dirname(object_relpath(K(1))), "notakey.txt"), "wb").write(b"?")
+    open(os.path.join(root, "wal", "garbage"), "wb").write(b"?")
+    with Volume(root) as v:
+        r = v.last_recovery
+        assert (r.tmp_removed, r.orphans_removed, r.wal_junk_removed) == (1, 2, 1)
+        assert v.keys() == [K(1)]
+    assert os.listdir(os.path.join(root, "tmp")) == []
+    assert not os.path.exists(orphan)
+
+
+def test_torn_tail_is_truncated_and_later_appends_survive(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+    seg = os.path.join(root, "wal", seg_files(root)[-1])
+    good = os.path.getsize(seg)
+    with open(seg, "ab") as f:
+        f.write(wal.encode(wal.PutRecord(99, K(5), 3, 3))[:11])
+    with Volume(root) as v:
+        assert v.last_recovery.truncated == [(1, good, "torn payload")]
+        assert os.path.getsize(seg) == good
+        v.publish(K(2), data(2))
+    with Volume(root) as v:
+        assert sorted(v.keys()) == [K(1), K(2)] and v.last_recovery.truncated == []
+
+
+def test_bad_frame_in_middle_segment_discards_later_segments(tmp_path):
+    root = str(tmp_path)
+    with Volume(root, segment_bytes=256) as v:
+        for i in range(12):
+            v.publish(K(i), data(i))
+    segs = seg_files(root)
+    assert len(segs) >= 3
+    p = os.path.join(root, "wal", segs[0])
+    raw = bytearray(open(p, "rb").read())
+    raw[-1] ^= 0xFF
+    open(p, "wb").write(raw)
+    with Volume(root, segment_bytes=256) as v:
+        r = v.last_recovery
+        assert r.truncated and r.truncated[0][0] == 1
+        assert len(r.discarded_segments) == len(segs) - 1
+        assert seg_files(root) == segs[:1]
+        assert 0 < len(v) < 12            # a prefix of the history survives
+        assert r.orphans_removed == 12 - len(v)
+
+
+# ----------------------------------------------------------------- eviction, rotation, compaction
+def test_lru_eviction_to_capacity(tmp_path):
+    with Volume(str(tmp_path), capacity_bytes=500) as v:
+        for i in range(5):
+            v.publish(K(i), data(i, 100))
+        v.read(K(0))                       # K(0) becomes most recent
+        v.publish(K(5), data(5, 100))
+        assert v.used_bytes <= 500
+        assert K(1) not in v and K(0) in v and K(5) in v
+        assert v.stats().evictions == 1
+        assert v.evict_to(200) == [K(2), K(3), K(4)]
+        assert v.keys() == [K(0), K(5)]
+    with Volume(str(tmp_path)) as v:
+        assert sorted(v.keys()) == sorted([K(0), K(5)])
+
+
+def test_rotation_and_compaction_keep_the_live_set():
+    sim = SimFileSystem()   # logic, not disk speed: the twin keeps this fast
+    kw = dict(io=sim, segment_bytes=512, compact_min_records=40)
+    with Volume("/v", **kw) as v:
+        for i in range(60):
+            v.publish(K(i), data(i, 20))
+            if i >= 5:
+                v.delete(K(i - 5))
+        st = v.stats()
+        assert st.wal_rotations >= 3 and st.compactions >= 1
+        live = sorted(v.keys())
+    assert len(sim.listdir("/v/wal")) <= 3
+    with Volume("/v", **kw) as v:
+        assert sorted(v.keys()) == live == [K(i) for i in range(55, 60)]
+        assert all(v.read(k) == data(int.from_bytes(k[:4], "little"), 20) for k in live)
+    # A power loss now keeps the same (everything was acknowledged, so fsynced).
+    with Volume("/v", io=SimFileSystem(sim.durable_state())) as v:
+        assert sorted(v.keys()) == live
+
+
+def test_compaction_without_dead_records_is_a_rewrite(tmp_path):
+    with Volume(str(tmp_path), segment_bytes=256) as v:
+        for i in range(10):
+            v.publish(K(i), data(i))
+        assert v.compact() is True
+        v.publish(K(10), data(10))
+    with Volume(str(tmp_path)) as v:
+        assert len(v) == 11 and v.read(K(3)) == data(3)
+        assert v.last_recovery.segments[0] > 1
+
+
+# ----------------------------------------------------------------- group commit and fsync counts
+def test_fsyncs_per_block_single_publisher():
+    sim = SimFileSystem()
+    v = Volume("/v", io=sim)
+    v.publish(K(0), data(0))                      # first use of objects/ab/ and of the WAL
+    before = dict(sim.fsync_counts)
+    n = 50
+    for i in range(1, n + 1):
+        v.publish(K(i * 256), data(i))            # same last byte: same objects/ab/
+    per = {k: (sim.fsync_counts[k] - before.get(k, 0)) / n for k in sim.fsync_counts}
+    assert per["object"] == 1 and per["objects_dir"] == 1 and per["wal"] == 1
+    assert sum(per.values()) == 3
+    v.close()
+
+
+def test_publish_many_shares_dir_and_wal_fsyncs():
+    sim = SimFileSystem()
+    v = Volume("/v", io=sim)
+    v.publish(K(0), b"x")
+    before = dict(sim.fsync_counts)
+    v.publish_many([(K(i * 256), data(i)) for i in range(1, 33)])
+    d = {k: sim.fsync_counts[k] - before.get(k, 0) for k in sim.fsync_counts}
+    assert d["object"] == 32 and d["objects_dir"] == 1 and d["wal"] == 1
+    v.close()
+
+
+def test_group_commit_threads_share_wal_fsyncs(tmp_path):
+    v = Volume(str(tmp_path))
+    n_threads, per_thread = 8, 40
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(per_thread):
+                k = K(t * 1000 + i)
+                v.publish(k, data(t * 1000 + i))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    ths = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert not errors
+    st = v.stats()
+    total = n_threads * per_thread
+    assert st.publishes == total and st.frames == total
+    assert st.fsyncs["wal"] == st.commits <= total
+    v.close()
+    with Volume(str(tmp_path)) as v2:
+        assert len(v2) == total
+
+
+def test_concurrent_publish_and_delete_same_key_is_serialised():
+    sim = SimFileSystem()
+    v = Volume("/v", io=sim)
+    stop = threading.Event()
+    errors = []
+
+    def flip():
+        try:
+            for _ in range(200):
+                v.publish(K(1), data(1))
+                v.delete(K(1))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            try:
+                assert v.read(K(1)) == data(1)
+            except ObjectNotFoundError:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    ths = [threading.Thread(target=flip), threading.Thread(target=flip), threading.Thread(target=reader)]
+    for t in ths:
+        t.start()
+    for t in ths[:2]:
+        t.join()
+    stop.set()
+    ths[2].join()
+    assert not errors
+    v.close()
+    v = Volume("/v", io=SimFileSystem(sim.durable_state()))
+    assert K(1) not in v
+
+
+# ----------------------------------------------------------------- residency index
+class PersistentDictIndex:
+    """Test double: a persistent index whose durable copy is taken at flush()."""
+
+    name, persistent = "pdict", True
+
+    def __init__(self, durable=None):
+        self.durable = durable or ({}, 0)
+        self.d, self.seq = dict(self.durable[0]), self.durable[1]
+        self.puts = 0
+
+    def put(self, k, v):
+        self.d[k] = v
+        self.puts += 1
+
+    def put_many(self, ks, vs):
+        for k, v in zip(ks, vs):
+            self.put(k, v)
+
+    def get(self, k):
+        return self.d.get(k)
+
+    def get_many(self, ks):
+        return [self.d.get(k) for k in ks]
+
+    def delete(self, k):
+        return self.d.pop(k, None) is not None
+
+    def scan_prefix(self, p):
+        return iter(sorted((k, v) for k, v in self.d.items() if k.startswith(p)))
+
+    def longest_prefix(self, chain):
+        n = 0
+        for k in chain:
+            if k not in self.d:
+                break
+            n += 1
+        return n
+
+    def __len__(self):
+        return len(self.d)
+
+    def flush(self):
+        self.durable = (dict(self.d), self.seq)
+
+    def close(self):
+        self.flush()
+
+    def stats(self):
+        return None
+
+    def get_applied_seq(self):
+        return self.seq
+
+    def set_applied_seq(self, s):
+        self.seq = s
+
+
+def test_persistent_index_catches_up_only_the_tail():
+    sim = SimFileSystem()
+    idx = PersistentDictIndex()
+    v = Volume("/v", io=sim, index=idx, index_prefix=b"ns:")
+    for i in range(10):
+        v.publish(K(i), data(i))
+    idx.flush()                                    # index durable at seq 10
+    for i in range(10, 13):
+        v.publish(K(i), data(i))
+    v.delete(K(0))
+    v.close()
+    stale = PersistentDictIndex(idx.durable)
+    stale.durable = ({k: val for k, val in idx.durable[0].items()}, 10)
+    stale.d, stale.seq = dict(stale.durable[0]), 10
+    v = Volume("/v", io=sim, index=stale, index_prefix=b"ns:")
+    assert v.last_recovery.index_mode == "catch_up" and stale.puts == 3
+    assert sorted(k for k, _ in stale.scan_prefix(b"ns:")) == sorted(b"ns:" + K(i) for i in range(1, 13))
+    assert stale.get_applied_seq() == 14
+    v.close()
+
+
+def test_persistent_index_never_keeps_an_entry_whose_object_is_gone():
+    sim = SimFileSystem()
+    idx = PersistentDictIndex()
+    v = Volume("/v", io=sim, index=idx)
+    for i in range(4):
+        v.publish(K(i), data(i))
+    v.close()                                       # index durable, applied = 4
+    sim.unlink("/v/" + object_relpath(K(2)))        # object lost out of band
+    v = Volume("/v", io=sim, index=PersistentDictIndex(idx.durable))
+    assert v.index.get(K(2)) is None and K(2) not in v
+    assert [k for k, _ in v.last_recovery.dropped] == [K(2)]
+    v.close()
+
+
+def test_persistent_index_behind_compaction_is_reconciled():
+    """Compaction erases DELETE records; an index older than the RESET base
+    cannot catch up from the tail and must be reconciled in full."""
+    sim = SimFileSystem()
+    idx = PersistentDictIndex()
+    v = Volume("/v", io=sim, index=idx, segment_bytes=256)
+    for i in range(6):
+        v.publish(K(i), data(i))
+    idx.flush()
+    old = (dict(idx.durable[0]), idx.durable[1])
+    assert old[1] == 6
+    for i in range(3):
+        v.delete(K(i))
+    v.compact()
+    v.close()
+    v = Volume("/v", io=sim, index=PersistentDictIndex(old))
+    assert v.last_recovery.index_mode == "reconcile"
+    assert sorted(k for k, _ in v.index.scan_prefix(b"")) == sorted([K(3), K(4), K(5)])
+    v.close()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("flat", "sorted", "lmdb", "lsm") if b in index_backends.available()])
+def test_real_index_backends(tmp_path, backend):
+    root = str(tmp_path / "v")
+    with Volume(root, index=backend) as v:
+        for i in range(20):
+            v.publish(K(i), data(i))
+        v.delete(K(3))
+    with Volume(root, index=backend) as v:
+        assert len(v.index) == 19 and v.index.get(K(3)) is None
+        if v.index.persistent:
+            assert v.last_recovery.index_mode == "catch_up"
+        assert v.read(K(4)) == data(4)
+
+
+def test_os_filesystem_counts_and_masks_fsyncs(tmp_path):
+    fs = OsFileSystem()
+    fs.disabled_fsyncs = {"object"}
+    with Volume(str(tmp_path), io=fs) as v:
+        v.publish(K(1), b"abc")
+    assert fs.skipped_fsyncs["object"] == 1 and fs.fsync_counts["object"] == 0
+    assert fs.fsync_counts["wal"] == 1
+
+
+class FailingFS(SimFileSystem):
+    """Twin whose fsyncs of chosen labels fail with EIO."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail: set[str] = set()
+
+    def fsync(self, fd, label):
+        if label in self.fail:
+            raise OSError(5, "Input/output error")
+        super().fsync(fd, label)
+
+
+def test_failed_wal_fsync_poisons_the_volume():
+    from walpub import VolumeFailedError
+
+    fs = FailingFS()
+    v = Volume("/v", io=fs)
+    v.publish(K(1), b"a")
+    fs.fail = {"wal"}
+    with pytest.raises(VolumeFailedError):
+        v.publish(K(2), b"b")
+    fs.fail = set()
+    with pytest.raises(VolumeFailedError):   # no retry after a failed fsync
+        v.publish(K(3), b"c")
+    v.close()
+    with Volume("/v", io=fs) as v:           # reopen = recover
+        assert v.read(K(1)) == b"a"
+        v.publish(K(3), b"c")
+
+
+def test_failed_object_fsync_is_a_typed_error_and_leaves_no_garbage():
+    from walpub import VolumeIOError
+
+    fs = FailingFS()
+    v = Volume("/v", io=fs)
+    fs.fail = {"object"}
+    with pytest.raises(VolumeIOError):
+        v.publish(K(1), b"a")
+    assert fs.listdir("/v/tmp") == [] and K(1) not in v
+    fs.fail = set()
+    assert v.publish(K(1), b"a") is True
+    v.close()

@@ -1,0 +1,212 @@
+"""The one I/O layer every file-system call of walpub goes through.
+
+Why: a crash-consistency protocol is only as good as its fsyncs, and a missing
+fsync is invisible to any test that does not lose the page cache.  Routing every
+call through :class:`FileSystem` lets :mod:`walpub.crashsim` record the calls and
+build the on-disk states a power loss could leave; :class:`OsFileSystem` is the
+real thing (plain ``os.*`` and ``fcntl.flock``).
+
+Every ``fsync``/``fsync_dir`` carries a *label* naming its role in the protocol
+(see FSYNC_LABELS).  Counters are kept per label, and ``disabled_fsyncs`` turns
+chosen labels into no-ops: the planted-bug hook the crash suite uses to prove
+each fsync is load-bearing.  Never disable one outside a test.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections import Counter
+
+# The fsyncs of the protocol, by role (docs/WALPUB.md explains each).
+FSYNC_LABELS = (
+    "object",          # publish: the object file in tmp/ before its rename
+    "objects_dir",     # publish: objects/ab/ after the rename into it
+    "objects_parent",  # first use of objects/ab/: objects/ after mkdir
+    "layout",          # volume creation: root, objects/, tmp/, wal/ entries
+    "wal",             # group commit: the active WAL segment after appending frames
+    "wal_dir",         # WAL rotation: wal/ after creating a new segment
+    "compact_file",    # compaction: the new segment before its rename
+    "compact_dir",     # compaction: wal/ after the rename, before old segments go
+    "truncate",        # recovery: a segment cut at its first bad frame, and wal/
+    "recover_sync",    # recovery: what the previous process may have left unsynced
+)
+
+
+class FileSystem(ABC):
+    """Abstract file-system calls walpub needs; paths are absolute strings.
+
+    Handles (``fd``) are opaque ints.  Writes always go to the end of the file
+    (walpub never rewrites a byte in place).  Errors are OSError subclasses
+    (FileNotFoundError, FileExistsError, ...), as from ``os``.
+    """
+
+    def __init__(self) -> None:
+        self.disabled_fsyncs: set[str] = set()
+        self.fsync_counts: Counter[str] = Counter()
+        self.skipped_fsyncs: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
+
+    # -- fsync, counted and (for planted-bug tests) maskable -------------------
+    def fsync(self, fd: int, label: str) -> None:
+        """Make the file's data durable (unless ``label`` is disabled)."""
+        assert label in FSYNC_LABELS, label
+        if self._skip(label):
+            return
+        self._fsync(fd)
+
+    def fsync_dir(self, path: str, label: str) -> None:
+        """Make the directory's entries (creates, renames, unlinks) durable."""
+        assert label in FSYNC_LABELS, label
+        if self._skip(label):
+            return
+        self._fsync_dir(path)
+
+    def _skip(self, label: str) -> bool:
+        with self._count_lock:
+            if label in self.disabled_fsyncs:
+                self.skipped_fsyncs[label] += 1
+                return True
+            self.fsync_counts[label] += 1
+            return False
+
+    @abstractmethod
+    def _fsync(self, fd: int) -> None: ...
+
+    @abstractmethod
+    def _fsync_dir(self, path: str) -> None: ...
+
+    # -- files ------------------------------------------------------------------
+    @abstractmethod
+    def create(self, path: str) -> int:
+        """Create a new empty file for writing; FileExistsError if it exists."""
+
+    @abstractmethod
+    def open_append(self, path: str) -> int:
+        """Open a file for appending, creating it if missing."""
+
+    @abstractmethod
+    def write(self, fd: int, data: bytes) -> None:
+        """Append all of ``data`` at the end of the file."""
+
+    @abstractmethod
+    def truncate(self, fd: int, size: int) -> None:
+        """Cut the file to ``size`` bytes."""
+
+    @abstractmethod
+    def close(self, fd: int) -> None: ...
+
+    @abstractmethod
+    def read_file(self, path: str) -> bytes:
+        """The whole content of a file."""
+
+    @abstractmethod
+    def file_size(self, path: str) -> int: ...
+
+    # -- names ------------------------------------------------------------------
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically (for the process) replace ``dst`` by ``src``."""
+
+    @abstractmethod
+    def unlink(self, path: str) -> None: ...
+
+    @abstractmethod
+    def mkdir(self, path: str) -> None:
+        """Create one directory; FileExistsError if it exists."""
+
+    @abstractmethod
+    def listdir(self, path: str) -> list[str]: ...
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def isdir(self, path: str) -> bool: ...
+
+    # -- the writer lock --------------------------------------------------------
+    @abstractmethod
+    def try_lock(self, path: str) -> int | None:
+        """Take an exclusive lock on ``path`` (created if missing) without
+        waiting; a handle, or None when someone else holds it."""
+
+    @abstractmethod
+    def unlock(self, handle: int) -> None: ...
+
+
+class OsFileSystem(FileSystem):
+    """The real file system: ``os.*`` calls, ``O_DIRECTORY`` dir fsyncs, flock."""
+
+    def _fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def open_append(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        # Bounded: each iteration writes >= 1 byte or raises.
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            view = view[n:]
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+
+    def file_size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def try_lock(self, path: str) -> int | None:
+        # flock locks belong to the open file description, so a second open in
+        # the same process is refused too (POSIX fcntl locks would not be).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def unlock(self, handle: int) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)

@@ -1,0 +1,301 @@
+"""The segmented write-ahead log: frame format, records, writer, replay, compaction.
+
+Frame (little-endian)::
+
+    u32 length   bytes of payload (0 .. MAX_PAYLOAD)
+    u32 crc      CRC32C over type byte + payload
+    u8  type     PUT=1, DELETE=2, RESET=3
+    payload
+
+Records (payloads)::
+
+    PUT     u64 seq, u64 length, u32 crc32c, u16 key_len, key   object is durable
+    DELETE  u64 seq, u16 key_len, key                           object is dead
+    RESET   u64 base_seq      first frame of a compacted segment: forget all
+                              state replayed so far, the PUTs that follow are
+                              the whole live set as of base_seq
+
+Segments are ``wal/<id>.log`` with ``<id>`` a 16-digit decimal, replayed in id
+order.  Replay stops at the first frame that is torn, oversized, of unknown type,
+fails its CRC, is malformed, or goes backwards in seq; that segment is truncated
+there (and fsynced) and any later segment removed, so that new appends never land
+behind garbage (where a later replay would never reach them).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+
+import crc32c as _crc32c
+
+from walpub.io import FileSystem
+
+T_PUT = 1
+T_DELETE = 2
+T_RESET = 3
+
+HEADER = struct.Struct("<IIB")
+PUT_FIXED = struct.Struct("<QQIH")
+DEL_FIXED = struct.Struct("<QH")
+RESET_FIXED = struct.Struct("<Q")
+MAX_KEY_BYTES = 120            # hex name + ".blk" stays under NAME_MAX (255)
+MAX_PAYLOAD = PUT_FIXED.size + MAX_KEY_BYTES
+SEGMENT_RE = re.compile(r"^(\d{16})\.log$")
+
+
+def crc32c(data: bytes) -> int:
+    return _crc32c.crc32c(data)
+
+
+@dataclass(frozen=True)
+class PutRecord:
+    seq: int
+    key: bytes
+    length: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class DeleteRecord:
+    seq: int
+    key: bytes
+
+
+@dataclass(frozen=True)
+class ResetRecord:
+    seq: int  # the base seq: state as of this seq follows
+
+
+Record = PutRecord | DeleteRecord | ResetRecord
+
+
+def encode(rec: Record) -> bytes:
+    """One frame holding ``rec``."""
+    if isinstance(rec, PutRecord):
+        assert 0 < len(rec.key) <= MAX_KEY_BYTES and rec.seq > 0
+        typ, payload = T_PUT, PUT_FIXED.pack(rec.seq, rec.length, rec.crc, len(rec.key)) + rec.key
+    elif isinstance(rec, DeleteRecord):
+        assert 0 < len(rec.key) <= MAX_KEY_BYTES and rec.seq > 0
+        typ, payload = T_DELETE, DEL_FIXED.pack(rec.seq, len(rec.key)) + rec.key
+    else:
+        assert isinstance(rec, ResetRecord)
+        typ, payload = T_RESET, RESET_FIXED.pack(rec.seq)
+    assert len(payload) <= MAX_PAYLOAD
+    body = bytes([typ]) + payload
+    return struct.pack("<II", len(payload), crc32c(body)) + body
+
+
+def _decode_payload(typ: int, p: bytes) -> Record | None:
+    """The record in a CRC-valid frame, or None when it is malformed."""
+    if typ == T_PUT and len(p) >= PUT_FIXED.size:
+        seq, length, crc, klen = PUT_FIXED.unpack_from(p)
+        key = p[PUT_FIXED.size:]
+        if len(key) == klen and 0 < klen <= MAX_KEY_BYTES and seq > 0:
+            return PutRecord(seq, key, length, crc)
+    elif typ == T_DELETE and len(p) >= DEL_FIXED.size:
+        seq, klen = DEL_FIXED.unpack_from(p)
+        key = p[DEL_FIXED.size:]
+        if len(key) == klen and 0 < klen <= MAX_KEY_BYTES and seq > 0:
+            return DeleteRecord(seq, key)
+    elif typ == T_RESET and len(p) == RESET_FIXED.size:
+        return ResetRecord(RESET_FIXED.unpack(p)[0])
+    return None
+
+
+def decode_frames(buf: bytes) -> tuple[list[Record], int, str | None]:
+    """Parse a segment: (records, end of the valid prefix, why it stopped or None)."""
+    out: list[Record] = []
+    pos, end, prev_seq = 0, len(buf), 0
+    while pos < end:  # bounded: pos grows by >= HEADER.size per iteration
+        if end - pos < HEADER.size:
+            return out, pos, "torn header"
+        length, crc, typ = HEADER.unpack_from(buf, pos)
+        if length > MAX_PAYLOAD:
+            return out, pos, "oversized frame"
+        if end - pos - HEADER.size < length:
+            return out, pos, "torn payload"
+        body = buf[pos + 8 : pos + HEADER.size + length]
+        if crc32c(body) != crc:
+            return out, pos, "bad crc"
+        rec = _decode_payload(typ, body[1:])
+        if rec is None:
+            return out, pos, "malformed record"
+        if not isinstance(rec, ResetRecord):
+            if rec.seq <= prev_seq:
+                return out, pos, "seq went backwards"
+            prev_seq = rec.seq
+        out.append(rec)
+        pos += HEADER.size + length
+    assert pos == end
+    return out, pos, None
+
+
+def segment_name(seg_id: int) -> str:
+    assert 0 < seg_id < 10**16
+    return f"{seg_id:016d}.log"
+
+
+def list_segments(io: FileSystem, wal_dir: str) -> tuple[list[int], list[str]]:
+    """(segment ids in order, names in wal/ that are not segments)."""
+    ids, junk = [], []
+    for name in io.listdir(wal_dir):
+        m = SEGMENT_RE.match(name)
+        if m and int(m.group(1)) > 0:
+            ids.append(int(m.group(1)))
+        else:
+            junk.append(name)
+    return sorted(ids), sorted(junk)
+
+
+@dataclass
+class ReplayResult:
+    """What replaying the WAL found (and, with truncation, repaired)."""
+
+    live: dict[bytes, PutRecord] = field(default_factory=dict)  # in seq order
+    last_seq: int = 0
+    reset_base: int = 0          # base seq of the last RESET replayed (0: none)
+    records: int = 0             # frames since (and including) the last RESET
+    tail: list[Record] = field(default_factory=list)  # PUT/DELETE with seq > since_seq
+    segments: list[int] = field(default_factory=list)
+    last_segment_size: int = 0
+    truncated: list[tuple[int, int, str]] = field(default_factory=list)  # (seg, offset, why)
+    discarded_segments: list[int] = field(default_factory=list)
+
+
+def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool = True) -> ReplayResult:
+    """Replay every segment in order; cut the log at its first bad frame.
+
+    ``truncate=False`` is the planted bug "no tail truncation": the bad bytes
+    stay and the next append lands behind them."""
+    r = ReplayResult()
+    ids, _junk = list_segments(io, wal_dir)
+    for i, seg in enumerate(ids):
+        path = f"{wal_dir}/{segment_name(seg)}"
+        buf = io.read_file(path)
+        recs, valid, why = decode_frames(buf)
+        for rec in recs:
+            r.records += 1
+            if isinstance(rec, ResetRecord):
+                r.live.clear()
+                r.tail = [t for t in r.tail if t.seq > rec.seq]  # superseded below base
+                r.reset_base = rec.seq
+                r.records = 1
+                r.last_seq = max(r.last_seq, rec.seq)
+                continue
+            if isinstance(rec, PutRecord):
+                r.live.pop(rec.key, None)  # keep dict order = seq order
+                r.live[rec.key] = rec
+            else:
+                r.live.pop(rec.key, None)
+            r.last_seq = max(r.last_seq, rec.seq)
+            if rec.seq > since_seq:
+                r.tail.append(rec)
+        r.segments.append(seg)
+        r.last_segment_size = valid
+        if why is None:
+            continue
+        r.truncated.append((seg, valid, why))
+        if not truncate:
+            r.last_segment_size = len(buf)
+            break
+        fd = io.open_append(path)
+        try:
+            io.truncate(fd, valid)
+            io.fsync(fd, "truncate")
+        finally:
+            io.close(fd)
+        later = ids[i + 1 :]
+        for dead in later:
+            io.unlink(f"{wal_dir}/{segment_name(dead)}")
+        r.discarded_segments = later
+        if later:
+            io.fsync_dir(wal_dir, "truncate")
+        break
+    return r
+
+
+class WalWriter:
+    """Appends frames to the active segment; rotates at ``segment_bytes``.
+
+    Not thread-safe: the Volume's group commit lets one leader at a time in."""
+
+    def __init__(self, io: FileSystem, wal_dir: str, segment_bytes: int, last_id: int, last_size: int):
+        assert segment_bytes >= 128
+        self.io, self.wal_dir, self.segment_bytes = io, wal_dir, segment_bytes
+        self.active_id = last_id            # 0: none yet
+        self.active_size = last_size
+        self._fd: int | None = None
+        self.rotations = 0
+        # Reuse the last segment if it has room (recovery truncated it clean).
+        if last_id and last_size < segment_bytes:
+            self._fd = io.open_append(f"{wal_dir}/{segment_name(last_id)}")
+
+    def append(self, data: bytes) -> None:
+        """Write ``data`` (whole frames) to one segment and fsync it."""
+        assert data
+        if self._fd is None or (self.active_size > 0 and self.active_size + len(data) > self.segment_bytes):
+            self._rotate()
+        assert self._fd is not None
+        self.io.write(self._fd, data)
+        self.active_size += len(data)
+        self.io.fsync(self._fd, "wal")
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            self.io.close(self._fd)  # already fsynced by the append that filled it
+            self._fd = None
+        new_id = self.active_id + 1
+        fd = self.io.create(f"{self.wal_dir}/{segment_name(new_id)}")
+        self.active_id, self.active_size, self._fd = new_id, 0, fd
+        # The segment's name must be durable before a frame in it is acknowledged.
+        self.io.fsync_dir(self.wal_dir, "wal_dir")
+        self.rotations += 1
+
+    def seal(self) -> None:
+        """Close the active segment; the next append starts a new one."""
+        if self._fd is not None:
+            self.io.close(self._fd)
+            self._fd = None
+        self.active_size = self.segment_bytes  # forces rotation
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.io.close(self._fd)
+            self._fd = None
+
+
+def compact(io: FileSystem, wal_dir: str, tmp_dir: str, seg_id: int, base_seq: int,
+            live: list[PutRecord]) -> None:
+    """Replace segments 1..seg_id by one segment ``seg_id`` holding RESET + live PUTs.
+
+    Order (each step safe to crash after, see docs/WALPUB.md):
+    write tmp/compact-<id>.tmp, fsync it; rename it over wal/<id>.log, fsync wal/;
+    only then unlink the older segments (their loss no longer matters: the RESET
+    frame makes replay forget whatever they held)."""
+    assert seg_id > 0 and all(r.seq <= base_seq for r in live)
+    tmp = f"{tmp_dir}/compact-{seg_id:016d}.tmp"
+    if io.exists(tmp):
+        io.unlink(tmp)
+    frames = [encode(ResetRecord(base_seq))]
+    frames += [encode(r) for r in sorted(live, key=lambda r: r.seq)]
+    fd = io.create(tmp)
+    try:
+        io.write(fd, b"".join(frames))
+        io.fsync(fd, "compact_file")
+    finally:
+        io.close(fd)
+    io.rename(tmp, f"{wal_dir}/{segment_name(seg_id)}")
+    io.fsync_dir(wal_dir, "compact_dir")
+    ids, _ = list_segments(io, wal_dir)
+    for old in ids:
+        if old < seg_id:
+            io.unlink(f"{wal_dir}/{segment_name(old)}")
+
+
+__all__ = [
+    "PutRecord", "DeleteRecord", "ResetRecord", "Record", "encode", "decode_frames",
+    "replay", "ReplayResult", "WalWriter", "compact", "list_segments", "segment_name",
+    "MAX_KEY_BYTES", "crc32c",
+]
