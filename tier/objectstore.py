@@ -1,0 +1,476 @@
+"""L2 object store: one interface, two implementations (local directory, S3).
+
+An object store holds opaque, immutable objects named by a key (the block's
+chain key, or any bytes up to MAX_KEY_BYTES).  It knows nothing about the block
+envelope: the envelope's own CRCs and the identity guard are checked above it.
+What it does promise:
+
+- ``put`` is first-writer-wins.  A key names one immutable content, so a second
+  publish of the same key is a success that creates nothing (returns False).
+- A read never returns bytes that fail their length or CRC32C check: it raises
+  :class:`~tier.errors.ObjectCorruptError` (or retries, for S3) instead.
+- A key is found by name (``head``/``get``) whoever published it, so a reader
+  never needs to list the store; manifests (``write_manifest`` /
+  ``read_manifests``) tell a new process which keys exist without listing or
+  fetching every block.
+
+Object names (relative to the store's root or S3 prefix), one naming for both:
+
+    blocks/<hex[:2]>/<hex>          one object per key (hex = key.hex())
+    manifests/<time_ns>-<rand>.qvm  a batch of published keys (format below)
+
+``LocalDirObjectStore`` is the embedded default: no server, the same atomic
+publish discipline as walpub (tmp + fsync, then a no-overwrite link into place,
+then fsync of the directory).  ``tier.s3.S3ObjectStore`` is the same interface
+over boto3.  ``open_object_store(spec)`` picks one.  docs/OBJECTSTORE.md has the
+details and what was verified against which server.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import struct
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+
+import crc32c
+
+from tier.errors import (
+    InvalidObjectKeyError,
+    InvalidRangeError,
+    ManifestCorruptError,
+    ObjectCorruptError,
+    ObjectStoreClosedError,
+    ObjectStoreConfigError,
+)
+
+MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
+BLOCKS_DIR = "blocks/"
+MANIFESTS_DIR = "manifests/"
+MANIFEST_SUFFIX = ".qvm"
+
+# Manifest object: magic, version, reserved, count, then count x (u8 len, key),
+# then CRC32C (u32) of everything before it.
+MANIFEST_MAGIC = b"QVMF"
+MANIFEST_VERSION = 1
+MANIFEST_MAX_KEYS = 100_000  # per object; write_manifest splits larger batches
+_MANIFEST_HEAD = struct.Struct("<4sHHI")
+_U32 = struct.Struct("<I")
+
+
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` if it is usable as an object key, else raise InvalidObjectKeyError."""
+    if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
+        raise InvalidObjectKeyError(
+            f"an object key must be 1..{MAX_KEY_BYTES} bytes, got "
+            f"{type(key).__name__} of length {len(key) if isinstance(key, bytes) else '?'}"
+        )
+    return key
+
+
+def object_name(key: bytes) -> str:
+    """The object's name under the store's root/prefix: ``blocks/ab/abcd...``."""
+    h = check_key(key).hex()
+    return f"{BLOCKS_DIR}{h[:2]}/{h}"
+
+
+def key_from_name(name: str) -> bytes | None:
+    """Inverse of object_name for a name relative to the root; None if it is not one."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] + "/" != BLOCKS_DIR:
+        return None
+    try:
+        key = bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    if not 0 < len(key) <= MAX_KEY_BYTES or parts[1] != parts[2][:2] or key.hex() != parts[2]:
+        return None
+    return key
+
+
+def check_range(start: int, length: int) -> None:
+    """Refuse negative offsets and lengths before any I/O."""
+    if not isinstance(start, int) or not isinstance(length, int) or start < 0 or length < 0:
+        raise InvalidRangeError(f"bad range start={start!r} length={length!r}")
+
+
+def new_manifest_name() -> str:
+    """A fresh, unique, roughly time-ordered manifest name (never overwritten)."""
+    return f"{MANIFESTS_DIR}{time.time_ns():020d}-{secrets.token_hex(8)}{MANIFEST_SUFFIX}"
+
+
+def encode_manifest(keys: list[bytes]) -> bytes:
+    """Serialise one manifest object (keys already checked)."""
+    assert len(keys) <= MANIFEST_MAX_KEYS
+    out = bytearray(_MANIFEST_HEAD.pack(MANIFEST_MAGIC, MANIFEST_VERSION, 0, len(keys)))
+    for k in keys:
+        out.append(len(k))
+        out += k
+    out += _U32.pack(crc32c.crc32c(out))
+    return bytes(out)
+
+
+def decode_manifest(data: bytes, name: str = "?") -> list[bytes]:
+    """Parse one manifest object; any damage is ManifestCorruptError, never a guess."""
+    if len(data) < _MANIFEST_HEAD.size + 4:
+        raise ManifestCorruptError(f"manifest {name}: {len(data)} bytes is too short")
+    (crc,) = _U32.unpack_from(data, len(data) - 4)
+    if crc32c.crc32c(memoryview(data)[:-4]) != crc:
+        raise ManifestCorruptError(f"manifest {name}: CRC32C mismatch")
+    magic, version, _, count = _MANIFEST_HEAD.unpack_from(data, 0)
+    if magic != MANIFEST_MAGIC or version != MANIFEST_VERSION:
+        raise ManifestCorruptError(f"manifest {name}: bad magic or version {version}")
+    keys, pos, end = [], _MANIFEST_HEAD.size, len(data) - 4
+    for _ in range(count):
+        if pos >= end:
+            raise ManifestCorruptError(f"manifest {name}: truncated key list")
+        n = data[pos]
+        if not 0 < n <= MAX_KEY_BYTES or pos + 1 + n > end:
+            raise ManifestCorruptError(f"manifest {name}: bad key length {n}")
+        keys.append(bytes(data[pos + 1 : pos + 1 + n]))
+        pos += 1 + n
+    if pos != end:
+        raise ManifestCorruptError(f"manifest {name}: {end - pos} trailing bytes")
+    return keys
+
+
+class ObjectStore(ABC):
+    """The L2 interface.  Keys are bytes; objects are immutable bytes.
+
+    Implementations are safe to share between threads.  Manifest handling is
+    written once here over four small primitives (``_put_named`` and friends).
+    """
+
+    _closed = False
+
+    # --- objects --------------------------------------------------------------
+    @abstractmethod
+    def put(self, key: bytes, data: bytes) -> bool:
+        """Publish ``data`` under ``key`` durably; True if this call created it,
+        False if the key already existed (first writer wins: both are success)."""
+
+    @abstractmethod
+    def get(self, key: bytes) -> bytes | None:
+        """The object's verified bytes, or None if there is no such object."""
+
+    @abstractmethod
+    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
+        """Exactly ``length`` bytes from ``start`` (None if no such object).
+
+        A range past the object's end is InvalidRangeError.  The length is
+        checked, the CRC32C (which covers the whole object) cannot be: a ranged
+        reader relies on the envelope's header CRC above this layer."""
+
+    @abstractmethod
+    def head(self, key: bytes) -> int | None:
+        """The object's size in bytes, or None if there is no such object."""
+
+    @abstractmethod
+    def delete(self, key: bytes) -> None:
+        """Remove the object; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def list_keys(self) -> Iterator[bytes]:
+        """Every stored key (a full listing: for audits and tests, not bootstrap)."""
+
+    def close(self) -> None:
+        """Release connections; later calls raise ObjectStoreClosedError."""
+        self._closed = True
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ObjectStoreClosedError(f"{self!r} is closed")
+
+    # --- manifests --------------------------------------------------------------
+    def write_manifest(self, keys: Iterable[bytes]) -> list[str]:
+        """Record published keys in new manifest objects; returns their names.
+
+        Each call writes new, never-overwritten objects, so any number of
+        publishers can append concurrently without coordination.  Call it after
+        the blocks themselves are published: a manifest is a hint that a key
+        exists, and readers still confirm with head/get."""
+        self._check_open()
+        batch = sorted({check_key(k) for k in keys})
+        names = []
+        for i in range(0, len(batch), MANIFEST_MAX_KEYS):
+            name = new_manifest_name()
+            self._put_named(name, encode_manifest(batch[i : i + MANIFEST_MAX_KEYS]))
+            names.append(name)
+        return names
+
+    def read_manifests(self) -> set[bytes]:
+        """The union of every manifest's keys: what a new process bootstraps from.
+
+        Lists manifests/ only (never blocks/).  A manifest deleted by a
+        concurrent compact_manifests is skipped: its keys are in the merged one."""
+        self._check_open()
+        keys: set[bytes] = set()
+        for name in self._list_named(MANIFESTS_DIR):
+            data = self._get_named(name)
+            if data is not None:
+                keys.update(decode_manifest(data, name))
+        return keys
+
+    def compact_manifests(self) -> int:
+        """Merge all manifests into new ones, then delete the merged; returns how many.
+
+        Safe against concurrent writers and compactors: a manifest is deleted
+        only after a manifest holding all its keys is durably written, and only
+        manifests this call has read are deleted."""
+        self._check_open()
+        read, keys = [], set()
+        for name in self._list_named(MANIFESTS_DIR):
+            data = self._get_named(name)
+            if data is not None:
+                keys.update(decode_manifest(data, name))
+                read.append(name)
+        if len(read) <= 1:
+            return 0
+        written = set(self.write_manifest(keys))
+        for name in read:
+            if name not in written:
+                self._delete_named(name)
+        return len(read)
+
+    # --- primitives the manifest code is written over -----------------------------
+    @abstractmethod
+    def _put_named(self, name: str, data: bytes) -> bool:
+        """Publish an object by its relative name (first writer wins)."""
+
+    @abstractmethod
+    def _get_named(self, name: str) -> bytes | None:
+        """Read an object by its relative name, verified; None if missing."""
+
+    @abstractmethod
+    def _list_named(self, prefix: str) -> list[str]:
+        """Relative names under ``prefix`` (e.g. "manifests/"), sorted."""
+
+    @abstractmethod
+    def _delete_named(self, name: str) -> None:
+        """Delete an object by its relative name; missing is fine."""
+
+
+# --- local directory ----------------------------------------------------------------
+
+# A local object file is the object's bytes then this trailer: CRC32C of the
+# bytes (u32) and a magic.  S3 keeps the same CRC in object metadata instead.
+_TRAILER = struct.Struct("<I4s")
+_TRAILER_MAGIC = b"QVOT"
+STALE_TMP_S = 3600.0  # tmp files older than this are leftovers of a crash
+
+
+class LocalDirObjectStore(ObjectStore):
+    """The object store as a plain directory: the embedded default, no server.
+
+    Publish is tmp write + fsync, then ``os.link`` into the final name (an
+    atomic create that fails if the name exists: first writer wins without a
+    check-then-rename race, even between processes), then fsync of the
+    directory.  Several processes may share one directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self._tmp = os.path.join(self.root, "tmp")
+        try:
+            created = not os.path.isdir(self.root)
+            for sub in ("", "blocks", "manifests", "tmp"):
+                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            if created:
+                _fsync_dir(os.path.dirname(self.root))
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise ObjectStoreConfigError(
+                f"cannot open object store directory {self.root}: {exc.strerror}"
+            ) from exc
+        self._clear_stale_tmp()
+
+    def __repr__(self) -> str:
+        return f"LocalDirObjectStore({self.root!r})"
+
+    # --- objects --------------------------------------------------------------
+    def put(self, key: bytes, data: bytes) -> bool:
+        return self._put_named(object_name(key), data)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._get_named(object_name(key))
+
+    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
+        check_range(start, length)
+        self._check_open()
+        path = self._path(object_name(key))
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size - _TRAILER.size
+                if start + length > size:
+                    raise InvalidRangeError(
+                        f"range [{start}, {start + length}) is past the end of "
+                        f"{object_name(key)} ({size} bytes)"
+                    )
+                f.seek(start)
+                data = f.read(length)
+        except FileNotFoundError:
+            return None
+        if len(data) != length:  # the file shrank under us: never a short read as data
+            raise ObjectCorruptError(f"{object_name(key)}: short read {len(data)} of {length}")
+        return data
+
+    def head(self, key: bytes) -> int | None:
+        self._check_open()
+        try:
+            size = os.stat(self._path(object_name(key))).st_size
+        except FileNotFoundError:
+            return None
+        return max(size - _TRAILER.size, 0)
+
+    def delete(self, key: bytes) -> None:
+        self._delete_named(object_name(key))
+
+    def list_keys(self) -> Iterator[bytes]:
+        self._check_open()
+        for name in self._list_named(BLOCKS_DIR):
+            key = key_from_name(name)
+            if key is not None:
+                yield key
+
+    # --- primitives -------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, *name.split("/"))
+
+    def _put_named(self, name: str, data: bytes) -> bool:
+        self._check_open()
+        final = self._path(name)
+        directory = os.path.dirname(final)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
+            _fsync_dir(os.path.dirname(directory))
+        tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                view = memoryview(data).cast("B")  # any contiguous buffer, as bytes
+                _write_all(fd, view)
+                _write_all(fd, memoryview(_TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, final)  # atomic, never replaces: the first writer wins
+                created = True
+            except FileExistsError:
+                created = False
+        finally:
+            _unlink_quiet(tmp)
+        # Also when another writer won: its link may not be durable yet, and our
+        # False tells the caller the block is safely published.
+        _fsync_dir(directory)
+        return created
+
+    def _get_named(self, name: str) -> bytes | None:
+        self._check_open()
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        if len(raw) >= _TRAILER.size:
+            crc, magic = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
+            body = memoryview(raw)[: -_TRAILER.size]
+            if magic == _TRAILER_MAGIC and crc32c.crc32c(body) == crc:
+                return bytes(body)
+        # Damaged at rest.  Remove it so the key can be published again (an
+        # immutable store would otherwise refuse the good copy forever).
+        self._delete_named(name)
+        raise ObjectCorruptError(f"{name} in {self.root} failed its CRC32C check; removed")
+
+    def _list_named(self, prefix: str) -> list[str]:
+        self._check_open()
+        base = self._path(prefix.rstrip("/"))
+        names = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            names.extend(f"{rel}/{f}" for f in files)
+        return sorted(names)
+
+    def _delete_named(self, name: str) -> None:
+        self._check_open()
+        path = self._path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(path))
+
+    def _clear_stale_tmp(self) -> None:
+        """Remove tmp files a crashed writer left (old enough not to be in flight)."""
+        cutoff = time.time() - STALE_TMP_S
+        with os.scandir(self._tmp) as it:
+            for entry in it:
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+# --- opening by spec -------------------------------------------------------------------
+
+
+def open_object_store(
+    spec: str | os.PathLike[str] | None, *, default_dir: str | os.PathLike[str] | None = None,
+    **s3_options: object,
+) -> ObjectStore:
+    """Open the store a spec names: None (``default_dir``), a directory, or s3://bucket/prefix.
+
+    ``s3_options`` go to :class:`tier.s3.S3ObjectStore` (endpoint_url, profile,
+    region, retry, ...); credentials always come from the standard AWS chain.
+    """
+    if spec is None:
+        if default_dir is None:
+            raise ObjectStoreConfigError("no object store spec and no default directory")
+        spec = default_dir
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec:
+        raise ObjectStoreConfigError(f"bad object store spec {spec!r}")
+    if spec.startswith("s3://"):
+        from tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
+
+        bucket, _, prefix = spec[len("s3://") :].partition("/")
+        return S3ObjectStore(bucket, prefix, **s3_options)  # type: ignore[arg-type]
+    if "://" in spec:
+        raise ObjectStoreConfigError(f"unsupported object store scheme in {spec.split('://')[0]!r}")
+    if s3_options:
+        raise ObjectStoreConfigError(f"S3 options given for a directory store: {sorted(s3_options)}")
+    return LocalDirObjectStore(spec)

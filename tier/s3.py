@@ -1,0 +1,500 @@
+"""The L2 object store over S3 (boto3): any S3-compatible server (AWS, Ceph RGW, moto...).
+
+Same interface and naming as the local directory store (tier.objectstore).
+Why each choice (docs/OBJECTSTORE.md has more):
+
+- First writer wins: PUT carries ``If-None-Match: *``; a 412 means the same
+  content-addressed object exists already, which is success (``put`` -> False).
+- Integrity: each PUT sends ``Content-MD5`` (the server refuses a body damaged
+  on the way in) and stores the CRC32C of the object as user metadata
+  ``quiver-crc32c``; each GET checks the bytes received against Content-Length
+  and that CRC, and retries a short or damaged body.  No S3 server we tested
+  verifies ``x-amz-checksum-*``, so botocore's flexible checksums are off.
+- Retries are ours, not botocore's (botocore's are disabled): at most
+  ``RetryPolicy.max_tries`` tries and no new try after ``total_s``; exponential
+  backoff with jitter.  Each try is bounded by the connect and read timeouts,
+  so the worst case is ``total_s + connect_timeout_s + read_timeout_s``.
+- Configuration is the standard AWS chain (env vars, AWS_ENDPOINT_URL,
+  profiles, config files, instance roles); nothing here reads secrets itself.
+  Credentials never appear in reprs, logs or messages: errors are built from
+  the error code and object name only and do not chain botocore's exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions as bex
+import botocore.session
+import crc32c
+from botocore.config import Config
+
+from tier.errors import (
+    InvalidRangeError,
+    ObjectCorruptError,
+    ObjectStoreAuthError,
+    ObjectStoreConfigError,
+    ObjectStoreRequestError,
+    ObjectStoreUnreachableError,
+)
+from tier.objectstore import (
+    BLOCKS_DIR,
+    ObjectStore,
+    check_range,
+    key_from_name,
+    object_name,
+)
+
+log = logging.getLogger("tier.s3")
+
+CRC_META = "quiver-crc32c"
+MiB = 1 << 20
+T = TypeVar("T")
+
+_RETRY_STATUS = {500, 502, 503, 504, 429}
+_RETRY_CODES = {
+    "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
+    "ServiceUnavailable", "ConditionalRequestConflict", "OperationAborted",
+}
+_AUTH_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+    "ExpiredToken", "TokenRefreshRequired", "InvalidClientTokenId",
+}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds on one operation's tries: count, total time, backoff and socket timeouts."""
+
+    max_tries: int = 5
+    total_s: float = 20.0
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_tries < 1 or self.total_s <= 0 or self.base_delay_s < 0:
+            raise ObjectStoreConfigError(f"bad retry policy {self}")
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before try ``attempt + 1``: exponential, capped, with jitter."""
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Damaged(Exception):
+    """A body that failed its length or CRC check on one try (retried)."""
+
+
+@dataclass
+class _Fail:
+    """How one failed try is classified."""
+
+    kind: str  # "retry", "auth", "nobucket", "request"
+    detail: str  # error code or exception class: never a message from the server
+
+
+def _status(exc: bex.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _code(exc: bex.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code") or "")
+
+
+def _classify(exc: BaseException) -> _Fail | None:
+    """Map one try's exception to a decision; None means "not ours, re-raise"."""
+    if isinstance(exc, _Damaged):
+        return _Fail("damaged", str(exc))
+    if isinstance(exc, bex.ClientError):
+        status, code = _status(exc), _code(exc)
+        # A HEAD answer has no body, so botocore uses the status as the code.
+        detail = f"HTTP {status}" if code in ("", str(status)) else f"HTTP {status} {code}"
+        if status in _RETRY_STATUS or code in _RETRY_CODES:
+            return _Fail("retry", detail)
+        if status == 403 or code in _AUTH_CODES:
+            return _Fail("auth", detail)
+        if code == "NoSuchBucket":
+            return _Fail("nobucket", code)
+        return _Fail("request", detail)
+    if isinstance(exc, (bex.HTTPClientError, bex.ConnectionError, bex.IncompleteReadError)):
+        return _Fail("retry", type(exc).__name__)
+    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+        return _Fail("auth", type(exc).__name__)
+    return None
+
+
+def _safe_endpoint(url: str | None) -> str | None:
+    """The endpoint without any userinfo or query (for reprs and messages)."""
+    if not url:
+        return None
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+class S3ObjectStore(ObjectStore):
+    """The object store in an S3 bucket under ``prefix``.
+
+    ``endpoint_url``/``profile``/``region`` override the AWS chain's values;
+    with none given, boto3 resolves everything (AWS_ENDPOINT_URL, AWS_PROFILE,
+    ~/.aws/config ...).  Objects of ``multipart_threshold`` bytes or more are
+    uploaded in ``part_size`` parts.  ``create_bucket`` creates a missing
+    bucket (tests, first use); otherwise a missing bucket is a config error.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        retry: RetryPolicy | None = None,
+        multipart_threshold: int = 64 * MiB,
+        part_size: int = 16 * MiB,
+        create_bucket: bool = False,
+        max_pool_connections: int = 16,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ObjectStoreConfigError(f"bad bucket name {bucket!r}")
+        if part_size < 5 * MiB or multipart_threshold < part_size:
+            raise ObjectStoreConfigError("part_size must be >= 5 MiB and <= multipart_threshold")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.retry = retry or RetryPolicy()
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        try:
+            core = botocore.session.Session(profile=profile)
+            scoped = core.get_scoped_config()
+        except bex.ProfileNotFound:
+            name = profile or os.environ.get("AWS_PROFILE")
+            raise ObjectStoreConfigError(f"AWS profile {name!r} not found") from None
+        session = boto3.session.Session(botocore_session=core, region_name=region)
+        custom_endpoint = bool(
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or scoped.get("endpoint_url")
+        )
+        config = Config(
+            region_name=session.region_name or "us-east-1",
+            connect_timeout=self.retry.connect_timeout_s,
+            read_timeout=self.retry.read_timeout_s,
+            retries={"total_max_attempts": 1},  # ours, bounded: see _call
+            max_pool_connections=max_pool_connections,
+            # Path-style for custom endpoints (a local server has no bucket DNS names).
+            s3={"addressing_style": "path" if custom_endpoint else "auto"},
+            # Neither moto nor RGW 16 verifies x-amz-checksum-* (tested: a wrong
+            # one is accepted), so they would cost CPU for nothing; our CRC32C
+            # goes in metadata and is checked by us on every GET.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self.endpoint = _safe_endpoint(self._client.meta.endpoint_url)
+        try:
+            self._check_bucket(create_bucket)
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint={self.endpoint!r})"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._client.close()
+        super().close()
+
+    # --- the bounded retry loop ---------------------------------------------------
+    def _call(self, op: str, name: str, attempt_fn: Callable[[], T]) -> T:
+        """Run one try at a time until success, a final answer, or the budget is spent."""
+        self._check_open()
+        policy = self.retry
+        start = time.monotonic()
+        deadline = start + policy.total_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return attempt_fn()
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
+                fail = _classify(exc)
+                if fail is None:
+                    raise
+            where = f"{op} s3://{self.bucket}/{self.prefix}{name}"
+            if fail.kind == "auth":
+                raise ObjectStoreAuthError(
+                    f"{where}: refused ({fail.detail}); check the AWS credentials/profile"
+                ) from None
+            if fail.kind == "nobucket":
+                raise ObjectStoreConfigError(f"{where}: bucket does not exist") from None
+            if fail.kind == "request":
+                raise ObjectStoreRequestError(f"{where}: {fail.detail}") from None
+            now = time.monotonic()
+            pause = policy.delay(attempt)
+            if attempt >= policy.max_tries or now + pause >= deadline:
+                elapsed = now - start
+                if fail.kind == "damaged":
+                    raise ObjectCorruptError(
+                        f"{where}: {fail.detail}, on all {attempt} tries; not returned"
+                    ) from None
+                raise ObjectStoreUnreachableError(
+                    f"{where}: no answer after {attempt} tries in {elapsed:.2f}s "
+                    f"(last: {fail.detail})",
+                    attempts=attempt,
+                    elapsed_s=elapsed,
+                ) from None
+            log.warning("%s: try %d failed (%s); retrying in %.3fs", where, attempt, fail.detail, pause)
+            time.sleep(pause)
+
+    # --- objects --------------------------------------------------------------------
+    def put(self, key: bytes, data: bytes) -> bool:
+        return self._put_named(object_name(key), data)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._get_named(object_name(key))
+
+    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
+        check_range(start, length)
+        name = object_name(key)
+        if length == 0:
+            size = self.head(key)
+            if size is not None and start > size:
+                raise InvalidRangeError(f"start {start} is past the end of {name} ({size} bytes)")
+            return None if size is None else b""
+        full = self.prefix + name
+        end = start + length - 1
+
+        def attempt() -> bytes | None:
+            try:
+                r = self._client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end}")
+            except bex.ClientError as exc:
+                if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
+                    return None
+                if _status(exc) == 416:
+                    raise InvalidRangeError(f"range [{start}, {end + 1}) is past the end of {name}") from None
+                raise
+            body = r["Body"].read()
+            m = _CONTENT_RANGE.fullmatch(r.get("ContentRange") or "")
+            if m is None:  # the server ignored Range and sent the whole object
+                _check_length(body, r)
+                if start + length > len(body):
+                    raise InvalidRangeError(f"range [{start}, {end + 1}) is past the end of {name}")
+                return body[start : start + length]
+            first, last, total = int(m[1]), int(m[2]), m[3]
+            if total != "*" and start + length > int(total):
+                raise InvalidRangeError(
+                    f"range [{start}, {end + 1}) is past the end of {name} ({total} bytes)"
+                )
+            if first != start or last != end or len(body) != length:
+                raise _Damaged(f"ranged body {len(body)} bytes ({first}-{last}) for {length} asked")
+            return body
+
+        return self._call("get_range", name, attempt)
+
+    def head(self, key: bytes) -> int | None:
+        name = object_name(key)
+        full = self.prefix + name
+
+        def attempt() -> int | None:
+            try:
+                return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+            except bex.ClientError as exc:
+                if _status(exc) == 404:
+                    return None
+                raise
+
+        return self._call("head", name, attempt)
+
+    def delete(self, key: bytes) -> None:
+        self._delete_named(object_name(key))
+
+    def list_keys(self) -> Iterator[bytes]:
+        for name in self._list_named(BLOCKS_DIR):
+            key = key_from_name(name)
+            if key is not None:
+                yield key
+
+    # --- primitives -----------------------------------------------------------------
+    def _put_named(self, name: str, data: bytes) -> bool:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        meta = {CRC_META: f"{crc32c.crc32c(data):08x}"}
+        if len(data) >= self.multipart_threshold:
+            return self._put_multipart(name, data, meta)
+        full = self.prefix + name
+        md5 = _md5_b64(data)
+
+        def attempt() -> bool:
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
+                    ContentMD5=md5, Metadata=meta, ContentType="application/octet-stream",
+                )
+            except bex.ClientError as exc:
+                if _status(exc) == 412:  # published first by someone (maybe our own lost try)
+                    return False
+                raise
+            return True
+
+        return self._call("put", name, attempt)
+
+    def _put_multipart(self, name: str, data: bytes, meta: dict[str, str]) -> bool:
+        """Upload in parts; the final Complete carries If-None-Match.
+
+        Ceph RGW 16 ignores If-None-Match on Complete (verified), so we HEAD
+        first: a racing second uploader there overwrites the object with the
+        same bytes (content-addressed), which is harmless."""
+        full = self.prefix + name
+        if self._call("head", name, lambda: self._head_full(full)) is not None:
+            return False
+        upload_id = self._call(
+            "create_multipart", name,
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, Metadata=meta, ContentType="application/octet-stream"
+            )["UploadId"],
+        )
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, off in enumerate(range(0, len(data), self.part_size), start=1):
+                chunk = bytes(view[off : off + self.part_size])
+                md5 = _md5_b64(chunk)
+
+                def upload(chunk: bytes = chunk, number: int = number, md5: str = md5) -> str:
+                    return self._client.upload_part(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id,
+                        PartNumber=number, Body=chunk, ContentMD5=md5,
+                    )["ETag"]
+
+                parts.append({"ETag": self._call("upload_part", name, upload), "PartNumber": number})
+            tries = 0
+
+            def complete() -> bool:
+                nonlocal tries
+                tries += 1
+                try:
+                    self._client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id,
+                        MultipartUpload={"Parts": parts}, IfNoneMatch="*",
+                    )
+                except bex.ClientError as exc:
+                    if _status(exc) == 412:
+                        return False
+                    # An earlier try completed but its answer was lost: the upload is gone.
+                    if _code(exc) == "NoSuchUpload" and tries > 1 and self._head_full(full) is not None:
+                        return False
+                    raise
+                return True
+
+            return self._call("complete_multipart", name, complete)
+        except BaseException:
+            self._abort_quietly(full, upload_id)
+            raise
+
+    def _abort_quietly(self, full: str, upload_id: str) -> None:
+        """One try to abort a failed upload (parts would otherwise cost storage)."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - best effort; the error being raised matters more
+            log.warning("abort of a multipart upload under %s failed (%s)", full, type(exc).__name__)
+
+    def _head_full(self, full: str) -> int | None:
+        try:
+            return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+        except bex.ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+
+    def _get_named(self, name: str) -> bytes | None:
+        full = self.prefix + name
+
+        def attempt() -> bytes | None:
+            try:
+                r = self._client.get_object(Bucket=self.bucket, Key=full)
+            except bex.ClientError as exc:
+                if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
+                    return None
+                raise
+            body = r["Body"].read()
+            _check_length(body, r)
+            want = r.get("Metadata", {}).get(CRC_META)
+            if want is not None and f"{crc32c.crc32c(body):08x}" != want.lower():
+                raise _Damaged("body fails its CRC32C")
+            return body
+
+        return self._call("get", name, attempt)
+
+    def _list_named(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        token: str | None = None
+        skip = len(self.prefix)
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", prefix, lambda kw=kwargs: self._client.list_objects_v2(**kw))
+            names.extend(obj["Key"][skip:] for obj in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return sorted(names)
+            token = page["NextContinuationToken"]
+
+    def _delete_named(self, name: str) -> None:
+        full = self.prefix + name
+        self._call("delete", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+
+    def _check_bucket(self, create: bool) -> None:
+        """Fail at open, not at the first put, if the bucket is missing or refused."""
+
+        def attempt() -> bool:
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return True
+            except bex.ClientError as exc:
+                if _status(exc) == 404:
+                    return False
+                raise
+
+        if self._call("head_bucket", "", attempt):
+            return
+        if not create:
+            raise ObjectStoreConfigError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+
+        def make() -> None:
+            try:
+                self._client.create_bucket(Bucket=self.bucket)
+            except bex.ClientError as exc:
+                if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+        self._call("create_bucket", "", make)
+
+
+def _check_length(body: bytes, response: dict) -> None:
+    """A body shorter (or longer) than its Content-Length is damaged, never data."""
+    want = response.get("ContentLength")
+    if want is None or len(body) != int(want):
+        raise _Damaged(f"body of {len(body)} bytes, Content-Length {want}")
+
+
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
