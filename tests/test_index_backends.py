@@ -235,3 +235,9 @@ def test_dir_lock_is_exclusive_within_one_process(tmp_path):
     lock.release()
     lock.release()  # idempotent
     _common.DirLock(str(tmp_path)).release()
+
+
+def test_every_backend_is_available_here():
+    """The conformance suite is parametrised over available(): a backend whose
+    import broke would silently drop out of it.  This machine has every one."""
+    assert set(index_backends.available()) == {"flat", "sorted", "lmdb", "lsm", "art"}
