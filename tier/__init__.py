@@ -1,11 +1,23 @@
 """Storage tiers of Quiver: L0 RAM arena, L1 local disk (a walpub volume) and
-L2 object store.  So far the L2 object store is built: one interface over
-immutable, content-addressed objects with first-writer-wins publish, two
-implementations (a local directory, the embedded default, and S3 over boto3),
-manifests for bootstrap, bounded retries and typed errors.  Tier stores opaque
-bytes; verifying block envelopes happens above it, in ``engine``."""
+L2 object store.  L0 (:class:`RamTier`) keeps blocks in one preallocated arena
+of equal slots under an eviction policy (LRU or S3-FIFO, tier.policy); L1
+(:class:`DiskTier`) is a walpub volume bounded by bytes, evicting least
+recently used blocks through WAL deletes; :class:`ResidencySets` answers "which
+of these blocks does tier T hold" with roaring bitmaps.  The L2 object store is
+one interface over immutable, content-addressed objects with first-writer-wins
+publish, two implementations (a local directory, the embedded default, and S3
+over boto3), manifests for bootstrap, bounded retries and typed errors.  Tier
+stores opaque bytes; verifying block envelopes happens above it, in
+``engine``.  docs/TIERS.md and docs/OBJECTSTORE.md have the details."""
 
+from tier.disk import DiskTier
 from tier.objectstore import LocalDirObjectStore, ObjectStore, open_object_store
+from tier.policy import EvictionPolicy, LRUPolicy, S3FIFOPolicy, make_policy
+from tier.ram import RamTier
+from tier.residency import KeyIds, ResidencySets
 from tier.s3 import S3ObjectStore
 
-__all__ = ["ObjectStore", "LocalDirObjectStore", "S3ObjectStore", "open_object_store"]
+__all__ = [
+    "RamTier", "DiskTier", "EvictionPolicy", "LRUPolicy", "S3FIFOPolicy", "make_policy", "KeyIds", "ResidencySets",
+    "ObjectStore", "LocalDirObjectStore", "S3ObjectStore", "open_object_store",
+]

@@ -66,3 +66,53 @@ class ObjectCorruptError(ObjectStoreError):
 
 class ManifestCorruptError(ObjectStoreError):
     """A manifest object is malformed or fails its CRC32C."""
+
+
+# --- L0 RAM and L1 disk tiers (tier.ram, tier.disk) -------------------------------------
+
+
+class TierKeyError(TierError, ValueError):
+    """A key is not a non-empty bytes object of at most the tier's key length."""
+
+
+class TierBufferError(TierError, ValueError):
+    """Data is not a C-contiguous buffer (bytes, bytearray, memoryview, ndarray)."""
+
+
+class TierObjectTooLargeError(TierError, ValueError):
+    """A block is larger than a RAM slot, or than the disk tier's whole byte budget."""
+
+
+class TierFullError(TierError):
+    """No slot can be freed: every slot is held by an uncommitted reservation."""
+
+
+class TierReservationError(TierError):
+    """reserve/commit/abort misused: the key is already stored or reserved, or
+    there is no reservation to commit or abort."""
+
+
+class TierLockedError(TierError):
+    """The disk tier's volume is locked by another writer (process or handle)."""
+
+
+class TierClosedError(TierError):
+    """The tier was used after close()."""
+
+
+class TierCorruptError(TierError):
+    """A stored block failed its length or CRC32C check; it has been dropped, so
+    the next read of the key is a miss.  Wrong bytes are never returned."""
+
+
+class TierIOError(TierError):
+    """The disk tier failed an I/O call or was poisoned by a failed WAL fsync
+    (reopen to recover); the walpub error is the ``__cause__``."""
+
+
+class TierBusyError(TierError):
+    """A bounded wait in the disk tier (a key in flight, a full commit queue) ran out."""
+
+
+class TierConfigError(TierError, ValueError):
+    """A tier cannot be built as asked (unknown policy, a budget below one slot)."""
