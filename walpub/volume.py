@@ -16,7 +16,9 @@ source of truth again.  The step-by-step argument is docs/WALPUB.md.
 from __future__ import annotations
 
 import itertools
+import os
 import posixpath
+import signal
 import struct
 import threading
 import time
@@ -44,6 +46,58 @@ from walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
 MAX_OBJECT_BYTES = 1 << 30
 INDEX_VALUE = struct.Struct("<QIQ")  # object length, crc32c, WAL seq of its PUT
 VERIFY_MODES = ("crc", "size")
+
+# ---------------------------------------------------------------- crash points
+# Named points of the protocol where the real-SIGKILL suite (tests/test_walpub_kill.py,
+# studies/walpub_campaign.py) makes a child process kill itself; docs/WALPUB.md §10
+# lists what each one leaves on disk.  Armed only by the environment of the process:
+# QUIVER_WALPUB_CRASHPOINT=<name> kills at the first passage, <name>@<n> at the n-th.
+CRASHPOINT_ENV = "QUIVER_WALPUB_CRASHPOINT"
+CRASH_POINTS = (
+    "publish.object_written",    # P1 done: tmp file written, not fsynced
+    "publish.object_synced",     # P2 done: tmp file fsynced, not renamed
+    "publish.renamed",           # P4 done: renamed into objects/ab/, dir not fsynced
+    "publish.dir_synced",        # P5 done: object durable, no WAL frame yet
+    "commit.wal_synced",         # P6 done (leader): frames written + fsynced, not applied
+    "publish.committed",         # P7 done: applied, publish about to return (no ack yet)
+    "delete.logged",             # D1+D2 done: DELETE durable, object not unlinked
+    "delete.unlinked",           # D3 done: unlinked, delete about to return
+    "evict.logged",              # eviction: DELETEs durable, no victim unlinked yet
+    "compact.begin",             # compaction about to write its segment (C1)
+    "compact.done",              # C1-C6 done
+    "recover.tmp_cleared",       # R4 done
+    "recover.replayed",          # R6 done (torn tail cut and fsynced)
+    "recover.orphans_removed",   # R8-R9 done, index not reconciled
+    "recover.index_done",        # R10 done
+)
+
+
+def _armed_crash_point() -> tuple[str, int] | None:
+    spec = os.environ.get(CRASHPOINT_ENV)
+    if not spec:
+        return None
+    name, _, nth = spec.partition("@")
+    if name not in CRASH_POINTS or (nth and not (nth.isdigit() and int(nth) >= 1)):
+        raise ValueError(f"{CRASHPOINT_ENV}={spec!r}: expected one of {CRASH_POINTS} [@n]")
+    return name, int(nth or 1)
+
+
+_CRASH_ARMED = _armed_crash_point()
+_crash_passes = 0
+_crash_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if QUIVER_WALPUB_CRASHPOINT names this point
+    (at its n-th passage).  A no-op otherwise: one comparison."""
+    global _crash_passes
+    if _CRASH_ARMED is None or _CRASH_ARMED[0] != name:
+        return
+    assert name in CRASH_POINTS, name
+    with _crash_lock:
+        _crash_passes += 1
+        if _crash_passes >= _CRASH_ARMED[1]:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def pack_index_value(rec: PutRecord) -> bytes:
@@ -227,6 +281,7 @@ class Volume:
         for name in io.listdir(self._tmp):
             io.unlink(f"{self._tmp}/{name}")
             tmp_removed += 1
+        crash_point("recover.tmp_cleared")
         ids, junk = _wal.list_segments(io, self._waldir)
         for name in junk:
             io.unlink(f"{self._waldir}/{name}")
@@ -239,6 +294,7 @@ class Volume:
 
         applied = self.index.get_applied_seq() if self.index.persistent else 0
         r = _wal.replay(io, self._waldir, since_seq=applied, truncate=self.truncate_torn_tail)
+        crash_point("recover.replayed")
 
         dropped: list[tuple[bytes, str]] = []
         for key, rec in list(r.live.items()):
@@ -273,7 +329,9 @@ class Volume:
                     io.unlink(f"{path}/{name}")
                     orphans += 1
 
+        crash_point("recover.orphans_removed")
         mode = self._reconcile_index(r, applied, [k for k, _ in dropped])
+        crash_point("recover.index_done")
         for key, rec in self._live.items():
             self._lru[key] = None
             self._used += rec.length
@@ -362,7 +420,9 @@ class Volume:
                     recs = self._write_objects(todo)
                 except OSError as exc:
                     raise VolumeIOError(f"writing objects failed: {exc}") from exc
+                crash_point("publish.dir_synced")
                 self._commit(recs)
+                crash_point("publish.committed")
                 for k in claimed:
                     result[first[k]] = True
         finally:
@@ -384,7 +444,9 @@ class Volume:
                 tmps.append(tmp)
                 try:
                     io.write(fd, data)
+                    crash_point("publish.object_written")
                     io.fsync(fd, "object")
+                    crash_point("publish.object_synced")
                 finally:
                     io.close(fd)
             for (key, _), tmp in zip(todo, tmps):
@@ -392,6 +454,7 @@ class Volume:
                 sub = rel.split("/")[1]
                 self._ensure_subdir(sub)
                 io.rename(tmp, f"{self.root}/{rel}")
+                crash_point("publish.renamed")
                 subs.add(sub)
             tmps = []
             # The object is durable under its final name before anything names it.
@@ -459,6 +522,7 @@ class Volume:
                 if not isinstance(exc, Exception):
                     raise  # KeyboardInterrupt, a simulated kill: not an I/O error
                 raise VolumeFailedError(f"WAL append failed: {exc!r}") from exc
+            crash_point("commit.wal_synced")
             with self._cond:
                 self._apply(batch)
                 self._syncing = False
@@ -626,7 +690,9 @@ class Volume:
                 return False
             self._notify("delete_begin", claimed)
             self._commit([("del", key)])
+            crash_point("delete.logged")
             self._unlink_object(key)
+            crash_point("delete.unlinked")
             self._notify("delete_done", claimed)
         finally:
             self._release(claimed)
@@ -654,6 +720,7 @@ class Volume:
             if claimed:
                 self._notify("delete_begin", claimed)
                 self._commit([("del", k) for k in claimed])
+                crash_point("evict.logged")
                 for k in claimed:
                     self._unlink_object(k)
                 self._notify("delete_done", claimed)
@@ -693,8 +760,10 @@ class Volume:
             self._syncing = True
             base, live = self._durable_seq, list(self._live.values())
         try:
+            crash_point("compact.begin")
             self._writer.seal()
             _wal.compact(self.io, self._waldir, self._tmp, seg, base, live)
+            crash_point("compact.done")
         except BaseException as exc:
             with self._cond:
                 self._failed = exc
