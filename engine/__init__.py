@@ -2,9 +2,12 @@
 
 ``engine`` owns the cache identity (:class:`CacheIdentity`, its canonical
 encoding and BLAKE3 fingerprint), the chain keys that name KV blocks, the block
-envelope (header + body + CRC32C) with its codecs, and the typed errors
-(:mod:`engine.errors`).  The BlockStore facade, identity guard and torch
-copy-in/out join it in later work; nothing here is a stub.
+envelope (header + body + CRC32C) with its codecs, the identity guard, the
+:class:`BlockStore` facade over the tiers, and the typed errors
+(:mod:`engine.errors`, one base class :class:`QuiverError`).  The torch
+copy-in/out (:mod:`engine.torch_io`), the layerwise loader
+(:mod:`engine.layerwise`) and the int8 codec (:mod:`engine.quant`) are imported
+from their modules, so ``import engine`` does not need torch.
 """
 
 from engine.envelope import (
@@ -14,12 +17,34 @@ from engine.envelope import (
     decode_header,
     encode_block,
     uniform_layer_offsets,
+    verify_layer,
 )
-from engine.errors import InvalidTokensError, QuiverError
+from engine.errors import (
+    BlockNotFoundError,
+    BlockTableError,
+    ChecksumMismatchError,
+    DTypeMismatchError,
+    EnvelopeError,
+    IdentityMismatchError,
+    InvalidIdentityError,
+    InvalidTokensError,
+    LossyCodecError,
+    ObjectStoreAuthError,
+    ObjectStoreRequestError,
+    ObjectStoreUnreachableError,
+    QuiverError,
+    ShapeMismatchError,
+    StoreClosedError,
+    StoreConfigError,
+    StoreIOError,
+    StoreLockedError,
+)
 from engine.identity import KV_DTYPES, CacheIdentity
 from engine.keys import chain_keys, parent_of, root_key
+from engine.store import BlockStore
 
 __all__ = [
+    "BlockStore",
     "CacheIdentity",
     "KV_DTYPES",
     "chain_keys",
@@ -31,6 +56,23 @@ __all__ = [
     "decode_block",
     "decode_block_into",
     "uniform_layer_offsets",
+    "verify_layer",
     "QuiverError",
+    "InvalidIdentityError",
     "InvalidTokensError",
+    "IdentityMismatchError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+    "BlockTableError",
+    "EnvelopeError",
+    "ChecksumMismatchError",
+    "LossyCodecError",
+    "BlockNotFoundError",
+    "StoreLockedError",
+    "StoreClosedError",
+    "StoreConfigError",
+    "StoreIOError",
+    "ObjectStoreUnreachableError",
+    "ObjectStoreAuthError",
+    "ObjectStoreRequestError",
 ]

@@ -17,6 +17,11 @@ no size gain.
 
 Every malformed body is a typed :class:`~engine.errors.EnvelopeError`; the
 framing is fully validated (:func:`scan_chunks`) before anything is decoded.
+
+Codec id 3 is the lossy int8 codec.  It is not a byte codec (it needs the
+payload's shape and dtype) and lives in :mod:`engine.quant`; here it only has
+its id, and :func:`check_codec_id` refuses it with :class:`LossyCodecError`
+unless the caller passes ``allow_lossy=True``.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ import lz4.block
 import numpy as np
 import zstandard
 
-from engine.errors import CorruptEnvelopeError, UnknownCodecError
+from engine.errors import CorruptEnvelopeError, LossyCodecError, UnknownCodecError  # noqa: F401 (LossyCodecError re-exported)
 
 CODEC_NONE = 0
 CODEC_LZ4 = 1
 CODEC_ZSTD = 2
-#: Reserved for the lossy int8 codec (per-channel scales) of a later issue.
-#: An envelope naming it is refused with UnknownCodecError by this build.
-CODEC_INT8_RESERVED = 3
+#: The lossy int8 codec (per-channel scales, engine.quant).  Its body is not
+#: chunked; decoders refuse it unless the caller expects lossy KV.
+CODEC_INT8 = 3
+CODEC_INT8_RESERVED = CODEC_INT8  # the id's name before the codec existed
 
+#: Lossless byte codecs: what ``codec_id`` and ``encode_body`` accept.
 CODEC_IDS = {"none": CODEC_NONE, "lz4": CODEC_LZ4, "zstd": CODEC_ZSTD}
-CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+LOSSY_CODEC_IDS = {"int8": CODEC_INT8}
+CODEC_NAMES = {v: k for k, v in {**CODEC_IDS, **LOSSY_CODEC_IDS}.items()}
+
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 #: Upper bound a decoder accepts; keeps per-chunk scratch bounded on crafted input.
@@ -50,17 +59,26 @@ _LEN_MASK = 0x7FFF_FFFF
 
 
 def codec_id(name: str) -> int:
-    """The codec id for a name an encoder accepts ("none", "lz4", "zstd")."""
+    """The codec id of a lossless byte codec ("none", "lz4", "zstd").
+
+    The lossy "int8" codec is not a byte codec: ``encode_block(codec="int8")``
+    routes it to :mod:`engine.quant`.
+    """
     try:
         return CODEC_IDS[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; expected one of {sorted(CODEC_IDS)}") from None
 
 
-def check_codec_id(cid: int) -> None:
-    """Refuse a codec id this build cannot decode (including the reserved int8 id)."""
-    if cid == CODEC_INT8_RESERVED:
-        raise UnknownCodecError(f"codec id {cid} (lossy int8) is reserved and not implemented in this build")
+def check_codec_id(cid: int, *, allow_lossy: bool = False) -> None:
+    """Refuse a codec id this build cannot decode, and the lossy one unless allowed."""
+    if cid == CODEC_INT8:
+        if not allow_lossy:
+            raise LossyCodecError(
+                f"codec id {cid} is lossy int8, reserved for readers that expect lossy KV "
+                "(kv_quant set; pass allow_lossy=True)"
+            )
+        return
     if cid not in CODEC_NAMES:
         raise UnknownCodecError(f"unknown codec id {cid}")
 
@@ -234,7 +252,10 @@ __all__ = [
     "CODEC_NONE",
     "CODEC_LZ4",
     "CODEC_ZSTD",
+    "CODEC_INT8",
     "CODEC_INT8_RESERVED",
+    "LOSSY_CODEC_IDS",
+    "LossyCodecError",
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "DEFAULT_ZSTD_LEVEL",

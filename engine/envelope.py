@@ -1,7 +1,7 @@
 """The block envelope: one byte format on disk, in the object store and in memory.
 
-    header (172 + 8 * layer_count bytes, ends with its own CRC32C)
-    body   (body_len bytes, the payload through a codec; see engine.codecs)
+    header (172 + 8 * layer_count [+ 4 * layer_count] bytes, ends with its own CRC32C)
+    body   (body_len bytes, the payload through a codec; see engine.codecs, engine.quant)
     CRC32C (4 bytes) over header and body
 
 The exact layout is in docs/FORMAT.md.  The header carries everything that
@@ -16,6 +16,11 @@ of float16, bfloat16, float32 or int8.  numpy has no bfloat16: such payloads are
 carried and returned as 2-byte integer arrays (``uint16``), tagged "bfloat16";
 a torch bfloat16 tensor is accepted directly.  A non-C-contiguous payload is
 copied once to make it contiguous.
+
+Layerwise envelopes (flag bit 2, ``layer_crcs=True``) also carry one CRC32C
+per layer in the header, so a ranged read of one layer is verified on its own
+(:func:`verify_layer`; engine.layerwise).  The lossy int8 codec (id 3,
+``codec="int8"``) is decoded only by callers that pass ``allow_lossy=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 
-from engine import codecs
+from engine import codecs, quant
 from engine.errors import (
     BadMagicError,
     ChecksumMismatchError,
@@ -44,7 +49,9 @@ VERSION = 1
 MAX_NDIM = 6
 MAX_LAYERS = 4096
 FLAG_SHUFFLE = 0x1
-KNOWN_FLAGS = FLAG_SHUFFLE
+#: Bit 1 is unassigned (refused).  Bit 2: a per-layer CRC32C table follows the offsets.
+FLAG_LAYER_CRC = 0x4
+KNOWN_FLAGS = FLAG_SHUFFLE | FLAG_LAYER_CRC
 
 # magic, version, codec, dtype, flags, header_len, fingerprint, key, parent,
 # token_count, ndim, reserved(3), shape[6], raw_len, body_len, chunk_size, layer_count
@@ -64,9 +71,9 @@ _DTYPE_BY_CODE = {code: name for name, (code, _) in DTYPES.items()}
 _NATIVE = {np.dtype("<f2"): "float16", np.dtype("<f4"): "float32", np.dtype("i1"): "int8"}
 
 
-def header_size(layer_count: int) -> int:
-    """Bytes of a header with ``layer_count`` layer offsets (its CRC included)."""
-    return _FIXED.size + 8 * layer_count + _CRC_SIZE
+def header_size(layer_count: int, layer_crcs: bool = False) -> int:
+    """Bytes of a header with ``layer_count`` layer offsets (and CRCs), its own CRC included."""
+    return _FIXED.size + (12 if layer_crcs else 8) * layer_count + _CRC_SIZE
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,12 @@ class EnvelopeHeader:
     chunk_size: int
     layer_offsets: tuple[int, ...]
     header_len: int
+    layer_crcs: tuple[int, ...] = ()
+
+    @property
+    def lossy(self) -> bool:
+        """True for the int8 codec: the payload is an approximation of what was stored."""
+        return self.codec == codecs.CODEC_INT8
 
     @property
     def codec_name(self) -> str:
@@ -121,8 +134,8 @@ class EnvelopeHeader:
         """[start, stop) of layer ``i`` within the envelope, for a ranged read.
 
         Only codec ``none`` stores layers contiguously.  A ranged read is not
-        covered by the trailing CRC: it trusts the (separately checked) header
-        only.
+        covered by the trailing CRC; with ``layer_crcs`` (flag bit 2) it is
+        checked by :func:`verify_layer`, otherwise only the header is verified.
         """
         if self.codec != codecs.CODEC_NONE:
             raise ValueError(f"layer ranges need codec none, envelope uses {self.codec_name}")
@@ -228,6 +241,7 @@ def encode_block(
     dtype: str | None = None,
     level: int = codecs.DEFAULT_ZSTD_LEVEL,
     chunk_size: int = codecs.DEFAULT_CHUNK_SIZE,
+    layer_crcs: bool = False,
 ) -> bytes:
     """The envelope of ``payload`` as bytes.
 
@@ -235,6 +249,10 @@ def encode_block(
     the payload is a uint16/int16 view.  ``layer_offsets`` lists the raw byte
     offset where each layer starts (first 0, non-decreasing); pass
     ``uniform_layer_offsets(...)`` for an evenly split payload.
+    ``layer_crcs=True`` (codec none, layer offsets given) adds a CRC32C per
+    layer to the header, for verified ranged reads.  ``codec="int8"`` is the
+    lossy int8 codec (engine.quant): the payload must be ``[L, 2, T, H, D]``
+    float; the identity the block is stored under must say so (kv_quant).
     """
     arr, dtype = _payload_array(payload, dtype)
     if any(d >= 2**32 for d in arr.shape):
@@ -244,26 +262,39 @@ def encode_block(
     fingerprint = _check_key("fingerprint", fingerprint)
     key = _check_key("key", key)
     parent = _check_key("parent", parent)
-    cid = codecs.codec_id(codec)
+    cid = codecs.LOSSY_CODEC_IDS[codec] if codec in codecs.LOSSY_CODEC_IDS else codecs.codec_id(codec)
     itemsize = arr.itemsize
     raw = arr.reshape(-1).view(np.uint8)
     offsets = () if layer_offsets is None else tuple(int(o) for o in layer_offsets)
     _check_layer_offsets(offsets, raw.size, ValueError)
+    if layer_crcs and (cid != codecs.CODEC_NONE or not offsets):
+        raise ValueError("layer_crcs needs codec none and layer offsets (it protects ranged layer reads)")
 
-    if cid == codecs.CODEC_NONE:
+    if cid == codecs.CODEC_INT8:
         if shuffle:
-            raise ValueError("byte shuffle needs a compressing codec (lz4 or zstd)")
+            raise ValueError("byte shuffle does not apply to the int8 codec")
         chunk_size = 0
-    parts = codecs.encode_body(raw, cid, chunk_size=chunk_size, shuffle_bytes=shuffle, itemsize=itemsize, level=level)
+        parts = quant.encode_body(arr, dtype)
+    else:
+        if cid == codecs.CODEC_NONE:
+            if shuffle:
+                raise ValueError("byte shuffle needs a compressing codec (lz4 or zstd)")
+            chunk_size = 0
+        parts = codecs.encode_body(raw, cid, chunk_size=chunk_size, shuffle_bytes=shuffle, itemsize=itemsize,
+                                   level=level)
     body_len = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
+    flags = (FLAG_SHUFFLE if shuffle else 0) | (FLAG_LAYER_CRC if layer_crcs else 0)
     shape6 = tuple(arr.shape) + (0,) * (MAX_NDIM - arr.ndim)
     fixed = _FIXED.pack(
-        MAGIC, VERSION, cid, DTYPES[dtype][0], FLAG_SHUFFLE if shuffle else 0, header_size(len(offsets)),
+        MAGIC, VERSION, cid, DTYPES[dtype][0], flags, header_size(len(offsets), layer_crcs),
         fingerprint, key, parent, token_count, arr.ndim, b"\0\0\0", *shape6,
         raw.size, body_len, chunk_size, len(offsets),
     )
     head = fixed + struct.pack(f"<{len(offsets)}Q", *offsets)
+    if layer_crcs:
+        ends = offsets[1:] + (raw.size,)
+        head += struct.pack(f"<{len(offsets)}I", *(crc32c.crc32c(raw[a:b]) for a, b in zip(offsets, ends)))
     head += _U32.pack(crc32c.crc32c(head))
     crc = crc32c.crc32c(head)
     for p in parts:
@@ -294,11 +325,12 @@ def _check_layer_offsets(offsets, raw_len: int, error) -> None:
 # --- decode --------------------------------------------------------------------
 
 
-def decode_header(buf) -> EnvelopeHeader:
+def decode_header(buf, *, allow_lossy: bool = False) -> EnvelopeHeader:
     """Parse and validate the header at the start of ``buf`` (a prefix is enough).
 
     Checks magic, version, the header's own CRC, codec, flags and every length;
-    does not read the body or its CRC (``decode_block`` does).
+    does not read the body or its CRC (``decode_block`` does).  A lossy (int8)
+    envelope is refused with LossyCodecError unless ``allow_lossy``.
     """
     mv = memoryview(buf).cast("B")
     if len(mv) < 4:
@@ -314,7 +346,8 @@ def decode_header(buf) -> EnvelopeHeader:
         raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the {_FIXED.size}-byte fixed header")
     (_, _, cid, dcode, flags, header_len, fingerprint, key, parent, token_count, ndim, reserved,
      *shape6, raw_len, body_len, chunk_size, layer_count) = _FIXED.unpack_from(mv, 0)
-    if layer_count > MAX_LAYERS or header_len != header_size(layer_count):
+    has_crcs = bool(flags & FLAG_LAYER_CRC)
+    if layer_count > MAX_LAYERS or header_len != header_size(layer_count, has_crcs):
         raise CorruptEnvelopeError(f"header length {header_len} inconsistent with {layer_count} layers")
     if len(mv) < header_len:
         raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the {header_len}-byte header")
@@ -322,7 +355,7 @@ def decode_header(buf) -> EnvelopeHeader:
     if crc32c.crc32c(mv[:header_len - _CRC_SIZE]) != stored_crc:
         raise ChecksumMismatchError("header CRC32C mismatch")
 
-    codecs.check_codec_id(cid)
+    codecs.check_codec_id(cid, allow_lossy=allow_lossy)
     if flags & ~KNOWN_FLAGS:
         raise UnknownCodecError(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
     if dcode not in _DTYPE_BY_CODE:
@@ -336,26 +369,51 @@ def decode_header(buf) -> EnvelopeHeader:
     shape = tuple(shape6[:ndim])
     if raw_len != math.prod(shape) * itemsize:
         raise CorruptEnvelopeError(f"raw length {raw_len} != prod{shape} * {itemsize}")
+    if has_crcs and (cid != codecs.CODEC_NONE or layer_count == 0):
+        raise CorruptEnvelopeError("layer CRC flag needs codec none and at least one layer")
     if cid == codecs.CODEC_NONE:
         if flags & FLAG_SHUFFLE:
             raise CorruptEnvelopeError("shuffle flag set with codec none")
         if chunk_size != 0 or body_len != raw_len:
             raise CorruptEnvelopeError(f"codec none: chunk size {chunk_size}, body {body_len} != raw {raw_len}")
+    elif cid == codecs.CODEC_INT8:
+        if flags & FLAG_SHUFFLE or chunk_size != 0:
+            raise CorruptEnvelopeError(f"int8 codec: shuffle flag or chunk size {chunk_size} set")
+        if ndim != 5 or dtype not in quant.FLOAT_DTYPES:
+            raise CorruptEnvelopeError(f"int8 codec needs a 5-d float payload, got {dtype} of {ndim} dims")
+        if body_len != quant.body_nbytes(shape):
+            raise CorruptEnvelopeError(f"int8 codec: body {body_len} != {quant.body_nbytes(shape)} for {shape}")
     elif not (0 < chunk_size <= codecs.MAX_CHUNK_SIZE) or chunk_size % itemsize:
         raise CorruptEnvelopeError(f"chunk size {chunk_size} invalid for itemsize {itemsize}")
     offsets = struct.unpack_from(f"<{layer_count}Q", mv, _FIXED.size)
     _check_layer_offsets(offsets, raw_len, CorruptEnvelopeError)
+    crcs = struct.unpack_from(f"<{layer_count}I", mv, _FIXED.size + 8 * layer_count) if has_crcs else ()
     return EnvelopeHeader(
         version=version, codec=cid, flags=flags, fingerprint=fingerprint, key=key, parent=parent,
         token_count=token_count, dtype=dtype, shape=shape, raw_len=raw_len, body_len=body_len,
-        chunk_size=chunk_size, layer_offsets=offsets, header_len=header_len,
+        chunk_size=chunk_size, layer_offsets=offsets, header_len=header_len, layer_crcs=crcs,
     )
 
 
-def _verified(buf) -> tuple[EnvelopeHeader, memoryview]:
+def verify_layer(h: EnvelopeHeader, i: int, data) -> None:
+    """Check a ranged read of layer ``i`` (bytes ``h.layer_body_range(i)``) against its CRC32C.
+
+    Needs an envelope written with ``layer_crcs=True``; ChecksumMismatchError
+    on a mismatch, TruncatedEnvelopeError on a wrong length.
+    """
+    if not h.layer_crcs:
+        raise ValueError("this envelope has no per-layer CRCs (written without layer_crcs=True)")
+    start, stop = h.layer_body_range(i)
+    if memoryview(data).nbytes != stop - start:
+        raise TruncatedEnvelopeError(f"layer {i}: {memoryview(data).nbytes} bytes, expected {stop - start}")
+    if crc32c.crc32c(data) != h.layer_crcs[i]:
+        raise ChecksumMismatchError(f"layer {i}: CRC32C mismatch")
+
+
+def _verified(buf, allow_lossy: bool) -> tuple[EnvelopeHeader, memoryview]:
     """Header and body of a whole envelope whose trailing CRC32C matches."""
     mv = memoryview(buf).cast("B")
-    h = decode_header(mv)
+    h = decode_header(mv, allow_lossy=allow_lossy)
     if len(mv) < h.total_len:
         raise TruncatedEnvelopeError(f"envelope is {len(mv)} bytes, header says {h.total_len}")
     if len(mv) > h.total_len:
@@ -367,22 +425,30 @@ def _verified(buf) -> tuple[EnvelopeHeader, memoryview]:
     return h, mv[h.header_len:end]
 
 
-def decode_block(buf) -> tuple[EnvelopeHeader, np.ndarray]:
+def _decode_body(h: EnvelopeHeader, body: memoryview, dst: np.ndarray) -> None:
+    if h.codec == codecs.CODEC_INT8:
+        quant.decode_body_into(body, dst, h.shape, h.dtype)
+    else:
+        codecs.decode_body_into(body, dst, h.codec, chunk_size=h.chunk_size, shuffle_bytes=h.shuffle,
+                                itemsize=h.itemsize)
+
+
+def decode_block(buf, *, allow_lossy: bool = False) -> tuple[EnvelopeHeader, np.ndarray]:
     """Verify and decode a whole envelope; the payload comes back as a new array.
 
     ``buf`` must be exactly one envelope (slice an arena slot to ``total_len``).
-    bfloat16 payloads come back as uint16 arrays.
+    bfloat16 payloads come back as uint16 arrays.  A lossy (int8) envelope is
+    refused with LossyCodecError unless ``allow_lossy``.
     """
-    h, body = _verified(buf)
-    if h.codec != codecs.CODEC_NONE:  # framing must be sound before raw_len is allocated
+    h, body = _verified(buf, allow_lossy)
+    if h.codec not in (codecs.CODEC_NONE, codecs.CODEC_INT8):  # framing sound before raw_len is allocated
         codecs.scan_chunks(body, h.raw_len, h.chunk_size)
     out = np.empty(h.shape, dtype=h.np_dtype)
-    codecs.decode_body_into(body, out.reshape(-1).view(np.uint8), h.codec,
-                            chunk_size=h.chunk_size, shuffle_bytes=h.shuffle, itemsize=h.itemsize)
+    _decode_body(h, body, out.reshape(-1).view(np.uint8))
     return h, out
 
 
-def decode_block_into(buf, out) -> EnvelopeHeader:
+def decode_block_into(buf, out, *, allow_lossy: bool = False) -> EnvelopeHeader:
     """Verify an envelope, then decode its payload straight into ``out``.
 
     ``out`` is a writable C-contiguous numpy array (shape and dtype must match
@@ -390,10 +456,11 @@ def decode_block_into(buf, out) -> EnvelopeHeader:
     writable buffer or a 1-D uint8 array such as an arena slot (uint8 is no
     payload dtype, so it always means raw bytes; no dtype check is possible).  Scratch memory is one chunk.
     On any error ``out`` may hold partial data and must not be used.
+    A lossy (int8) envelope is refused with LossyCodecError unless ``allow_lossy``.
     """
-    h, body = _verified(buf)
+    h, body = _verified(buf, allow_lossy)
     dst = _out_array(out, h)
-    codecs.decode_body_into(body, dst, h.codec, chunk_size=h.chunk_size, shuffle_bytes=h.shuffle, itemsize=h.itemsize)
+    _decode_body(h, body, dst)
     return h
 
 
@@ -407,4 +474,6 @@ __all__ = [
     "decode_block_into",
     "header_size",
     "uniform_layer_offsets",
+    "verify_layer",
+    "FLAG_LAYER_CRC",
 ]

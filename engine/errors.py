@@ -40,6 +40,10 @@ class DTypeMismatchError(QuiverError, TypeError):
     """A payload's dtype does not match the identity's kv dtype."""
 
 
+class BlockTableError(QuiverError, ValueError):
+    """A block table names a block outside the engine's cache, or names one twice for a scatter."""
+
+
 # --- envelope -----------------------------------------------------------------
 
 
@@ -63,6 +67,14 @@ class TruncatedEnvelopeError(EnvelopeError):
     """The envelope is shorter than its header says it must be."""
 
 
+class LossyCodecError(UnknownCodecError):
+    """A lossy (int8) envelope met a reader that expects exact KV.
+
+    A subclass of UnknownCodecError: to a reader that did not opt in with
+    ``allow_lossy=True``, codec 3 is a codec it does not accept.
+    """
+
+
 class ChecksumMismatchError(EnvelopeError):
     """CRC32C over header and body does not match: the block is corrupt."""
 
@@ -80,3 +92,32 @@ class StoreLockedError(QuiverError):
 
 class ObjectStoreUnreachableError(QuiverError):
     """The object store did not answer within the retry budget."""
+
+
+# --- block store (engine.store) ----------------------------------------------
+
+
+class BlockNotFoundError(QuiverError, KeyError):
+    """A requested block is in no tier (lookup first: it says how many are)."""
+
+
+class StoreClosedError(QuiverError):
+    """The BlockStore was used after close()."""
+
+
+class StoreConfigError(QuiverError, ValueError):
+    """BlockStore.open was given options it cannot honour (bad spec, bad sizes, missing bucket)."""
+
+
+class StoreIOError(QuiverError):
+    """The local disk tier failed (I/O error, failed fsync, bounded wait ran out).
+
+    Nothing the failing call was writing is acknowledged; reopen the store to recover."""
+
+
+class ObjectStoreAuthError(QuiverError):
+    """The object store refused the credentials or the request (no retry helps)."""
+
+
+class ObjectStoreRequestError(QuiverError):
+    """The object store rejected a request for a reason retrying cannot fix."""

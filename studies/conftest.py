@@ -33,7 +33,7 @@ _STARTED = time.time()
 
 LIBRARIES = [
     "numpy", "numba", "blake3", "crc32c", "rocksdict", "lmdb", "sortedcontainers",
-    "pyroaring", "lz4", "zstandard", "torch", "matplotlib", "pytest", "pytest-benchmark",
+    "pyroaring", "lz4", "zstandard", "torch", "transformers", "boto3", "moto", "matplotlib", "pytest", "pytest-benchmark",
 ]
 
 

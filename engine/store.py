@@ -1,0 +1,827 @@
+"""BlockStore: the facade an inference engine uses (lookup, put, get).
+
+    with BlockStore.open("./quiver-data") as store:          # embedded: no server
+        n = store.lookup(ident, token_ids)                    # leading full blocks available
+        store.put(ident, token_ids, blocks)                   # durable when it returns
+        blocks = store.get(ident, token_ids, n_blocks=n)      # verified payloads
+
+Tiers: L0 is a RAM arena (tier.ram.RamTier), L1 a walpub volume on local disk
+(tier.disk.DiskTier, the durability point), L2 an optional object store
+(a shared directory or s3://bucket/prefix).  Every tier holds the same bytes:
+the block envelope (engine.envelope), named by the *store key*
+``identity.namespace (16 B) + chain key (32 B)``.
+
+put: validate everything (identity, tokens, shape, dtype) -> encode each
+missing block -> L0 -> L1 (one group commit for the batch; durable) -> L2
+(synchronously, or through a bounded background queue).  An L2 failure never
+loses the L1 copy: the key goes on a retry list.
+
+get: for each block, the fastest tier that holds it (L0, L1, then L2 by key),
+CRC-verified and checked by the identity guard (engine.guard) before one
+payload byte reaches the caller; a hit below L0 is promoted upwards.
+
+docs/STORE.md has the whole contract.  ``naive=True`` exists only for
+studies/bench_identity.py: keys from tokens alone, no guard -- it serves other
+identities' bytes and must never be used for real.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import blake3
+import numpy as np
+
+import index_backends
+from engine import codecs
+from engine.envelope import decode_block_into, encode_block, header_size, uniform_layer_offsets
+from engine.errors import (
+    BlockNotFoundError,
+    ChecksumMismatchError,
+    DTypeMismatchError,
+    EnvelopeError,
+    IdentityMismatchError,
+    InvalidIdentityError,
+    InvalidTokensError,
+    ObjectStoreAuthError,
+    ObjectStoreRequestError,
+    ObjectStoreUnreachableError,
+    QuiverError,
+    ShapeMismatchError,
+    StoreClosedError,
+    StoreConfigError,
+    StoreIOError,
+    StoreLockedError,
+)
+from engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
+from engine.identity import CacheIdentity
+from engine.keys import chain_keys, root_key, tokens_to_le_u32
+
+TIERS = ("l0", "l1", "l2")
+L2_MODES = ("sync", "background")
+NAIVE_NAMESPACE = b"\0" * 16
+NAIVE_ROOT = blake3.blake3(b"quiver/naive/root").digest()
+MiB = 1 << 20
+STORE_KEY_BYTES = 48  # identity namespace (16) + chain key (32)
+PENDING_L2 = "PENDING_L2"
+
+
+# --------------------------------------------------------------------------- errors
+def _translate(exc: BaseException, what: str) -> QuiverError:
+    """The engine error for a tier / walpub / index error (the caller chains ``exc``)."""
+    import index_backends.errors as ie
+    import tier.errors as te
+    import walpub.errors as we
+
+    msg = f"{what}: {exc}"
+    name = type(exc).__name__
+    if isinstance(exc, (we.VolumeLockedError, ie.IndexLockedError)) or "Locked" in name:
+        return StoreLockedError(msg)
+    if isinstance(exc, te.ObjectStoreUnreachableError):
+        return ObjectStoreUnreachableError(msg)
+    if isinstance(exc, te.ObjectStoreAuthError):
+        return ObjectStoreAuthError(msg)
+    if isinstance(exc, (te.ObjectStoreConfigError, ie.UnknownBackendError)) or name in (
+        "TierConfigError", "TierObjectTooLargeError"):
+        return StoreConfigError(msg)
+    if isinstance(exc, te.ObjectStoreRequestError):
+        return ObjectStoreRequestError(msg)
+    if isinstance(exc, te.ObjectCorruptError) or name == "TierCorruptError":
+        return ChecksumMismatchError(msg)
+    if isinstance(exc, (te.ObjectStoreClosedError, we.VolumeClosedError, ie.IndexClosedError)) or "Closed" in name:
+        return StoreClosedError(msg)
+    return StoreIOError(msg)
+
+
+def _lower_errors() -> tuple[type[BaseException], ...]:
+    import index_backends.errors as ie
+    import tier.errors as te
+    import walpub.errors as we
+
+    return (te.TierError, we.WalpubError, ie.IndexBackendError)
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Run a tier call; its typed errors come out as engine errors, cause chained."""
+    try:
+        yield
+    except QuiverError:
+        raise
+    except _lower_errors() as exc:
+        raise _translate(exc, what) from exc
+
+
+# --------------------------------------------------------------------------- payloads
+def _check_identity(ident: Any) -> None:
+    if not isinstance(ident, CacheIdentity):
+        raise InvalidIdentityError(f"expected a CacheIdentity, got {type(ident).__name__}")
+
+
+def _block_arrays(ident: CacheIdentity, blocks: Any) -> list[np.ndarray]:
+    """Each block as a C-contiguous numpy array of the identity's carrier dtype.
+
+    Accepts one array/tensor ``[n, *block_shape]`` or a sequence of per-block
+    ones; everything is checked here, before anything is written."""
+    if isinstance(blocks, np.ndarray) or _is_torch(blocks):
+        if len(blocks.shape) != 1 + len(ident.block_shape):
+            raise ShapeMismatchError(
+                f"blocks must be [n, *{ident.block_shape}], got shape {tuple(blocks.shape)}"
+            )
+        items = [blocks[i] for i in range(blocks.shape[0])]
+    elif isinstance(blocks, (list, tuple)):
+        items = list(blocks)
+    else:
+        raise ShapeMismatchError(f"blocks must be an array, a tensor or a sequence of them, got {type(blocks).__name__}")
+    return [_one_block(ident, b) for b in items]
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _one_block(ident: CacheIdentity, b: Any) -> np.ndarray:
+    if _is_torch(b):
+        import torch
+
+        b = b.detach()
+        if b.device.type != "cpu":
+            b = b.cpu()
+        if b.dtype == torch.bfloat16:
+            if ident.kv_dtype != "bfloat16":
+                raise DTypeMismatchError(f"block is bfloat16, identity kv_dtype is {ident.kv_dtype}")
+            b = b.contiguous().view(torch.int16)
+        b = b.contiguous().numpy()
+    elif not isinstance(b, np.ndarray):
+        raise DTypeMismatchError(f"a block must be a numpy array or torch tensor, got {type(b).__name__}")
+    if b.dtype not in CARRIERS[ident.kv_dtype]:
+        raise DTypeMismatchError(f"block dtype {b.dtype} does not match kv_dtype {ident.kv_dtype}")
+    if tuple(b.shape) != ident.block_shape:
+        raise ShapeMismatchError(f"block shape {tuple(b.shape)} != identity block shape {ident.block_shape}")
+    return np.ascontiguousarray(b)
+
+
+def naive_chain_keys(block_tokens: int, token_ids: Any, n_blocks: int | None = None) -> list[bytes]:
+    """UNSAFE (study only): chain keys from tokens alone, with no identity in them."""
+    raw = tokens_to_le_u32(token_ids)
+    step = block_tokens * 4
+    full = len(raw) // step
+    n = full if n_blocks is None else n_blocks
+    if not 0 <= n <= full:
+        raise InvalidTokensError(f"n_blocks={n} but the tokens fill only {full} full blocks")
+    prev, out = NAIVE_ROOT, []
+    for off in range(0, n * step, step):
+        prev = blake3.blake3(prev + raw[off : off + step]).digest()
+        out.append(prev)
+    return out
+
+
+def envelope_bound(ident: CacheIdentity, codec: str, chunk_size: int = codecs.DEFAULT_CHUNK_SIZE) -> int:
+    """Largest envelope a block of ``ident`` can have under ``codec`` (an L0 slot's size)."""
+    raw = ident.block_nbytes
+    size = header_size(ident.num_layers, layer_crcs=codec == "none") + raw + 4
+    if codec != "none":
+        size += 4 * (-(-raw // chunk_size))  # one frame word per chunk; a chunk never grows
+    return size
+
+
+# --------------------------------------------------------------------------- the store
+class BlockStore:
+    """A tiered, content-addressed KV block store.  Thread-safe; one per process per path.
+
+    Open with :meth:`open`; use as a context manager or call :meth:`close`."""
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        index: str | None = None,
+        object_store: str | os.PathLike[str] | None = None,
+        ram_bytes: int = 256 * MiB,
+        ram_slot_bytes: int | None = None,
+        ram_policy: str = "lru",
+        disk_bytes: int | None = None,
+        l2_mode: str = "sync",
+        l2_queue_max: int = 256,
+        l2_enqueue_timeout_s: float = 1.0,
+        l2_retry_interval_s: float = 5.0,
+        manifest_batch: int = 1024,
+        bootstrap: bool = True,
+        codec: str = "none",
+        guard: bool | None = None,
+        naive: bool = False,
+        s3_options: dict | None = None,
+    ) -> "BlockStore":
+        """Open (creating if needed) the store at ``path``.
+
+        index:        residency-index backend of the disk tier; default "art"
+                      when index_backends.available() has it, else "flat".
+        object_store: None = no L2 (L1 at ``path`` is the shared-nothing default);
+                      a directory (shared by processes on one machine); or
+                      "s3://bucket/prefix" (standard AWS configuration chain,
+                      ``s3_options`` such as endpoint_url/profile/create_bucket).
+        ram_bytes:    L0 arena size (0 = no L0); ``ram_slot_bytes`` defaults to the
+                      envelope bound of the first identity stored.
+        disk_bytes:   L1 capacity (None = unbounded); LRU eviction beyond it.
+        l2_mode:      "sync" (put returns after L2 has the blocks) or "background"
+                      (a bounded queue of ``l2_queue_max`` envelopes).
+        guard:        the identity guard on every get; None (default) = on, except
+                      in naive mode.  guard=False is for measuring its cost only.
+        naive:        UNSAFE, study only: keys from tokens alone, no identity in
+                      them (and, unless guard=True, no guard).
+        """
+        return cls(
+            path, index=index, object_store=object_store, ram_bytes=ram_bytes, ram_slot_bytes=ram_slot_bytes,
+            ram_policy=ram_policy, disk_bytes=disk_bytes, l2_mode=l2_mode, l2_queue_max=l2_queue_max,
+            l2_enqueue_timeout_s=l2_enqueue_timeout_s, l2_retry_interval_s=l2_retry_interval_s,
+            manifest_batch=manifest_batch, bootstrap=bootstrap, codec=codec, guard=guard, naive=naive,
+            s3_options=s3_options,
+        )
+
+    def __init__(self, path, *, index, object_store, ram_bytes, ram_slot_bytes, ram_policy, disk_bytes,
+                 l2_mode, l2_queue_max, l2_enqueue_timeout_s, l2_retry_interval_s, manifest_batch,
+                 bootstrap, codec, guard, naive, s3_options) -> None:
+        if l2_mode not in L2_MODES:
+            raise StoreConfigError(f"l2_mode must be one of {L2_MODES}, got {l2_mode!r}")
+        if codec not in codecs.CODEC_IDS:
+            raise StoreConfigError(f"codec must be one of {sorted(codecs.CODEC_IDS)}, got {codec!r}")
+        if ram_bytes < 0 or (disk_bytes is not None and disk_bytes <= 0) or l2_queue_max < 1 or manifest_batch < 1:
+            raise StoreConfigError("ram_bytes >= 0, disk_bytes > 0 or None, l2_queue_max >= 1, manifest_batch >= 1")
+        if index is None:
+            index = "art" if "art" in index_backends.available() else "flat"
+        self.path = os.path.abspath(os.fspath(path))
+        self.index = index
+        self.codec = codec
+        self.naive = bool(naive)
+        self.guard = (not self.naive) if guard is None else bool(guard)
+        self.l2_mode = l2_mode
+        self._ram_bytes = ram_bytes
+        self._ram_slot = ram_slot_bytes
+        self._ram_policy = ram_policy
+        self._l2_queue_max = l2_queue_max
+        self._enqueue_timeout = l2_enqueue_timeout_s
+        self._retry_interval = l2_retry_interval_s
+        self._manifest_batch = manifest_batch
+        self._lock = threading.RLock()
+        self._closed = False
+        self._ram = None
+        self._disk = None
+        self._l2 = None
+        self._lock_fd: int | None = None
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._retry: dict[bytes, None] = {}  # keys durable in L1 whose L2 publish failed
+        self._manifest_pending: list[bytes] = []
+        self._n = dict(
+            put_blocks=0, put_present=0, get_blocks=0, l0_hits=0, l1_hits=0, l2_hits=0, misses=0,
+            identity_mismatches=0, corrupt_l0=0, corrupt_l1=0, corrupt_l2=0, l0_oversize=0,
+            lookups=0, l2_heads=0, l2_lookup_errors=0, l2_published=0, l2_existing=0, l2_failures=0,
+            l2_deferred=0, l2_retried=0, l2_lost=0, manifests_written=0, manifest_failures=0,
+            bootstrap_keys=0,
+        )
+        self.bootstrap_s = 0.0
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise StoreConfigError(f"cannot create store directory {self.path}: {exc.strerror}") from exc
+        self._take_lock()
+        try:
+            self._open_tiers(index, object_store, disk_bytes, s3_options or {}, bootstrap)
+        except BaseException:
+            self._release_everything()
+            raise
+
+    # ------------------------------------------------------------------ opening
+    def _take_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, "STORE.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(f"store {self.path} is open in another process (or handle)") from None
+        self._lock_fd = fd
+
+    def _open_tiers(self, index: str, object_store, disk_bytes, s3_options: dict, bootstrap: bool) -> None:
+        from tier.disk import DiskTier
+        from tier.policy import make_policy
+        from tier.residency import ResidencySets
+
+        with _translated("ram_policy"):
+            make_policy(self._ram_policy, 1)  # an unknown name fails at open, not at the first put
+        self._res = ResidencySets(TIERS)
+        with _translated(f"opening disk tier {self.path}/l1"):
+            self._disk = DiskTier(os.path.join(self.path, "l1"), disk_bytes, index=index)
+            for key in self._disk.keys():
+                self._res.add("l1", key)
+        if object_store is not None:
+            from tier.objectstore import open_object_store
+
+            with _translated("opening object store"):
+                self._l2 = open_object_store(object_store, **s3_options)
+            self._load_pending()
+            if bootstrap:
+                t0 = time.perf_counter()
+                with _translated("reading L2 manifests"):
+                    known = self._l2.read_manifests()
+                for key in known:
+                    self._res.add("l2", key)
+                self.bootstrap_s = time.perf_counter() - t0
+                self._n["bootstrap_keys"] = len(known)
+            if self.l2_mode == "background":
+                self._queue = queue.Queue(maxsize=self._l2_queue_max)
+                self._worker = threading.Thread(target=self._l2_worker, name="quiver-l2", daemon=True)
+                self._worker.start()
+        if self._ram_bytes > 0 and self._ram_slot is not None:
+            self._make_ram(self._ram_slot)
+
+    def _make_ram(self, slot_bytes: int) -> None:
+        from tier.ram import RamTier
+
+        if slot_bytes > self._ram_bytes:
+            raise StoreConfigError(f"ram_bytes {self._ram_bytes} cannot hold one slot of {slot_bytes} bytes")
+        with _translated("creating the RAM tier"):
+            self._ram = RamTier(self._ram_bytes, slot_bytes, policy=self._ram_policy)
+        self._ram_slot = slot_bytes
+
+    # ------------------------------------------------------------------ keys
+    def _chain(self, ident: CacheIdentity, token_ids, n: int | None) -> tuple[list[bytes], list[bytes]]:
+        """(chain keys, store keys) of the leading ``n`` (or all) full blocks."""
+        _check_identity(ident)
+        if self.naive:
+            keys = naive_chain_keys(ident.block_tokens, token_ids, n)
+            ns = NAIVE_NAMESPACE
+        else:
+            keys = chain_keys(ident, token_ids, n)
+            ns = ident.namespace
+        return keys, [ns + k for k in keys]
+
+    def _root(self, ident: CacheIdentity) -> bytes:
+        return NAIVE_ROOT if self.naive else root_key(ident)
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, ident: CacheIdentity, token_ids) -> int:
+        """Leading full blocks of ``token_ids`` held by some tier (stops at the first miss).
+
+        L0/L1 and known-L2 membership is one bulk query of the residency
+        bitmaps; past that, L2 is asked by key (HEAD), so another process's
+        blocks are found without any listing.  An unreachable L2 counts as a
+        miss here (``stats()["l2_lookup_errors"]``): lookup is advisory, and get
+        reports the error."""
+        self._check_open()
+        _, skeys = self._chain(ident, token_ids, None)
+        with self._lock:
+            self._n["lookups"] += 1
+            local = self._res.any_tier(skeys)
+        n = 0
+        for i, skey in enumerate(skeys):
+            if local[i]:
+                n += 1
+                continue
+            if self._l2 is None:
+                break
+            with self._lock:
+                self._n["l2_heads"] += 1
+            try:
+                with _translated("L2 head"):
+                    size = self._l2.head(skey)
+            except (ObjectStoreUnreachableError, ObjectStoreAuthError, ObjectStoreRequestError):
+                with self._lock:
+                    self._n["l2_lookup_errors"] += 1
+                break
+            if size is None:
+                break
+            with self._lock:
+                self._res.add("l2", skey)
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ put
+    def put(self, ident: CacheIdentity, token_ids, blocks) -> int:
+        """Store the leading ``len(blocks)`` full blocks of ``token_ids``; durable on return.
+
+        Everything is validated first (tokens, count, shape, dtype): a bad call
+        writes nothing.  Blocks already on disk are skipped.  Returns how many
+        blocks were newly written.  In sync L2 mode an L2 failure raises its
+        typed error *after* L1 holds every block (they are retried later)."""
+        self._check_open()
+        _check_identity(ident)
+        arrays = _block_arrays(ident, blocks)
+        if not arrays:
+            return 0
+        keys, skeys = self._chain(ident, token_ids, len(arrays))
+        root = self._root(ident)
+        items: list[tuple[bytes, bytes]] = []
+        with _translated("disk tier contains"):
+            present = [self._disk.contains(sk) for sk in skeys]
+        for i, arr in enumerate(arrays):
+            if present[i]:
+                continue
+            env = encode_block(
+                arr, fingerprint=ident.fingerprint, key=keys[i], parent=keys[i - 1] if i else root,
+                token_count=ident.block_tokens, codec=self.codec, dtype=ident.kv_dtype,
+                layer_offsets=uniform_layer_offsets(ident.num_layers, arr.nbytes),
+                layer_crcs=self.codec == "none",  # verified ranged layer reads (engine.layerwise)
+            )
+            items.append((skeys[i], env))
+            self._ram_put(skeys[i], env, ident)
+        with self._lock:
+            self._n["put_blocks"] += len(items)
+            self._n["put_present"] += len(arrays) - len(items)
+        if not items:
+            return 0
+        with _translated("disk tier put"):
+            evicted = self._disk.put_many(items)
+        with self._lock:  # add first: the batch may evict some of its own members
+            for sk, _ in items:
+                self._res.add("l1", sk)
+            for sk in evicted or ():
+                self._res.discard("l1", sk)
+        if self._l2 is not None:
+            self._l2_submit(items)
+        return len(items)
+
+    def _ram_put(self, skey: bytes, env: bytes, ident: CacheIdentity) -> None:
+        if self._ram_bytes == 0:
+            return
+        with self._lock:
+            if self._ram is None:
+                self._make_ram(envelope_bound(ident, self.codec))
+            if len(env) > self._ram_slot:
+                self._n["l0_oversize"] += 1
+                return
+            with _translated("RAM tier put"):
+                evicted = self._ram.put(skey, env)
+            for sk in evicted or ():
+                self._res.discard("l0", sk)
+            self._res.add("l0", skey)
+
+    # ------------------------------------------------------------------ L2 publish
+    def _l2_submit(self, items: list[tuple[bytes, bytes]]) -> None:
+        with self._lock:
+            known = self._res.present("l2", [sk for sk, _ in items])
+            todo = [item for item, k in zip(items, known) if not k]
+        if self.l2_mode == "background":
+            for i, item in enumerate(todo):
+                try:
+                    self._queue.put(item, timeout=self._enqueue_timeout)
+                except queue.Full:
+                    with self._lock:  # the bytes stay in L1; published by a later retry
+                        for sk, _ in todo[i:]:
+                            self._retry[sk] = None
+                        self._n["l2_deferred"] += len(todo) - i
+                    return
+            return
+        for i, (sk, env) in enumerate(todo):
+            try:
+                self._publish_l2(sk, env)
+            except QuiverError as exc:
+                with self._lock:
+                    for k, _ in todo[i:]:
+                        self._retry[k] = None
+                    self._n["l2_failures"] += 1
+                raise type(exc)(
+                    f"{exc} -- {len(todo) - i} block(s) are durable in L1 but not yet in L2; "
+                    f"they are retried by flush_l2()"
+                ) from exc
+        self._maybe_write_manifest(force=False)
+
+    def _publish_l2(self, skey: bytes, env) -> None:
+        with _translated("L2 put"):
+            created = self._l2.put(skey, env)
+        with self._lock:
+            self._res.add("l2", skey)
+            self._n["l2_published" if created else "l2_existing"] += 1
+            self._retry.pop(skey, None)
+            self._manifest_pending.append(skey)
+
+    def _maybe_write_manifest(self, force: bool) -> None:
+        with self._lock:
+            if not self._manifest_pending or (not force and len(self._manifest_pending) < self._manifest_batch):
+                return
+            batch, self._manifest_pending = self._manifest_pending, []
+        try:
+            with _translated("L2 manifest"):
+                self._l2.write_manifest(batch)
+        except QuiverError:
+            with self._lock:  # a manifest is a hint: keep the keys for the next try
+                self._manifest_pending[:0] = batch
+                self._n["manifest_failures"] += 1
+            return
+        with self._lock:
+            self._n["manifests_written"] += 1
+
+    def _l2_worker(self) -> None:
+        q = self._queue
+        while True:
+            try:
+                item = q.get(timeout=self._retry_interval)
+            except queue.Empty:
+                self._retry_pending(limit=64)
+                self._maybe_write_manifest(force=True)
+                continue
+            if item is None:
+                q.task_done()
+                return
+            sk, env = item
+            if self._stop.is_set():  # closing: not published now, kept on the pending list
+                with self._lock:
+                    self._retry[sk] = None
+                q.task_done()
+                continue
+            try:
+                self._publish_l2(sk, env)
+            except QuiverError:
+                with self._lock:
+                    self._retry[sk] = None
+                    self._n["l2_failures"] += 1
+            finally:
+                q.task_done()
+            if q.empty():
+                self._maybe_write_manifest(force=False)
+
+    def _retry_pending(self, limit: int | None = None) -> int:
+        """Publish keys whose L2 publish failed or was deferred, reading them from L1/L0."""
+        with self._lock:
+            keys = list(self._retry)[:limit]
+        for sk in keys:
+            env = self._local_envelope(sk)
+            if env is None:
+                with self._lock:  # evicted from every local tier before L2 took it
+                    self._retry.pop(sk, None)
+                    self._n["l2_lost"] += 1
+                continue
+            try:
+                self._publish_l2(sk, env)
+            except QuiverError:
+                with self._lock:
+                    self._n["l2_failures"] += 1
+                break  # the store is still failing: try again later
+            with self._lock:
+                self._n["l2_retried"] += 1
+        with self._lock:
+            return len(self._retry)
+
+    def _local_envelope(self, skey: bytes) -> bytes | None:
+        with self._lock:
+            if self._ram is not None:
+                view = self._ram.get(skey)
+                if view is not None:
+                    return bytes(view)
+        try:
+            with _translated("disk tier get"):
+                return self._disk.get(skey)
+        except QuiverError:
+            return None
+
+    def flush_l2(self, timeout_s: float | None = 60.0) -> int:
+        """Wait for the background queue, retry failed publishes, write the manifest.
+
+        Returns how many blocks are still not in L2 (0 = everything published)."""
+        self._check_open()
+        if self._l2 is None:
+            return 0
+        if self._queue is not None:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while self._queue.unfinished_tasks:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+        left = self._retry_pending()
+        self._maybe_write_manifest(force=True)
+        with self._lock:
+            return left + (self._queue.unfinished_tasks if self._queue is not None else 0)
+
+    # ------------------------------------------------------------------ get
+    def get(self, ident: CacheIdentity, token_ids, n_blocks: int | None = None, out=None):
+        """The verified payloads of the leading ``n_blocks`` blocks (all full blocks if None).
+
+        Returns a numpy array ``[n, *block_shape]`` (bfloat16 as uint16), or
+        decodes into ``out`` (array/tensor ``[n, *block_shape]`` or a sequence
+        of per-block ones) and returns it.  Raises BlockNotFoundError for a
+        block no tier holds, IdentityMismatchError when the guard refuses a
+        stored block, an EnvelopeError when every copy found was corrupt."""
+        self._check_open()
+        _check_identity(ident)
+        keys, skeys = self._chain(ident, token_ids, n_blocks)
+        n = len(keys)
+        if out is None:
+            carrier = CARRIERS[ident.kv_dtype][0]
+            result = np.empty((n, *ident.block_shape), dtype=carrier)
+            dsts = [result[i] for i in range(n)]
+        else:
+            dsts = check_destination(out, ident, n)
+            result = out
+        root = self._root(ident)
+        for i in range(n):
+            want = expected_for(ident, keys[i], keys[i - 1] if i else root)
+            try:
+                self._read_one(skeys[i], want, dsts[i], ident)
+            except IdentityMismatchError:
+                with self._lock:
+                    self._n["identity_mismatches"] += 1
+                raise
+        with self._lock:
+            self._n["get_blocks"] += n
+        return result
+
+    def _decode(self, buf, want, dst) -> None:
+        if self.guard:
+            guard_envelope(buf, want)
+        decode_block_into(buf, dst)
+
+    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity) -> None:
+        """One block from the fastest tier holding it, verified; promotes it upwards."""
+        corrupt: EnvelopeError | None = None
+        with self._lock:  # L0 slots are reused on eviction: decode under the lock
+            view = self._ram.get(skey) if self._ram is not None else None
+            if view is not None:
+                try:
+                    self._decode(view, want, dst)
+                    self._n["l0_hits"] += 1
+                    return
+                except EnvelopeError as exc:
+                    corrupt = exc
+                    self._ram.delete(skey)
+                    self._res.discard("l0", skey)
+                    self._n["corrupt_l0"] += 1
+        try:
+            with _translated("disk tier get"):
+                env = self._disk.get(skey)
+        except ChecksumMismatchError as exc:  # walpub dropped the record already
+            corrupt, env = exc, None
+            with self._lock:
+                self._n["corrupt_l1"] += 1
+        if env is not None:
+            try:
+                self._decode(env, want, dst)
+            except EnvelopeError as exc:  # walpub's CRC passed, the envelope's did not
+                corrupt = exc
+                with _translated("disk tier delete"):
+                    self._disk.delete(skey)
+                with self._lock:
+                    self._res.discard("l1", skey)
+                    self._n["corrupt_l1"] += 1
+            else:
+                with self._lock:
+                    self._n["l1_hits"] += 1
+                self._ram_put(skey, env, ident)
+                return
+        else:
+            with self._lock:
+                self._res.discard("l1", skey)
+        if self._l2 is not None:
+            try:
+                with _translated("L2 get"):
+                    env = self._l2.get(skey)
+            except ChecksumMismatchError as exc:
+                corrupt, env = exc, None
+                with self._lock:
+                    self._n["corrupt_l2"] += 1
+            if env is not None:
+                try:
+                    self._decode(env, want, dst)
+                except EnvelopeError as exc:
+                    with self._lock:
+                        self._n["corrupt_l2"] += 1
+                    raise type(exc)(f"L2 copy of block {skey[16:24].hex()}: {exc}") from exc
+                with self._lock:
+                    self._n["l2_hits"] += 1
+                    self._res.add("l2", skey)
+                with _translated("disk tier put (promotion)"):
+                    evicted = self._disk.put(skey, env)
+                with self._lock:
+                    self._res.add("l1", skey)
+                    for sk in evicted or ():
+                        self._res.discard("l1", sk)
+                self._ram_put(skey, env, ident)
+                return
+            with self._lock:
+                self._res.discard("l2", skey)
+        with self._lock:
+            self._n["misses"] += 1
+        if corrupt is not None:
+            raise type(corrupt)(f"block {skey[16:24].hex()}: every copy found was corrupt ({corrupt})") from corrupt
+        raise BlockNotFoundError(f"block {skey[16:24].hex()} is in no tier (lookup says how many are)")
+
+    # ------------------------------------------------------------------ misc
+    def stats(self) -> dict:
+        """Counters of this handle plus each tier's own stats."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._n)
+            out.update(
+                guard=self.guard, naive=self.naive, index=self.index, codec=self.codec, l2_mode=self.l2_mode,
+                l2_retry_pending=len(self._retry), bootstrap_s=self.bootstrap_s,
+                l2_queue=self._queue.unfinished_tasks if self._queue is not None else 0,
+                residency={t: self._res.count(t) for t in TIERS},
+                l0=self._ram.stats() if self._ram is not None else None,
+            )
+        out["l1"] = self._disk.stats() if self._disk is not None else None
+        out["l2"] = repr(self._l2) if self._l2 is not None else None
+        return out
+
+    # ------------------------------------------------------------------ pending L2 list
+    # Keys durable in L1 but not yet in L2 outlive this handle in PENDING_L2: a
+    # next open of the same path retries them.  Rewritten (tmp, fsync, rename,
+    # dir fsync) at close; a crash leaves the previous list, and re-publishing a
+    # key that is already in L2 is a harmless no-op (first writer wins).
+    def _pending_path(self) -> str:
+        return os.path.join(self.path, PENDING_L2)
+
+    def _load_pending(self) -> None:
+        try:
+            with open(self._pending_path(), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        for i in range(0, len(data) - len(data) % STORE_KEY_BYTES, STORE_KEY_BYTES):
+            self._retry[data[i : i + STORE_KEY_BYTES]] = None
+
+    def _save_pending(self) -> None:
+        with self._lock:
+            keys = [k for k in self._retry if len(k) == STORE_KEY_BYTES]
+        try:
+            self._write_pending(keys)
+        except OSError as exc:  # the keys stay in L1; only the retry hint is lost
+            import logging
+
+            logging.getLogger("engine.store").warning("could not save %s: %s", PENDING_L2, exc)
+
+    def _write_pending(self, keys: list[bytes]) -> None:
+        path = self._pending_path()
+        if not keys:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keys))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"BlockStore({self.path!r}) is closed")
+
+    def close(self, l2_timeout_s: float = 30.0) -> None:
+        """Drain the L2 queue (bounded), write the manifest, close the tiers, unlock."""
+        if self._closed:
+            return
+        try:
+            if self._l2 is not None:
+                try:
+                    self.flush_l2(timeout_s=l2_timeout_s)
+                except QuiverError:
+                    pass
+        finally:
+            self._closed = True
+            self._release_everything()
+
+    def _release_everything(self) -> None:
+        if self._worker is not None:
+            self._stop.set()
+            try:
+                self._queue.put(None, timeout=self._enqueue_timeout)
+            except queue.Full:
+                pass  # the worker sees _stop after its current item
+            self._worker.join(timeout=30)
+            self._worker = None
+        if self._l2 is not None:
+            self._save_pending()
+            self._l2.close()
+            self._l2 = None
+        if self._disk is not None:
+            try:
+                with _translated("closing disk tier"):
+                    self._disk.close()
+            finally:
+                self._disk = None
+        self._ram = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BlockStore({self.path!r}, index={self.index!r}, l2={self._l2!r}, guard={self.guard})"
+
+
+__all__ = ["BlockStore", "naive_chain_keys", "envelope_bound", "TIERS"]

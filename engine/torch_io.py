@@ -1,0 +1,454 @@
+"""Torch copy-in/out: KV blocks between an engine's tensors and host buffers.
+
+Quiver's block payload is one contiguous ``[num_layers, 2, block_tokens,
+num_kv_heads, head_dim]`` array.  This module moves a request's blocks between
+that layout and two engine layouts:
+
+* **vLLM-style paged** -- per layer one tensor ``[2, num_blocks, block_size,
+  num_kv_heads, head_dim]`` plus a block table (the request's block ids in
+  token order): :func:`gather_paged` / :func:`scatter_paged`.
+* **HuggingFace DynamicCache** -- per layer ``keys``/``values`` of ``[batch,
+  num_kv_heads, seq, head_dim]`` (``cache.layers[i].keys`` in transformers
+  5.x): :func:`gather_dynamic` / :func:`scatter_dynamic`.  Quiver's payload
+  puts tokens before heads, so this direction is a transposing copy.
+
+Copies (``CopyReport``; docs/ENGINES.md has the table).  On CPU every payload
+byte is written once, straight into the caller's destination: a host tensor
+from :func:`host_blocks`, or :func:`block_view` of a writable buffer such as
+an L0 arena slot (``torch.frombuffer``: zero-copy).  No temporary is allocated
+(``tests/test_torch_io.py`` checks with the torch profiler).  On CUDA the
+blocks are gathered on the device into a scratch buffer (one device pass),
+copied to pinned host memory with a non-blocking copy on a side stream (one
+transfer), and, when the destination is not itself pinned, copied once more
+from the pinned staging into it (one host pass); an event marks completion.
+Scatter is the mirror image.  Pinning is only ever requested for a CUDA
+device: torch raises if asked to pin without an accelerator.
+
+The device is explicit: it is the device of the engine's tensors, which must
+all agree; host buffers must be CPU tensors.  Shape and dtype mismatches are
+:class:`~engine.errors.ShapeMismatchError` / :class:`~engine.errors.DTypeMismatchError`.
+bfloat16 is carried as 2-byte elements throughout (torch has the dtype; numpy
+views are int16).
+
+CPU threads: torch's intra-op parallelism makes these copies far slower on a
+busy machine (studies/bench_copy.py measured 20x with 2 threads on 2 loaded
+cores).  This module never changes the process-wide setting; run copy-in/out
+with ``torch.set_num_threads(1)`` (or from a thread of the engine's that
+has it) unless the cores are idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
+from engine.identity import CacheIdentity
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+#: Blocks per CUDA staging chunk: bounds pinned and device scratch memory.
+DEFAULT_CHUNK_BLOCKS = 64
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape and dtype of one block's payload."""
+
+    num_layers: int
+    block_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_identity(cls, ident: CacheIdentity) -> "KVLayout":
+        return cls(ident.num_layers, ident.block_tokens, ident.num_kv_heads, ident.head_dim,
+                   TORCH_DTYPES[ident.kv_dtype])
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.block_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_nbytes(self) -> int:
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class CopyReport:
+    """What one gather/scatter did.  ``*_passes`` count full passes over the payload.
+
+    ``host_passes``: CPU writes of payload bytes (memcpy-like); ``transfers``:
+    host<->device copies; ``device_passes``: device-to-device copies.  On CPU
+    a gather or scatter is exactly one host pass.  ``event`` is a CUDA event
+    recorded after the last copy (None on CPU, where the call is synchronous).
+    """
+
+    blocks: int
+    payload_bytes: int
+    host_passes: int = 0
+    transfers: int = 0
+    device_passes: int = 0
+    copy_ops: int = 0
+    event: Any = None
+
+    def wait(self) -> None:
+        """Block the host until the copies are complete (no-op on CPU)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
+# --- host buffers ----------------------------------------------------------------
+
+
+def host_blocks(n: int, layout: KVLayout, *, for_device: torch.device | str = "cpu") -> torch.Tensor:
+    """A host tensor ``[n, *block_shape]``, pinned only when ``for_device`` is CUDA.
+
+    Touches every page once (the first touch of fresh memory costs ~10x a copy:
+    pay it here, not inside a timed copy).
+    """
+    dev = torch.device(for_device)
+    pin = dev.type == "cuda"  # never ask for pinning without an accelerator: torch raises
+    t = torch.empty((n, *layout.block_shape), dtype=layout.dtype, pin_memory=pin)
+    t.zero_()
+    return t
+
+
+def block_view(buf, layout: KVLayout, n: int = 1, offset: int = 0) -> torch.Tensor:
+    """Zero-copy ``[n, *block_shape]`` tensor over a writable buffer (arena slot, bytearray).
+
+    ``offset`` is in bytes (e.g. an envelope's ``header_len``, to fill its body in place).
+    """
+    mv = memoryview(buf)
+    if mv.readonly:
+        raise ValueError("block_view needs a writable buffer (torch.frombuffer on read-only memory aliases it)")
+    count = n * layout.block_nbytes // layout.dtype.itemsize
+    if offset < 0 or offset + n * layout.block_nbytes > mv.nbytes:
+        raise ShapeMismatchError(f"buffer of {mv.nbytes} bytes cannot hold {n} blocks of {layout.block_nbytes} at {offset}")
+    return torch.frombuffer(mv, dtype=layout.dtype, count=count, offset=offset).view(n, *layout.block_shape)
+
+
+# --- checks ----------------------------------------------------------------------
+
+
+def _check_host(t, n: int, layout: KVLayout, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch tensor (use block_view for a raw buffer), got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} must be a host (CPU) tensor, is on {t.device}")
+    if t.dtype != layout.dtype:
+        raise DTypeMismatchError(f"{what} dtype {t.dtype} != kv dtype {layout.dtype}")
+    if tuple(t.shape) != (n, *layout.block_shape):
+        raise ShapeMismatchError(f"{what} shape {tuple(t.shape)} != {(n, *layout.block_shape)}")
+    if not t.is_contiguous():
+        raise ShapeMismatchError(f"{what} must be C-contiguous (a block payload is one contiguous array)")
+    return t
+
+
+def _check_paged(kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> tuple[torch.device, int]:
+    if len(kv_caches) != layout.num_layers:
+        raise ShapeMismatchError(f"{len(kv_caches)} layer tensors, layout has {layout.num_layers} layers")
+    first = kv_caches[0]
+    want = (2, first.shape[1] if first.dim() == 5 else -1, layout.block_tokens, layout.num_kv_heads, layout.head_dim)
+    for i, t in enumerate(kv_caches):
+        if t.dim() != 5 or tuple(t.shape) != want:
+            raise ShapeMismatchError(f"layer {i}: paged KV shape {tuple(t.shape)} != {want}")
+        if t.dtype != layout.dtype:
+            raise DTypeMismatchError(f"layer {i}: paged KV dtype {t.dtype} != {layout.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"layer {i} is on {t.device}, layer 0 on {first.device}: one device per engine")
+    return first.device, want[1]
+
+
+def _block_ids(block_ids, num_blocks: int, *, unique: bool) -> torch.Tensor:
+    ids = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1).cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise BlockTableError(f"block ids must be in [0, {num_blocks}), got min {int(ids.min())} max {int(ids.max())}")
+    if unique and torch.unique(ids).numel() != ids.numel():
+        raise BlockTableError("a scatter's block table names a block twice")
+    return ids
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a CPU tensor (bfloat16 as int16)."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+# --- vLLM-style paged layout ------------------------------------------------------
+
+
+def gather_paged(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Tensor, layout: KVLayout, *,
+                 chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> CopyReport:
+    """Copy the blocks ``block_ids`` (the request's block table, in token order) into ``out``.
+
+    ``out`` is a host tensor ``[n, *block_shape]`` (``host_blocks`` or ``block_view``).
+    """
+    device, num_blocks = _check_paged(kv_caches, layout)
+    ids = _block_ids(block_ids, num_blocks, unique=False)
+    n = ids.numel()
+    _check_host(out, n, layout, "out")
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    if device.type == "cpu":
+        for layer in range(layout.num_layers):
+            for kv in range(2):  # out[:, l, kv] is strided; index_select writes it in place
+                torch.index_select(kv_caches[layer][kv], 0, ids, out=out[:, layer, kv])
+                rep.copy_ops += 1
+        rep.host_passes = 1
+        return rep
+    sel = ids.to(device)
+    return _cuda_gather(device, out, layout, rep, chunk_blocks,
+                        lambda lo, hi, dst: _paged_gather_dev(kv_caches, sel[lo:hi], dst, layout))
+
+
+def scatter_paged(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_ids, layout: KVLayout, *,
+                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> CopyReport:
+    """Copy host blocks ``src`` ``[n, *block_shape]`` into the engine's blocks ``block_ids``."""
+    device, num_blocks = _check_paged(kv_caches, layout)
+    ids = _block_ids(block_ids, num_blocks, unique=True)
+    n = ids.numel()
+    _check_host(src, n, layout, "src")
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    if device.type == "cpu":
+        # numpy fancy assignment: ~2x torch index_copy_ with a strided source (measured in bench_copy).
+        idx = ids.numpy()
+        s = _np(src)
+        for layer in range(layout.num_layers):
+            dst = _np(kv_caches[layer])
+            for kv in range(2):
+                dst[kv][idx] = s[:, layer, kv]
+                rep.copy_ops += 1
+        rep.host_passes = 1
+        return rep
+    sel = ids.to(device)
+    return _cuda_scatter(device, src, layout, rep, chunk_blocks,
+                         lambda lo, hi, d: _paged_scatter_dev(d, kv_caches, sel[lo:hi], layout))
+
+
+def _paged_gather_dev(kv_caches, sel: torch.Tensor, dst: torch.Tensor, layout: KVLayout) -> None:
+    for layer in range(layout.num_layers):
+        for kv in range(2):
+            torch.index_select(kv_caches[layer][kv], 0, sel, out=dst[:, layer, kv])
+
+
+def _paged_scatter_dev(dev: torch.Tensor, kv_caches, sel: torch.Tensor, layout: KVLayout) -> None:
+    for layer in range(layout.num_layers):
+        for kv in range(2):
+            kv_caches[layer][kv].index_copy_(0, sel, dev[:, layer, kv])
+
+
+# --- HuggingFace DynamicCache -------------------------------------------------------
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers Cache (5.x ``cache.layers``) or a legacy tuple list."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for i, layer in enumerate(layers):
+            if getattr(layer, "is_sliding", False):
+                raise ShapeMismatchError(f"layer {i} is a sliding-window layer: its tokens are not a prefix")
+            if layer.keys is None or layer.values is None:
+                raise ShapeMismatchError(f"layer {i} holds no keys/values")
+            out.append((layer.keys, layer.values))
+        return out
+    return [(k, v) for k, v, *_ in cache]
+
+
+def _check_dynamic(pairs, layout: KVLayout, need_tokens: int, batch_index: int) -> torch.device:
+    if len(pairs) != layout.num_layers:
+        raise ShapeMismatchError(f"cache has {len(pairs)} layers, layout has {layout.num_layers}")
+    device = pairs[0][0].device
+    for i, (k, v) in enumerate(pairs):
+        for name, t in (("keys", k), ("values", v)):
+            if t.dim() != 4 or t.shape[1] != layout.num_kv_heads or t.shape[3] != layout.head_dim:
+                raise ShapeMismatchError(f"layer {i} {name} shape {tuple(t.shape)} is not [batch, "
+                                         f"{layout.num_kv_heads}, seq, {layout.head_dim}]")
+            if t.dtype != layout.dtype:
+                raise DTypeMismatchError(f"layer {i} {name} dtype {t.dtype} != {layout.dtype}")
+            if t.shape[2] < need_tokens:
+                raise ShapeMismatchError(f"layer {i} {name} holds {t.shape[2]} tokens, need {need_tokens}")
+            if not 0 <= batch_index < t.shape[0]:
+                raise ShapeMismatchError(f"batch index {batch_index} outside batch of {t.shape[0]}")
+            if t.device != device:
+                raise ValueError(f"layer {i} is on {t.device}, layer 0 on {device}: one device per cache")
+            if t.stride(3) != 1:
+                raise ShapeMismatchError(f"layer {i} {name}: head_dim must be the contiguous dimension")
+    return device
+
+
+def _seq_view(t: torch.Tensor, b: int, s0: int, n: int, layout: KVLayout) -> torch.Tensor:
+    """``t[b, :, s0:s0+n*T, :]`` as ``[n, T, H, D]`` (a strided view, no copy)."""
+    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    return t[b, :, s0:s0 + n * T, :].unflatten(1, (n, T)).permute(1, 2, 0, 3)
+
+
+def gather_dynamic(cache, out: torch.Tensor, layout: KVLayout, *, first_block: int = 0,
+                   batch_index: int = 0, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> CopyReport:
+    """Copy blocks ``first_block .. first_block+n`` of one sequence of a DynamicCache into ``out``.
+
+    ``n`` is ``out.shape[0]``; block ``j`` holds tokens ``[j*T, (j+1)*T)``.
+    """
+    n = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() >= 1 else 0
+    _check_host(out, n, layout, "out")
+    pairs = cache_tensors(cache)
+    T = layout.block_tokens
+    device = _check_dynamic(pairs, layout, (first_block + n) * T, batch_index)
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    s0 = first_block * T
+
+    def copy_into(dst: torch.Tensor, lo: int, m: int) -> None:
+        for layer, kv_pair in enumerate(pairs):
+            for kv in range(2):
+                dst[:, layer, kv].copy_(_seq_view(kv_pair[kv], batch_index, s0 + lo * T, m, layout))
+
+    if device.type == "cpu":
+        copy_into(out, 0, n)
+        rep.copy_ops = 2 * layout.num_layers
+        rep.host_passes = 1
+        return rep
+    return _cuda_gather(device, out, layout, rep, chunk_blocks, lambda lo, hi, dst: copy_into(dst, lo, hi - lo))
+
+
+def scatter_dynamic(src: torch.Tensor, layout: KVLayout, *, device: torch.device | str = "cpu"):
+    """A new single-sequence ``DynamicCache`` holding the blocks ``src`` ``[n, *block_shape]``.
+
+    Each layer's keys/values ``[1, H, n*T, D]`` are allocated on ``device`` and
+    written once (a transposing copy; on CUDA, through pinned staging, see
+    :func:`scatter_dynamic_tensors`).  The layers are installed directly, not
+    through ``DynamicCache.update`` (which would concatenate: a second copy).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    pairs, rep = scatter_dynamic_tensors(src, layout, device=device)
+    rep.wait()
+    cache = DynamicCache()
+    for k, v in pairs:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def scatter_dynamic_tensors(src: torch.Tensor, layout: KVLayout, *, device: torch.device | str = "cpu",
+                            into=None, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS):
+    """Per-layer ``(keys, values)`` ``[1, H, n*T, D]`` on ``device`` from host blocks, and the CopyReport.
+
+    ``into``: existing per-layer (keys, values) to write (tokens ``[0, n*T)`` of
+    batch row 0) instead of allocating new ones.
+    """
+    n = src.shape[0] if isinstance(src, torch.Tensor) and src.dim() >= 1 else 0
+    _check_host(src, n, layout, "src")
+    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    if into is not None:
+        pairs = [tuple(p[:2]) for p in into]
+        dev = _check_dynamic(pairs, layout, n * T, 0)
+    else:
+        dev = torch.device(device)
+        pairs = [tuple(torch.empty((1, H, n * T, D), dtype=layout.dtype, device=dev) for _ in range(2))
+                 for _ in range(layout.num_layers)]
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+
+    def copy_from(block_src: torch.Tensor, lo: int, m: int) -> None:
+        for layer, pair in enumerate(pairs):
+            for kv in range(2):
+                _seq_view(pair[kv], 0, lo * T, m, layout).copy_(block_src[:, layer, kv])
+
+    if dev.type == "cpu":
+        copy_from(src, 0, n)
+        rep.copy_ops = 2 * layout.num_layers
+        rep.host_passes = 1
+        return pairs, rep
+    rep = _cuda_scatter(dev, src, layout, rep, chunk_blocks, lambda lo, hi, d: copy_from(d, lo, hi - lo))
+    return pairs, rep
+
+
+# --- CUDA: pinned staging, side stream, events -------------------------------------
+
+
+def _cuda_gather(device: torch.device, out: torch.Tensor, layout: KVLayout, rep: CopyReport,
+                 chunk_blocks: int, gather_dev) -> CopyReport:
+    """Device gather into scratch, non-blocking D2H on a side stream, then into ``out``.
+
+    Chunked by ``chunk_blocks`` so scratch and staging stay bounded.  When
+    ``out`` is pinned the D2H goes straight into it (no host pass).
+    """
+    n = rep.blocks
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the engine's writes to its KV come first
+    direct = out.is_pinned()
+    m = max(1, min(chunk_blocks, n))
+    staging = None if direct else torch.empty((m, *layout.block_shape), dtype=layout.dtype, pin_memory=True)
+    event = torch.cuda.Event()
+    with torch.cuda.stream(stream):
+        scratch = torch.empty((m, *layout.block_shape), dtype=layout.dtype, device=device)
+        for lo in range(0, n, m):
+            hi = min(n, lo + m)
+            dst_dev = scratch[:hi - lo]
+            gather_dev(lo, hi, dst_dev)
+            host = out[lo:hi] if direct else staging[:hi - lo]
+            host.copy_(dst_dev, non_blocking=True)
+            event.record(stream)
+            if not direct:
+                event.synchronize()  # staging is complete; copy it out before it is reused
+                out[lo:hi].copy_(host)
+    rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
+    rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
+    rep.event = event
+    return rep
+
+
+def _cuda_scatter(device: torch.device, src: torch.Tensor, layout: KVLayout, rep: CopyReport,
+                  chunk_blocks: int, scatter_dev) -> CopyReport:
+    """Host -> pinned staging (unless ``src`` is pinned) -> device scratch -> engine tensors.
+
+    Runs on a side stream; the current stream is made to wait on the final
+    event, so the engine's next kernels see the blocks without a host sync.
+    """
+    n = rep.blocks
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    direct = src.is_pinned()
+    m = max(1, min(chunk_blocks, n))
+    staging = None if direct else torch.empty((m, *layout.block_shape), dtype=layout.dtype, pin_memory=True)
+    event = torch.cuda.Event()
+    with torch.cuda.stream(stream):
+        scratch = torch.empty((m, *layout.block_shape), dtype=layout.dtype, device=device)
+        for lo in range(0, n, m):
+            hi = min(n, lo + m)
+            if not direct:
+                event.synchronize()  # the previous chunk's H2D has read the staging
+                staging[:hi - lo].copy_(src[lo:hi])
+            host = src[lo:hi] if direct else staging[:hi - lo]
+            scratch[:hi - lo].copy_(host, non_blocking=True)
+            scatter_dev(lo, hi, scratch[:hi - lo])
+            event.record(stream)
+    torch.cuda.current_stream(device).wait_event(event)
+    rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
+    rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
+    rep.event = event
+    return rep
+
+
+__all__ = [
+    "KVLayout",
+    "CopyReport",
+    "BlockTableError",
+    "TORCH_DTYPES",
+    "host_blocks",
+    "block_view",
+    "gather_paged",
+    "scatter_paged",
+    "cache_tensors",
+    "gather_dynamic",
+    "scatter_dynamic",
+    "scatter_dynamic_tensors",
+]

@@ -1,0 +1,84 @@
+"""Child program for the BlockStore cross-process tests (tests/test_store*.py).
+
+    python tests/store_child.py put   PATH L2SPEC SEED N   -> puts N blocks, prints JSON, exits
+    python tests/store_child.py get   PATH L2SPEC SEED N   -> lookup + get, compares, prints JSON
+    python tests/store_child.py race  PATH L2SPEC SEED N START_AT -> waits until START_AT (epoch s), puts
+    python tests/store_child.py hold  PATH                 -> opens the store, prints "ready", waits for stdin EOF
+
+L2SPEC is a directory, "s3://bucket/prefix" (AWS settings from the environment:
+the standard chain, as an engine would use it) or "-" for none.  The data is a
+pure function of SEED (``make_case``), so parent and child agree on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from engine.identity import CacheIdentity  # noqa: E402
+from engine.store import BlockStore  # noqa: E402
+
+
+def make_ident(tenant: str = "acme", **kw) -> CacheIdentity:
+    fields = dict(model="org/model-7b", model_revision="r1", tokenizer="tok", tokenizer_revision="t1",
+                  tenant=tenant, kv_dtype="float16", block_tokens=16, num_layers=2, num_kv_heads=2, head_dim=16)
+    fields.update(kw)
+    return CacheIdentity(**fields)
+
+
+def make_case(seed: int, n: int, ident: CacheIdentity | None = None):
+    """(identity, token ids, blocks [n, *block_shape]) determined by ``seed``."""
+    ident = ident or make_ident()
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 50_000, size=n * ident.block_tokens + 5).tolist()
+    blocks = rng.standard_normal((n, *ident.block_shape)).astype(np.float16)
+    return ident, tokens, blocks
+
+
+def _open(path: str, spec: str) -> BlockStore:
+    return BlockStore.open(path, object_store=None if spec == "-" else spec, ram_bytes=1 << 20)
+
+
+def main(argv: list[str]) -> int:
+    op, path = argv[0], argv[1]
+    if op == "hold":
+        with BlockStore.open(path, ram_bytes=0):
+            print("ready", flush=True)
+            sys.stdin.read()
+        return 0
+    spec, seed, n = argv[2], int(argv[3]), int(argv[4])
+    ident, tokens, blocks = make_case(seed, n)
+    if op == "race":
+        start_at = float(argv[5])
+        with _open(path, spec) as store:
+            late = time.time() > start_at
+            time.sleep(max(0.0, start_at - time.time()))
+            store.put(ident, tokens, blocks)
+            st = store.stats()
+        print(json.dumps({"published": st["l2_published"], "existing": st["l2_existing"], "late": late}),
+              flush=True)
+        return 0
+    with _open(path, spec) as store:
+        if op == "put":
+            written = store.put(ident, tokens, blocks)
+            print(json.dumps({"written": written}), flush=True)
+        elif op == "get":
+            found = store.lookup(ident, tokens)
+            got = store.get(ident, tokens, found)
+            st = store.stats()
+            equal = found == n and got.tobytes() == blocks.tobytes()
+            print(json.dumps({"lookup": found, "equal": equal, "l2_hits": st["l2_hits"],
+                              "bootstrap_keys": st["bootstrap_keys"], "l2_heads": st["l2_heads"]}), flush=True)
+        else:
+            raise SystemExit(f"unknown op {op!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

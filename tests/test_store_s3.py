@@ -1,0 +1,135 @@
+"""BlockStore over S3 L2: real moto and Ceph RGW servers (tests/conftest.py fixtures).
+
+- Reuse across processes: process A puts and exits; process B, with its own
+  store directory and the same bucket, gets the blocks byte-exact.  The
+  children configure S3 only through the standard AWS environment.
+- Two processes publishing the same blocks at once: one object each, both succeed.
+- An L2 that fails (a FaultProxy answering 503) never loses the L1 copy: sync
+  mode raises the typed error after L1 holds the blocks, background mode
+  counts it; both publish once the store answers again (flush_l2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import BUCKET
+from engine.errors import ObjectStoreUnreachableError
+from engine.keys import chain_keys
+from engine.store import BlockStore
+from s3servers import FaultProxy
+from store_child import make_case
+from tier.s3 import RetryPolicy
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store_child.py")
+
+
+def _child_env(server) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(server.env(), AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+               AWS_EC2_METADATA_DISABLED="true")
+    return env
+
+
+def _bucket_keys(server, prefix: str) -> list[str]:
+    page = server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/blocks/")
+    return [o["Key"] for o in page.get("Contents", ())]
+
+
+def test_reuse_across_processes(s3_server, s3_prefix, tmp_path):
+    spec, env = f"s3://{BUCKET}/{s3_prefix}", _child_env(s3_server)
+    r = subprocess.run([sys.executable, CHILD, "put", str(tmp_path / "a"), spec, "31", "4"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {"written": 4}
+    assert len(_bucket_keys(s3_server, s3_prefix)) == 4
+    r = subprocess.run([sys.executable, CHILD, "get", str(tmp_path / "b"), spec, "31", "4"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["equal"] and got["lookup"] == 4 and got["l2_hits"] == 4 and got["bootstrap_keys"] == 4
+
+
+def test_two_processes_publish_the_same_blocks_at_once(s3_server, s3_prefix, tmp_path):
+    spec, env = f"s3://{BUCKET}/{s3_prefix}", _child_env(s3_server)
+    start = f"{time.time() + 5:.3f}"
+    procs = [subprocess.Popen([sys.executable, CHILD, "race", str(tmp_path / d), spec, "32", "3", start],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for d in "ab"]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.splitlines()[-1]))
+    assert not any(o["late"] for o in outs), outs
+    assert sum(o["published"] for o in outs) == 3 and sum(o["existing"] for o in outs) == 3
+    assert len(_bucket_keys(s3_server, s3_prefix)) == 3
+
+
+@pytest.fixture
+def proxy(s3_server):
+    u = urlsplit(s3_server.endpoint)
+    p = FaultProxy((u.hostname, u.port))
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "background"])
+def test_l2_failure_keeps_l1_and_publishes_later(s3_server, s3_profile, s3_prefix, proxy, tmp_path, mode):
+    ident, tokens, blocks = make_case(33, 3)
+    opts = dict(endpoint_url=proxy.endpoint, profile=s3_profile,
+                retry=RetryPolicy(max_tries=2, total_s=1.0, base_delay_s=0.01))
+    kw = dict(object_store=f"s3://{BUCKET}/{s3_prefix}", s3_options=opts, l2_mode=mode,
+              l2_retry_interval_s=30.0, ram_bytes=0, index="flat")
+    with BlockStore.open(tmp_path / "s", **kw) as store:
+        proxy.inject("status", method="PUT", status=503, times=1000)
+        if mode == "sync":
+            with pytest.raises(ObjectStoreUnreachableError, match="durable in L1"):
+                store.put(ident, tokens, blocks)
+        else:
+            store.put(ident, tokens, blocks)
+            assert store.flush_l2(timeout_s=30) == 3  # still failing: nothing published
+        st = store.stats()
+        assert st["l2_failures"] >= 1 and st["l2_retry_pending"] == 3
+        assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()  # from L1
+        assert _bucket_keys(s3_server, s3_prefix) == []
+        if mode == "background":
+            proxy.reset()  # the store answers again: the same handle catches up
+            assert store.flush_l2(timeout_s=30) == 0
+            assert store.stats()["l2_retried"] == 3
+    if mode == "sync":  # closed while L2 was down: the next open of the path catches up
+        assert os.path.getsize(tmp_path / "s" / "PENDING_L2") == 3 * 48
+        proxy.reset()
+        with BlockStore.open(tmp_path / "s", **kw) as store:
+            assert store.stats()["l2_retry_pending"] == 3
+            assert store.flush_l2(timeout_s=30) == 0
+        assert not (tmp_path / "s" / "PENDING_L2").exists()
+    names = _bucket_keys(s3_server, s3_prefix)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+    assert sorted(n.rsplit("/", 1)[1] for n in names) == sorted(k.hex() for k in skeys)
+
+
+def test_full_background_queue_defers_to_the_retry_list(s3_server, s3_profile, s3_prefix, proxy, tmp_path):
+    """A slow L2 never blocks put for long: overflow goes to the retry list (read back from L1)."""
+    ident, tokens, blocks = make_case(34, 4)
+    opts = dict(endpoint_url=proxy.endpoint, profile=s3_profile,
+                retry=RetryPolicy(max_tries=3, total_s=10.0, base_delay_s=0.01, read_timeout_s=5.0))
+    with BlockStore.open(tmp_path / "s", object_store=f"s3://{BUCKET}/{s3_prefix}", s3_options=opts,
+                         l2_mode="background", l2_queue_max=1, l2_enqueue_timeout_s=0.05,
+                         l2_retry_interval_s=30.0, ram_bytes=0, index="flat") as store:
+        proxy.inject("hang", method="PUT", hang_s=1.5, times=1)  # the worker's first PUT stalls
+        t0 = time.monotonic()
+        store.put(ident, tokens, blocks)
+        assert time.monotonic() - t0 < 1.0  # put did not wait for the stalled upload
+        st = store.stats()
+        assert st["l2_deferred"] >= 2 and st["l2_retry_pending"] >= 2
+        assert store.flush_l2(timeout_s=30) == 0
+        st = store.stats()
+        assert st["l2_published"] == 4 and st["l2_retried"] == st["l2_deferred"]
+    assert len(_bucket_keys(s3_server, s3_prefix)) == 4
