@@ -23,6 +23,7 @@ from walpub import (
     VolumeLockedError,
 )
 from walpub import wal
+from walpub.crashsim import PersistentIndexTwin
 from walpub.volume import object_relpath
 
 
@@ -379,61 +380,21 @@ def test_concurrent_publish_and_delete_same_key_is_serialised():
 
 
 # ----------------------------------------------------------------- residency index
-class PersistentDictIndex:
-    """Test double: a persistent index whose durable copy is taken at flush()."""
-
-    name, persistent = "pdict", True
+class PersistentDictIndex(PersistentIndexTwin):
+    """The crash twin's persistent index, counting single puts so a test can
+    see that catch-up replays only the WAL tail."""
 
     def __init__(self, durable=None):
-        self.durable = durable or ({}, 0)
-        self.d, self.seq = dict(self.durable[0]), self.durable[1]
+        super().__init__(durable)
         self.puts = 0
 
     def put(self, k, v):
-        self.d[k] = v
+        super().put(k, v)
         self.puts += 1
 
     def put_many(self, ks, vs):
         for k, v in zip(ks, vs):
             self.put(k, v)
-
-    def get(self, k):
-        return self.d.get(k)
-
-    def get_many(self, ks):
-        return [self.d.get(k) for k in ks]
-
-    def delete(self, k):
-        return self.d.pop(k, None) is not None
-
-    def scan_prefix(self, p):
-        return iter(sorted((k, v) for k, v in self.d.items() if k.startswith(p)))
-
-    def longest_prefix(self, chain):
-        n = 0
-        for k in chain:
-            if k not in self.d:
-                break
-            n += 1
-        return n
-
-    def __len__(self):
-        return len(self.d)
-
-    def flush(self):
-        self.durable = (dict(self.d), self.seq)
-
-    def close(self):
-        self.flush()
-
-    def stats(self):
-        return None
-
-    def get_applied_seq(self):
-        return self.seq
-
-    def set_applied_seq(self, s):
-        self.seq = s
 
 
 def test_persistent_index_catches_up_only_the_tail():
