@@ -32,13 +32,17 @@ class FlatIndex:
 
     def __init__(self, path=None, **opts):
         if opts:
-            raise TypeError(f"FlatIndex takes no options, got {sorted(opts)}")
-        self._d: dict[bytes, bytes] | None = {}
+            raise TypeError(f"{type(self).__name__} takes no options, got {sorted(opts)}")
+        self._d: dict[bytes, bytes] | None = self._new_map()
         self._seq = 0
+
+    def _new_map(self) -> dict[bytes, bytes]:
+        """The mapping that holds the records (a subclass swaps in an ordered one)."""
+        return {}
 
     def _live(self) -> dict[bytes, bytes]:
         if self._d is None:
-            raise IndexClosedError("FlatIndex is closed")
+            raise IndexClosedError(f"{type(self).__name__} is closed")
         return self._d
 
     def put(self, key: bytes, value: bytes) -> None:

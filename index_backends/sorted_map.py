@@ -10,60 +10,25 @@ from __future__ import annotations
 
 import sys
 from itertools import islice
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from sortedcontainers import SortedDict
 
-from index_backends._common import (
-    chunked_scan,
-    check_key,
-    check_keys,
-    check_pairs,
-    check_prefix,
-    check_seq,
-    check_value,
-    prefix_successor,
-)
-from index_backends.errors import IndexClosedError
+from index_backends._common import chunked_scan, check_prefix, prefix_successor
+from index_backends.flat import FlatIndex
 from index_backends.protocol import IndexStats
 
 
-class SortedIndex:
-    """SortedDict-backed residency index (memory-only; O(log N) prefix seeks)."""
+class SortedIndex(FlatIndex):
+    """SortedDict-backed residency index (memory-only; O(log N) prefix seeks).
+
+    Everything but the scan is FlatIndex's: SortedDict is a dict subclass, so
+    point operations are the same hash lookups."""
 
     name = "sorted"
-    persistent = False
 
-    def __init__(self, path=None, **opts):
-        if opts:
-            raise TypeError(f"SortedIndex takes no options, got {sorted(opts)}")
-        self._d: SortedDict | None = SortedDict()
-        self._seq = 0
-
-    def _live(self) -> SortedDict:
-        if self._d is None:
-            raise IndexClosedError("SortedIndex is closed")
-        return self._d
-
-    def put(self, key: bytes, value: bytes) -> None:
-        d = self._live()
-        d[check_key(key)] = check_value(value)
-
-    def put_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
-        d = self._live()
-        ks, vs = check_pairs(keys, values)
-        d.update(zip(ks, vs))
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._live().get(check_key(key))
-
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        d = self._live()
-        return [d.get(k) for k in check_keys(keys)]
-
-    def delete(self, key: bytes) -> bool:
-        d = self._live()
-        return d.pop(check_key(key), None) is not None
+    def _new_map(self) -> SortedDict:
+        return SortedDict()
 
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         self._live()
@@ -80,24 +45,6 @@ class SortedIndex:
             keys = d.irange(minimum=after, maximum=hi, inclusive=(False, False))
         return [(k, d[k]) for k in islice(keys, limit)]
 
-    def longest_prefix(self, chain: Sequence[bytes]) -> int:
-        d = self._live()
-        n = 0
-        for k in check_keys(chain):
-            if k not in d:
-                break
-            n += 1
-        return n
-
-    def __len__(self) -> int:
-        return len(self._live())
-
-    def flush(self) -> None:
-        self._live()
-
-    def close(self) -> None:
-        self._d = None
-
     def stats(self) -> IndexStats:
         d = self._live()
         # O(N): key/value objects, the hash table (SortedDict is a dict subclass)
@@ -106,11 +53,3 @@ class SortedIndex:
         mem = sys.getsizeof(d) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in d.items())
         mem += sum(sys.getsizeof(sub) for sub in sl._lists) + sys.getsizeof(sl._lists) + sys.getsizeof(sl._maxes)
         return IndexStats(records=len(d), bytes_on_disk=0, bytes_written=0, persistent=False, memory_bytes=mem, detail={})
-
-    def get_applied_seq(self) -> int:
-        self._live()
-        return self._seq
-
-    def set_applied_seq(self, seq: int) -> None:
-        self._live()
-        self._seq = check_seq(seq)
