@@ -47,9 +47,37 @@ def test_studies_pipeline_smoke(tmp_path):
     for g in groups:
         assert any(f"`{g}`" in h for h in headings), f"no section for group {g}"
     assert "smoke" in report and data["machine_info"]["quiver"]["command"] in report
+    # the headline figures come first, computed from this run, each linking to its section
+    assert report.index("## Headline figures") < report.index("## Contents")
+    headline = report[report.index("## Headline figures"):report.index("## Contents")]
+    assert "ART ÷ RocksDB (lsm), get_many keys/s" in headline and "N = 2,000" in headline
+    assert "Crash campaign" in headline and "**0 violations**" in headline
+    assert "Cross-identity bytes served, naive vs guarded" in headline
+    for anchor in ("art-targets", "keys", "walpub", "tiers", "identity", "objectstore", "copy", "kv-codecs", "layerwise"):
+        assert f"](#{anchor})" in headline and f'<a id="{anchor}"></a>' in report, anchor
+    # dedicated sections, not the generic dump
+    for heading in ("## ART targets", "### Numba compile", "### Snapshot and reopen", "### Publish throughput",
+                    "### Write amplification: walpub vs RocksDB", "### Recovery after SIGKILL", "### Crash campaign",
+                    "### Hit ratio per tier", "### Restore latency", "### Collision workload", "### Cost of the guard",
+                    "### PUT / GET throughput", "### Bootstrap: manifests", "### int8 inside the model"):
+        assert heading in report, heading
+    for g in ("keys", "art-compile", "walpub-publish", "walpub-campaign", "tiers-mooncake", "identity", "objectstore",
+              "copy", "kv-codecs", "layerwise"):
+        assert f"## Group `{g}`" not in report, g
+    art = report[report.index("## ART targets"):report.index("### Numba compile")]
+    assert "get_many ≥ 5 M keys/s" in art and "memory ≤ 2× the raw key + value bytes" in art
+    assert "the comparison is indicative only" in art  # smoke N is not the targets' 1M
+    assert "published, not measured here" in report  # ds4's ratio is labelled as published
+    if "ttft" in groups:  # studies/bench_ttft.py
+        assert "TTFT: full prefill vs restored prefix" in headline and "](#ttft)" in headline
+        assert "## Time to first token" in report and "## Group `ttft`" not in report
+    else:
+        assert "— (group `ttft` has no results in this run)" in headline
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "mooncake-latency.png" in plots and "index-get-p50_us.png" in plots
     assert "index-write-amplification.png" in plots and "index-bytes-on-disk.png" in plots
+    assert "walpub-publish.png" in plots and "layerwise-efficiency.png" in plots
+    assert ("ttft.png" in plots) == ("ttft" in groups)
     for name in plots:
         assert f"plots/{name}" in report
         assert (out / "plots" / name).stat().st_size > 1000
@@ -62,19 +90,45 @@ def test_report_renders_unknown_groups_and_missing_figures(tmp_path):
     data = {
         "machine_info": {"quiver": {"mode": "quick", "index_backends": ["flat", "lmdb"]}},
         "benchmarks": [
-            {"group": "walpub-publish", "name": "test_publish[4]", "fullname": "studies/bench_walpub.py::test_publish[4]",
+            {"group": "example-study", "name": "test_example[4]", "fullname": "studies/bench_example.py::test_example[4]",
              "params": {"blocks": 4}, "stats": {"median": 0.002, "rounds": 3},
              "extra_info": {"mb_per_s": 123.0, "nested": {"fsyncs": 2}}},
             {"group": "index-get", "name": "test_get[flat-10]", "fullname": "studies/bench_index.py::test_get[case0]",
              "stats": {"median": 0.001, "rounds": 1},
              "extra_info": {"backend": "flat", "n": 10, "p50_us": 0.5, "p99_us": None}},
+            # a dedicated section with figures missing: dashes, not a crash
+            {"group": "walpub-publish", "name": "test_publish_throughput[4KiB-1]",
+             "fullname": "studies/bench_walpub.py::test_publish_throughput[4KiB-1]", "stats": {"median": 1.0, "rounds": 1},
+             "extra_info": {"store": "walpub", "block_bytes": 4096, "threads": 1, "mb_per_s": 12.5}},
         ],
     }
     src = tmp_path / "results.json"
     src.write_text(json.dumps(data))
     report = write_report(src, tmp_path / "out").read_text()
-    assert "## Group `walpub-publish`" in report and "nested.fsyncs" in report
-    assert "studies/bench_walpub.py::test_publish" in report
+    assert "## Group `example-study`" in report and "nested.fsyncs" in report
+    assert "studies/bench_example.py::test_example" in report
     get_rows = [line for line in report.splitlines() if line.startswith("| 10 |")]
     assert any("| flat | 0.5 | " + DASH in r for r in get_rows)  # p99 absent
     assert any(r.startswith("| 10 | lmdb | " + DASH) for r in get_rows)  # backend without a result
+    pub_rows = [line for line in report.splitlines() if line.startswith("| 4 KiB | 1 |")]
+    assert pub_rows and "| 12.5 | " + DASH in pub_rows[0]  # no disk bandwidth recorded: no ratio either
+    assert "studies/bench_walpub.py::test_publish_throughput" in report
+
+
+def test_report_renders_groups_absent_from_the_run(tmp_path):
+    """Groups missing from the JSON render as absent: no section, a dash in the headline, named in the contents."""
+    from studies.report import DASH, EXPECTED_GROUPS, write_report
+
+    for benchmarks in ([], [{"group": "limits", "name": "test_memcpy", "fullname": "studies/bench_limits.py::test_memcpy",
+                             "stats": {"median": 0.01, "rounds": 2}, "extra_info": {"bytes": 1 << 20, "gb_per_s": 9.0}}]):
+        src = tmp_path / "results.json"
+        src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "smoke"}}, "benchmarks": benchmarks}))
+        report = write_report(src, tmp_path / "out").read_text()
+        assert "## Headline figures" in report
+        for g in ("walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft"):
+            assert f"{DASH} (group `{g}` has no results in this run)" in report, g
+            assert g in EXPECTED_GROUPS
+        assert "Not in this run" in report and "`walpub-publish`" in report
+        for heading in ("## ART targets", "## walpub", "## Tiers", "## Identity", "## L2 object store", "## Copy",
+                        "## Codecs on model KV", "## Layerwise"):
+            assert heading not in report, heading
