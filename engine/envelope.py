@@ -17,6 +17,13 @@ carried and returned as 2-byte integer arrays (``uint16``), tagged "bfloat16";
 a torch bfloat16 tensor is accepted directly.  A non-C-contiguous payload is
 copied once to make it contiguous.
 
+One encoder, three ways out: :func:`prepare_envelope` computes an envelope
+(header, body parts, CRCs) without laying it out; :func:`encode_block_into`
+writes it into a caller's buffer (an L0 arena slot: with codec none each
+payload byte is copied once, into its final place), :func:`encode_block`
+returns it as ``bytes``.  :func:`envelope_size` sizes the buffer beforehand
+(exact for codecs none and int8, an upper bound for lz4/zstd).
+
 Layerwise envelopes (flag bit 2, ``layer_crcs=True``) also carry one CRC32C
 per layer in the header, so a ranged read of one layer is verified on its own
 (:func:`verify_layer`; engine.layerwise).  The lossy int8 codec (id 3,
@@ -228,7 +235,55 @@ def _check_key(name: str, value) -> bytes:
 # --- encode --------------------------------------------------------------------
 
 
-def encode_block(
+@dataclass(frozen=True)
+class PreparedEnvelope:
+    """An envelope computed but not yet laid out: its header, body parts and CRCs.
+
+    :func:`prepare_envelope` does all the work an envelope needs (validation,
+    compression or quantization, both CRCs) without copying a codec-``none``
+    payload: its one body part is a view of the caller's payload.  The bytes
+    land in memory exactly once, in :meth:`write_into` (a caller's buffer,
+    such as an L0 arena slot) or :meth:`tobytes`.  Write it before the payload
+    changes: the CRCs were computed from the payload as it was, so a payload
+    modified in between gives an envelope that fails its CRC (never one that
+    passes with other bytes).
+    """
+
+    head: bytes            # fixed header + layer tables + header CRC
+    parts: tuple           # body parts (bytes-like; codec none: a view of the payload)
+    crc: bytes             # the trailing CRC32C, 4 bytes
+    nbytes: int            # total_len: header + body + CRC
+
+    def pieces(self) -> tuple:
+        """Everything in envelope order: header, body parts, trailing CRC."""
+        return (self.head, *self.parts, self.crc)
+
+    def write_into(self, dest) -> int:
+        """Copy the envelope to the start of ``dest`` (a writable C-contiguous
+        buffer of at least :attr:`nbytes`); returns the bytes written."""
+        try:
+            dst = memoryview(dest)
+        except TypeError as exc:
+            raise ValueError(f"destination must be a writable buffer, got {type(dest).__name__}") from exc
+        if dst.readonly or not dst.c_contiguous:
+            raise ValueError("destination buffer must be writable and C-contiguous")
+        dst = dst.cast("B") if (dst.format != "B" or dst.ndim != 1) else dst
+        if dst.nbytes < self.nbytes:
+            raise ShapeMismatchError(f"destination holds {dst.nbytes} bytes, the envelope needs {self.nbytes}")
+        pos = 0
+        for piece in self.pieces():
+            src = memoryview(piece).cast("B")
+            dst[pos:pos + src.nbytes] = src
+            pos += src.nbytes
+        assert pos == self.nbytes, (pos, self.nbytes)
+        return pos
+
+    def tobytes(self) -> bytes:
+        """The envelope as one new ``bytes`` (one copy of each piece)."""
+        return b"".join(self.pieces())
+
+
+def prepare_envelope(
     payload,
     *,
     fingerprint: bytes,
@@ -242,8 +297,8 @@ def encode_block(
     level: int = codecs.DEFAULT_ZSTD_LEVEL,
     chunk_size: int = codecs.DEFAULT_CHUNK_SIZE,
     layer_crcs: bool = False,
-) -> bytes:
-    """The envelope of ``payload`` as bytes.
+) -> PreparedEnvelope:
+    """The envelope of ``payload``, computed but not laid out (the one encoder).
 
     ``dtype`` is inferred from the array unless given; bfloat16 needs it when
     the payload is a uint16/int16 view.  ``layer_offsets`` lists the raw byte
@@ -253,6 +308,8 @@ def encode_block(
     layer to the header, for verified ranged reads.  ``codec="int8"`` is the
     lossy int8 codec (engine.quant): the payload must be ``[L, 2, T, H, D]``
     float; the identity the block is stored under must say so (kv_quant).
+    :attr:`PreparedEnvelope.nbytes` is the exact size; :func:`encode_block`
+    and :func:`encode_block_into` are this plus the one copy.
     """
     arr, dtype = _payload_array(payload, dtype)
     if any(d >= 2**32 for d in arr.shape):
@@ -262,7 +319,7 @@ def encode_block(
     fingerprint = _check_key("fingerprint", fingerprint)
     key = _check_key("key", key)
     parent = _check_key("parent", parent)
-    cid = codecs.LOSSY_CODEC_IDS[codec] if codec in codecs.LOSSY_CODEC_IDS else codecs.codec_id(codec)
+    cid = _codec_id(codec)
     itemsize = arr.itemsize
     raw = arr.reshape(-1).view(np.uint8)
     offsets = () if layer_offsets is None else tuple(int(o) for o in layer_offsets)
@@ -299,7 +356,62 @@ def encode_block(
     crc = crc32c.crc32c(head)
     for p in parts:
         crc = crc32c.crc32c(p, crc)
-    return b"".join([head, *parts, _U32.pack(crc)])
+    return PreparedEnvelope(head=head, parts=tuple(parts), crc=_U32.pack(crc),
+                            nbytes=len(head) + body_len + _CRC_SIZE)
+
+
+def encode_block(payload, **kw) -> bytes:
+    """The envelope of ``payload`` as bytes; keywords as :func:`prepare_envelope`."""
+    return prepare_envelope(payload, **kw).tobytes()
+
+
+def encode_block_into(dest, payload, **kw) -> int:
+    """Build the envelope of ``payload`` at the start of ``dest``; returns its length.
+
+    ``dest`` is a writable C-contiguous buffer (an L0 arena slot, a bytearray,
+    a uint8 array) of at least the envelope's size: :func:`envelope_size`
+    gives it exactly for codecs none and int8 and as an upper bound for lz4
+    and zstd.  Keywords as :func:`prepare_envelope`.  With codec none each
+    payload byte is copied once, straight into ``dest``; a compressing codec
+    compresses chunk by chunk into scratch first, then copies the result.
+    A too-small ``dest`` is a ShapeMismatchError and nothing is written.
+    """
+    return prepare_envelope(payload, **kw).write_into(dest)
+
+
+def envelope_size(
+    shape,
+    dtype: str,
+    *,
+    codec: str = "none",
+    layer_count: int = 0,
+    layer_crcs: bool = False,
+    chunk_size: int = codecs.DEFAULT_CHUNK_SIZE,
+) -> int:
+    """Bytes of the envelope of a ``shape``/``dtype`` payload with ``layer_count`` layer offsets.
+
+    Exact for codecs none and int8 (the body size does not depend on the
+    data); for lz4 and zstd an upper bound: a chunk that does not shrink is
+    stored as is, so the body is at most the raw bytes plus one 4-byte frame
+    word per chunk."""
+    if dtype not in DTYPES:
+        raise DTypeMismatchError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    shape = tuple(int(d) for d in shape)
+    raw = math.prod(shape) * DTYPES[dtype][1].itemsize
+    cid = _codec_id(codec)
+    if cid == codecs.CODEC_NONE:
+        body = raw
+    elif cid == codecs.CODEC_INT8:
+        if dtype not in quant.FLOAT_DTYPES:
+            raise DTypeMismatchError(f"int8 codec quantizes float16/bfloat16/float32, not {dtype}")
+        body = quant.body_nbytes(shape)
+    else:
+        body = raw + 4 * (-(-raw // chunk_size))
+    return header_size(layer_count, layer_crcs) + body + _CRC_SIZE
+
+
+def _codec_id(codec: str) -> int:
+    return codecs.LOSSY_CODEC_IDS[codec] if codec in codecs.LOSSY_CODEC_IDS else codecs.codec_id(codec)
 
 
 def uniform_layer_offsets(num_layers: int, raw_len: int) -> tuple[int, ...]:
@@ -468,7 +580,11 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "EnvelopeHeader",
+    "PreparedEnvelope",
+    "prepare_envelope",
     "encode_block",
+    "encode_block_into",
+    "envelope_size",
     "decode_header",
     "decode_block",
     "decode_block_into",

@@ -11,10 +11,19 @@ Tiers: L0 is a RAM arena (tier.ram.RamTier), L1 a walpub volume on local disk
 the block envelope (engine.envelope), named by the *store key*
 ``identity.namespace (16 B) + chain key (32 B)``.
 
-put: validate everything (identity, tokens, shape, dtype) -> encode each
-missing block -> L0 -> L1 (one group commit for the batch; durable) -> L2
-(synchronously, or through a bounded background queue).  An L2 failure never
-loses the L1 copy: the key goes on a retry list.
+put: validate everything (identity, tokens, shape, dtype, codec) -> build
+each missing block's envelope straight in a reserved L0 arena slot (one copy
+of the payload; a heap buffer when L0 cannot take it) -> record the keys owed
+to L2 in PENDING_L2 (fsynced) -> L1 reads the envelopes where they lie (one
+group commit for the batch; durable) -> L2 synchronously from the same
+envelopes, or through a bounded background queue of keys -> commit the L0
+slots.  An L2 failure never loses the L1 copy: the key goes on a retry list,
+and PENDING_L2 keeps it across a crash.
+
+Lossy int8 blocks: an identity with ``kv_quant="int8-channel"`` is stored
+with codec int8 and decoded with ``allow_lossy``; an exact identity is never
+served an int8 block (it has another fingerprint, so other keys, and the
+guard also compares the codec's lossiness).
 
 get: for each block, the fastest tier that holds it (L0, L1, then L2 by key),
 CRC-verified and checked by the identity guard (engine.guard) before one
@@ -39,8 +48,15 @@ import blake3
 import numpy as np
 
 import index_backends
-from engine import codecs
-from engine.envelope import decode_block_into, encode_block, header_size, uniform_layer_offsets
+from engine import codecs, quant
+from engine import envelope as _envelope
+from engine.envelope import (
+    decode_block_into,
+    decode_header,
+    envelope_size,
+    prepare_envelope,
+    uniform_layer_offsets,
+)
 from engine.errors import (
     BlockNotFoundError,
     ChecksumMismatchError,
@@ -49,6 +65,7 @@ from engine.errors import (
     IdentityMismatchError,
     InvalidIdentityError,
     InvalidTokensError,
+    LossyCodecError,
     ObjectStoreAuthError,
     ObjectStoreRequestError,
     ObjectStoreUnreachableError,
@@ -70,6 +87,11 @@ NAIVE_ROOT = blake3.blake3(b"quiver/naive/root").digest()
 MiB = 1 << 20
 STORE_KEY_BYTES = 48  # identity namespace (16) + chain key (32)
 PENDING_L2 = "PENDING_L2"
+#: PENDING_L2 is compacted once it holds this many keys more than twice the owed set.
+JOURNAL_SLACK_KEYS = 4096
+#: Byte offset of the codec id in an envelope header (docs/FORMAT.md).
+_CODEC_AT = 6
+assert _envelope._FIXED.format.startswith("<4sHB"), "envelope header layout changed"
 
 
 # --------------------------------------------------------------------------- errors
@@ -116,6 +138,32 @@ def _translated(what: str) -> Iterator[None]:
         raise
     except _lower_errors() as exc:
         raise _translate(exc, what) from exc
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # bounded: each write moves >= 1 byte or raises
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(5, "write returned 0")
+        view = view[n:]
+
+
+@contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    """An OSError of the store's own files comes out as StoreIOError."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreIOError(f"{what}: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------- payloads
@@ -183,12 +231,36 @@ def naive_chain_keys(block_tokens: int, token_ids: Any, n_blocks: int | None = N
 
 
 def envelope_bound(ident: CacheIdentity, codec: str, chunk_size: int = codecs.DEFAULT_CHUNK_SIZE) -> int:
-    """Largest envelope a block of ``ident`` can have under ``codec`` (an L0 slot's size)."""
-    raw = ident.block_nbytes
-    size = header_size(ident.num_layers, layer_crcs=codec == "none") + raw + 4
-    if codec != "none":
-        size += 4 * (-(-raw // chunk_size))  # one frame word per chunk; a chunk never grows
-    return size
+    """Largest envelope a block of ``ident`` can have under ``codec`` (an L0 slot's size).
+
+    Exact for codecs none and int8, an upper bound for lz4/zstd (engine.envelope.envelope_size)."""
+    return envelope_size(ident.block_shape, ident.kv_dtype, codec=codec, layer_count=ident.num_layers,
+                         layer_crcs=codec == "none", chunk_size=chunk_size)
+
+
+def _check_quant(ident: CacheIdentity) -> None:
+    """Refuse an identity whose ``kv_quant`` names a scheme this store cannot hold."""
+    if ident.kv_quant is not None and ident.kv_quant != quant.KV_QUANT_INT8:
+        raise LossyCodecError(f"identity kv_quant {ident.kv_quant!r} is not {quant.KV_QUANT_INT8!r}, "
+                              "the only lossy scheme (codec int8)")
+
+
+def _guard_codec(buf, ident: CacheIdentity) -> None:
+    """Refuse an envelope whose lossiness disagrees with the identity (after guard_envelope).
+
+    An exact request (``kv_quant`` None) is never served an int8 block and a
+    lossy one never an exact block, whatever the header's other fields say.
+    Fast path: the codec byte.  On a difference the header is parsed (its CRC
+    verified, so damage is a checksum error) and the refusal is an
+    IdentityMismatchError."""
+    mv = memoryview(buf)
+    if len(mv) > _CODEC_AT and (mv[_CODEC_AT] == codecs.CODEC_INT8) == (ident.kv_quant is not None):
+        return
+    h = decode_header(buf, allow_lossy=True)
+    try:
+        quant.check_identity_codec(ident, h.codec)
+    except LossyCodecError as exc:
+        raise IdentityMismatchError(f"stored block {h.key[:8].hex()} refused: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- the store
@@ -230,6 +302,10 @@ class BlockStore:
         ram_bytes:    L0 arena size (0 = no L0); ``ram_slot_bytes`` defaults to the
                       envelope bound of the first identity stored.
         disk_bytes:   L1 capacity (None = unbounded); LRU eviction beyond it.
+        codec:        envelope codec of exact identities: "none" (default), "lz4",
+                      "zstd"; "int8" makes a lossy-only store.  An identity with
+                      kv_quant="int8-channel" is always stored with the lossy int8
+                      codec; LossyCodecError where codec and kv_quant disagree.
         l2_mode:      "sync" (put returns after L2 has the blocks) or "background"
                       (a bounded queue of ``l2_queue_max`` envelopes).
         guard:        the identity guard on every get; None (default) = on, except
@@ -250,8 +326,9 @@ class BlockStore:
                  bootstrap, codec, guard, naive, s3_options) -> None:
         if l2_mode not in L2_MODES:
             raise StoreConfigError(f"l2_mode must be one of {L2_MODES}, got {l2_mode!r}")
-        if codec not in codecs.CODEC_IDS:
-            raise StoreConfigError(f"codec must be one of {sorted(codecs.CODEC_IDS)}, got {codec!r}")
+        if codec not in codecs.CODEC_IDS and codec not in codecs.LOSSY_CODEC_IDS:
+            raise StoreConfigError(
+                f"codec must be one of {sorted(codecs.CODEC_IDS) + sorted(codecs.LOSSY_CODEC_IDS)}, got {codec!r}")
         if ram_bytes < 0 or (disk_bytes is not None and disk_bytes <= 0) or l2_queue_max < 1 or manifest_batch < 1:
             raise StoreConfigError("ram_bytes >= 0, disk_bytes > 0 or None, l2_queue_max >= 1, manifest_batch >= 1")
         if index is None:
@@ -279,13 +356,21 @@ class BlockStore:
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._retry: dict[bytes, None] = {}  # keys durable in L1 whose L2 publish failed
+        # Keys recorded in PENDING_L2 and not yet known to be in L2 (a superset of
+        # _retry: also queued and in-flight ones).  _journal_lock orders the file's
+        # appends and rewrites; the dict itself is guarded by _lock.
+        self._owed: dict[bytes, None] = {}
+        self._journal_lock = threading.Lock()
+        self._journal_fd: int | None = None
+        self._journal_keys = 0  # whole keys in the file
         self._manifest_pending: list[bytes] = []
         self._n = dict(
-            put_blocks=0, put_present=0, get_blocks=0, l0_hits=0, l1_hits=0, l2_hits=0, misses=0,
+            put_blocks=0, put_present=0, put_in_slot=0, put_heap=0, get_blocks=0,
+            l0_hits=0, l1_hits=0, l2_hits=0, misses=0,
             identity_mismatches=0, corrupt_l0=0, corrupt_l1=0, corrupt_l2=0, l0_oversize=0,
             lookups=0, l2_heads=0, l2_lookup_errors=0, l2_published=0, l2_existing=0, l2_failures=0,
-            l2_deferred=0, l2_retried=0, l2_lost=0, manifests_written=0, manifest_failures=0,
-            bootstrap_keys=0,
+            l2_deferred=0, l2_retried=0, l2_lost=0, l2_known=0, manifests_written=0, manifest_failures=0,
+            bootstrap_keys=0, l0_busy=0, journal_appends=0, journal_compactions=0,
         )
         self.bootstrap_s = 0.0
         try:
@@ -407,78 +492,155 @@ class BlockStore:
     def put(self, ident: CacheIdentity, token_ids, blocks) -> int:
         """Store the leading ``len(blocks)`` full blocks of ``token_ids``; durable on return.
 
-        Everything is validated first (tokens, count, shape, dtype): a bad call
-        writes nothing.  Blocks already on disk are skipped.  Returns how many
-        blocks were newly written.  In sync L2 mode an L2 failure raises its
-        typed error *after* L1 holds every block (they are retried later)."""
+        Everything is validated first (tokens, count, shape, dtype, codec): a
+        bad call writes nothing.  Blocks already on disk are skipped.  Returns
+        how many blocks were newly written.  In sync L2 mode an L2 failure
+        raises its typed error *after* L1 holds every block (they are retried
+        later, also after a crash: see PENDING_L2)."""
         self._check_open()
         _check_identity(ident)
+        codec = self._codec_for(ident)
         arrays = _block_arrays(ident, blocks)
         if not arrays:
             return 0
         keys, skeys = self._chain(ident, token_ids, len(arrays))
         root = self._root(ident)
-        items: list[tuple[bytes, bytes]] = []
         with _translated("disk tier contains"):
-            present = [self._disk.contains(sk) for sk in skeys]
-        for i, arr in enumerate(arrays):
-            if present[i]:
-                continue
-            env = encode_block(
-                arr, fingerprint=ident.fingerprint, key=keys[i], parent=keys[i - 1] if i else root,
-                token_count=ident.block_tokens, codec=self.codec, dtype=ident.kv_dtype,
-                layer_offsets=uniform_layer_offsets(ident.num_layers, arr.nbytes),
-                layer_crcs=self.codec == "none",  # verified ranged layer reads (engine.layerwise)
-            )
-            items.append((skeys[i], env))
-            self._ram_put(skeys[i], env, ident)
+            todo = [i for i, sk in enumerate(skeys) if not self._disk.contains(sk)]
         with self._lock:
-            self._n["put_blocks"] += len(items)
-            self._n["put_present"] += len(arrays) - len(items)
-        if not items:
+            self._n["put_present"] += len(arrays) - len(todo)
+        if not todo:
             return 0
-        with _translated("disk tier put"):
-            evicted = self._disk.put_many(items)
-        with self._lock:  # add first: the batch may evict some of its own members
-            for sk, _ in items:
-                self._res.add("l1", sk)
-            for sk in evicted or ():
-                self._res.discard("l1", sk)
-        if self._l2 is not None:
-            self._l2_submit(items)
+        slots = self._ensure_ram(ident, codec)
+        # The envelopes of the last `slots` blocks are built in L0 slots: the
+        # earlier ones of a batch larger than the arena would be evicted by the
+        # later ones anyway (what inserting them in order into the LRU leaves).
+        first_slot = len(todo) - slots
+        items: list[tuple[bytes, Any]] = []  # (store key, envelope: an L0 slot or a heap buffer)
+        reserved: list[bytes] = []           # store keys holding an uncommitted L0 reservation
+        l2_todo: list[tuple[bytes, Any]] = []
+        durable = False
+        try:
+            for j, i in enumerate(todo):
+                enc = prepare_envelope(
+                    arrays[i], fingerprint=ident.fingerprint, key=keys[i], parent=keys[i - 1] if i else root,
+                    token_count=ident.block_tokens, codec=codec, dtype=ident.kv_dtype,
+                    layer_offsets=uniform_layer_offsets(ident.num_layers, arrays[i].nbytes),
+                    layer_crcs=codec == "none",  # verified ranged layer reads (engine.layerwise)
+                )
+                dest = self._l0_reserve(skeys[i], enc.nbytes) if j >= first_slot else None
+                if dest is None:
+                    dest = np.empty(enc.nbytes, dtype=np.uint8)
+                else:
+                    reserved.append(skeys[i])
+                enc.write_into(dest)  # the one copy of the payload into its envelope
+                items.append((skeys[i], dest))
+            with self._lock:
+                l2_todo = [] if self._l2 is None else [
+                    item for item, known in zip(items, self._res.present("l2", [sk for sk, _ in items]))
+                    if not known]
+            self._journal_owed([sk for sk, _ in l2_todo])  # before L1: no crash window loses them
+            with _translated("disk tier put"):
+                evicted = self._disk.put_many(items)
+            durable = True
+            with self._lock:  # add first: the batch may evict some of its own members
+                for sk, _ in items:
+                    self._res.add("l1", sk)
+                for sk in evicted or ():
+                    self._res.discard("l1", sk)
+                self._n["put_blocks"] += len(items)
+                self._n["put_in_slot"] += len(reserved)
+                self._n["put_heap"] += len(items) - len(reserved)
+            if l2_todo and self.l2_mode == "sync":
+                self._l2_publish_sync(l2_todo)  # from the envelopes: reserved slots cannot be reused
+        finally:
+            self._l0_finish(reserved, commit=durable)
+            if not durable and l2_todo:  # journaled, maybe partly in L1: flush_l2 settles each key
+                with self._lock:         # (published if a local tier has it, else dropped as lost)
+                    for sk, _ in l2_todo:
+                        if sk in self._owed:
+                            self._retry[sk] = None
+        if l2_todo and self.l2_mode == "background":
+            self._l2_enqueue([sk for sk, _ in l2_todo])  # the worker reads them back from L0/L1
         return len(items)
 
+    def _codec_for(self, ident: CacheIdentity) -> str:
+        """The codec of ``ident``'s blocks: int8 when the identity says its KV is
+        lossy (kv_quant), else the store's.  LossyCodecError when they disagree."""
+        _check_quant(ident)
+        codec = "int8" if ident.kv_quant is not None else self.codec
+        if codec == "int8" and ident.kv_quant is None:
+            raise LossyCodecError("this store's codec is lossy int8, but the identity expects exact KV "
+                                  f"(kv_quant is None); use kv_quant={quant.KV_QUANT_INT8!r}")
+        return codec
+
+    def _ensure_ram(self, ident: CacheIdentity, codec: str) -> int:
+        """Create the L0 arena on the first block; how many slots it has (0: no L0)."""
+        if self._ram_bytes == 0:
+            return 0
+        with self._lock:
+            if self._ram is None:
+                self._make_ram(envelope_bound(ident, codec))
+            return self._ram.n_slots
+
+    def _l0_reserve(self, skey: bytes, nbytes: int):
+        """A writable L0 slot to build ``skey``'s envelope in, or None (no L0, too
+        big, already in L0, or every slot held by in-flight puts)."""
+        from tier.errors import TierFullError, TierReservationError
+
+        with self._lock:
+            if self._ram is None or self._ram.contains(skey):  # L0 keeps its copy: same key, same bytes
+                return None
+            if nbytes > self._ram_slot:
+                self._n["l0_oversize"] += 1
+                return None
+            evicted: list[bytes] = []
+            try:
+                view = self._ram.reserve(skey, nbytes, evicted)
+            except (TierFullError, TierReservationError):
+                self._n["l0_busy"] += 1
+                view = None
+            for sk in evicted:
+                self._res.discard("l0", sk)
+            return view
+
+    def _l0_finish(self, reserved: list[bytes], commit: bool) -> None:
+        """Commit (the put is durable) or abort the put's L0 reservations."""
+        if not reserved:
+            return
+        with self._lock:
+            for sk in reserved:
+                if commit:
+                    self._ram.commit(sk)
+                    self._res.add("l0", sk)
+                else:
+                    self._ram.abort(sk)
+
     def _ram_put(self, skey: bytes, env: bytes, ident: CacheIdentity) -> None:
+        """Copy a finished envelope (a promotion from L1/L2) into L0."""
+        from tier.errors import TierFullError, TierReservationError
+
         if self._ram_bytes == 0:
             return
         with self._lock:
             if self._ram is None:
-                self._make_ram(envelope_bound(ident, self.codec))
+                exact = "none" if self.codec == "int8" else self.codec
+                self._make_ram(envelope_bound(ident, "int8" if ident.kv_quant is not None else exact))
             if len(env) > self._ram_slot:
                 self._n["l0_oversize"] += 1
                 return
             with _translated("RAM tier put"):
-                evicted = self._ram.put(skey, env)
+                try:
+                    evicted = self._ram.put(skey, env)
+                except (TierFullError, TierReservationError):  # every slot held by in-flight puts
+                    self._n["l0_busy"] += 1
+                    return
             for sk in evicted or ():
                 self._res.discard("l0", sk)
             self._res.add("l0", skey)
 
     # ------------------------------------------------------------------ L2 publish
-    def _l2_submit(self, items: list[tuple[bytes, bytes]]) -> None:
-        with self._lock:
-            known = self._res.present("l2", [sk for sk, _ in items])
-            todo = [item for item, k in zip(items, known) if not k]
-        if self.l2_mode == "background":
-            for i, item in enumerate(todo):
-                try:
-                    self._queue.put(item, timeout=self._enqueue_timeout)
-                except queue.Full:
-                    with self._lock:  # the bytes stay in L1; published by a later retry
-                        for sk, _ in todo[i:]:
-                            self._retry[sk] = None
-                        self._n["l2_deferred"] += len(todo) - i
-                    return
-            return
+    def _l2_publish_sync(self, todo: list[tuple[bytes, Any]]) -> None:
         for i, (sk, env) in enumerate(todo):
             try:
                 self._publish_l2(sk, env)
@@ -493,6 +655,17 @@ class BlockStore:
                 ) from exc
         self._maybe_write_manifest(force=False)
 
+    def _l2_enqueue(self, skeys: list[bytes]) -> None:
+        for i, sk in enumerate(skeys):
+            try:
+                self._queue.put(sk, timeout=self._enqueue_timeout)
+            except queue.Full:
+                with self._lock:  # the bytes stay in L1; published by a later retry
+                    for k in skeys[i:]:
+                        self._retry[k] = None
+                    self._n["l2_deferred"] += len(skeys) - i
+                return
+
     def _publish_l2(self, skey: bytes, env) -> None:
         with _translated("L2 put"):
             created = self._l2.put(skey, env)
@@ -500,7 +673,29 @@ class BlockStore:
             self._res.add("l2", skey)
             self._n["l2_published" if created else "l2_existing"] += 1
             self._retry.pop(skey, None)
+            self._owed.pop(skey, None)
             self._manifest_pending.append(skey)
+
+    def _publish_local(self, skey: bytes) -> str:
+        """Publish ``skey`` from its local copy (L0, else L1): "published"; "failed"
+        (L2 failed, the key is on the retry list); or "lost": no local tier holds
+        it any more (evicted first, or a put that crashed before L1), so it is
+        dropped and counted as ``l2_lost``."""
+        env = self._local_envelope(skey)
+        if env is None:
+            with self._lock:
+                self._retry.pop(skey, None)
+                self._owed.pop(skey, None)
+                self._n["l2_lost"] += 1
+            return "lost"
+        try:
+            self._publish_l2(skey, env)
+        except QuiverError:
+            with self._lock:
+                self._retry[skey] = None
+                self._n["l2_failures"] += 1
+            return "failed"
+        return "published"
 
     def _maybe_write_manifest(self, force: bool) -> None:
         with self._lock:
@@ -519,53 +714,52 @@ class BlockStore:
             self._n["manifests_written"] += 1
 
     def _l2_worker(self) -> None:
+        """Background publisher: the queue holds store keys; the bytes are read back
+        from L0/L1 (so the queue costs no memory per envelope)."""
         q = self._queue
         while True:
             try:
-                item = q.get(timeout=self._retry_interval)
+                sk = q.get(timeout=self._retry_interval)
             except queue.Empty:
                 self._retry_pending(limit=64)
                 self._maybe_write_manifest(force=True)
                 continue
-            if item is None:
+            if sk is None:
                 q.task_done()
                 return
-            sk, env = item
-            if self._stop.is_set():  # closing: not published now, kept on the pending list
-                with self._lock:
-                    self._retry[sk] = None
-                q.task_done()
-                continue
             try:
-                self._publish_l2(sk, env)
-            except QuiverError:
-                with self._lock:
-                    self._retry[sk] = None
-                    self._n["l2_failures"] += 1
+                if self._stop.is_set():  # closing: not published now, kept on the pending list
+                    with self._lock:
+                        self._retry[sk] = None
+                else:
+                    self._publish_local(sk)
             finally:
                 q.task_done()
             if q.empty():
                 self._maybe_write_manifest(force=False)
 
     def _retry_pending(self, limit: int | None = None) -> int:
-        """Publish keys whose L2 publish failed or was deferred, reading them from L1/L0."""
+        """Publish keys whose L2 publish failed or was deferred, reading them from L0/L1.
+
+        A key the L2 residency set already knows (a manifest lists it: e.g. a
+        key reloaded from PENDING_L2 that was published before a crash) is
+        dropped without a request (``l2_known``)."""
         with self._lock:
             keys = list(self._retry)[:limit]
-        for sk in keys:
-            env = self._local_envelope(sk)
-            if env is None:
-                with self._lock:  # evicted from every local tier before L2 took it
+            known = self._res.present("l2", keys)
+            for sk, k in zip(keys, known):
+                if k:
                     self._retry.pop(sk, None)
-                    self._n["l2_lost"] += 1
-                continue
-            try:
-                self._publish_l2(sk, env)
-            except QuiverError:
-                with self._lock:
-                    self._n["l2_failures"] += 1
+                    self._owed.pop(sk, None)
+                    self._n["l2_known"] += 1
+            keys = [sk for sk, k in zip(keys, known) if not k]
+        for sk in keys:
+            outcome = self._publish_local(sk)
+            if outcome == "failed":
                 break  # the store is still failing: try again later
-            with self._lock:
-                self._n["l2_retried"] += 1
+            if outcome == "published":
+                with self._lock:
+                    self._n["l2_retried"] += 1
         with self._lock:
             return len(self._retry)
 
@@ -610,6 +804,7 @@ class BlockStore:
         stored block, an EnvelopeError when every copy found was corrupt."""
         self._check_open()
         _check_identity(ident)
+        _check_quant(ident)
         keys, skeys = self._chain(ident, token_ids, n_blocks)
         n = len(keys)
         if out is None:
@@ -632,10 +827,15 @@ class BlockStore:
             self._n["get_blocks"] += n
         return result
 
-    def _decode(self, buf, want, dst) -> None:
+    def _decode(self, buf, want, dst, ident: CacheIdentity) -> None:
+        """Guard (identity fields, then lossiness), then verify the CRC and decode.
+
+        Lossy int8 envelopes are decodable only for an identity with kv_quant
+        set; an exact identity's decode refuses codec int8 even with guard=False."""
         if self.guard:
             guard_envelope(buf, want)
-        decode_block_into(buf, dst)
+            _guard_codec(buf, ident)
+        decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity) -> None:
         """One block from the fastest tier holding it, verified; promotes it upwards."""
@@ -644,7 +844,7 @@ class BlockStore:
             view = self._ram.get(skey) if self._ram is not None else None
             if view is not None:
                 try:
-                    self._decode(view, want, dst)
+                    self._decode(view, want, dst, ident)
                     self._n["l0_hits"] += 1
                     return
                 except EnvelopeError as exc:
@@ -661,7 +861,7 @@ class BlockStore:
                 self._n["corrupt_l1"] += 1
         if env is not None:
             try:
-                self._decode(env, want, dst)
+                self._decode(env, want, dst, ident)
             except EnvelopeError as exc:  # walpub's CRC passed, the envelope's did not
                 corrupt = exc
                 with _translated("disk tier delete"):
@@ -687,7 +887,7 @@ class BlockStore:
                     self._n["corrupt_l2"] += 1
             if env is not None:
                 try:
-                    self._decode(env, want, dst)
+                    self._decode(env, want, dst, ident)
                 except EnvelopeError as exc:
                     with self._lock:
                         self._n["corrupt_l2"] += 1
@@ -718,7 +918,7 @@ class BlockStore:
             out: dict[str, Any] = dict(self._n)
             out.update(
                 guard=self.guard, naive=self.naive, index=self.index, codec=self.codec, l2_mode=self.l2_mode,
-                l2_retry_pending=len(self._retry), bootstrap_s=self.bootstrap_s,
+                l2_retry_pending=len(self._retry), l2_owed=len(self._owed), bootstrap_s=self.bootstrap_s,
                 l2_queue=self._queue.unfinished_tasks if self._queue is not None else 0,
                 residency={t: self._res.count(t) for t in TIERS},
                 l0=self._ram.stats() if self._ram is not None else None,
@@ -727,38 +927,101 @@ class BlockStore:
         out["l2"] = repr(self._l2) if self._l2 is not None else None
         return out
 
-    # ------------------------------------------------------------------ pending L2 list
-    # Keys durable in L1 but not yet in L2 outlive this handle in PENDING_L2: a
-    # next open of the same path retries them.  Rewritten (tmp, fsync, rename,
-    # dir fsync) at close; a crash leaves the previous list, and re-publishing a
-    # key that is already in L2 is a harmless no-op (first writer wins).
+    # ------------------------------------------------------------------ pending L2 journal
+    # PENDING_L2 holds the keys owed to L2: appended (and fsynced) by put
+    # *before* L1 holds the blocks, so no crash -- during a put, with keys in the
+    # background queue, after a failed publish -- loses the fact that L2 still
+    # needs them (a later put would skip them: L1 has them).  Format: 48-byte
+    # store keys back to back; a torn tail (len % 48) is cut off at open.
+    # Publishing a key only removes it from memory; the file is rewritten (tmp,
+    # fsync, rename, dir fsync) from the owed set when it holds more than
+    # 2 x owed + JOURNAL_SLACK_KEYS keys, and at close (removed when nothing is
+    # owed).  After a crash a key published since the last rewrite is reloaded:
+    # dropped if a manifest lists it, else re-published (first writer wins: a no-op).
     def _pending_path(self) -> str:
         return os.path.join(self.path, PENDING_L2)
 
     def _load_pending(self) -> None:
+        path = self._pending_path()
         try:
-            with open(self._pending_path(), "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return
-        for i in range(0, len(data) - len(data) % STORE_KEY_BYTES, STORE_KEY_BYTES):
-            self._retry[data[i : i + STORE_KEY_BYTES]] = None
+        except OSError as exc:
+            raise StoreIOError(f"cannot read {path}: {exc.strerror}") from exc
+        whole = len(data) - len(data) % STORE_KEY_BYTES
+        for i in range(0, whole, STORE_KEY_BYTES):
+            key = data[i : i + STORE_KEY_BYTES]
+            self._retry[key] = None
+            self._owed[key] = None
+        if whole != len(data):  # torn tail of a crashed append: appending after it would misalign
+            with _os_errors(f"cutting the torn tail of {path}"):
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, whole)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._journal_keys = whole // STORE_KEY_BYTES
 
-    def _save_pending(self) -> None:
+    def _journal_owed(self, keys: list[bytes]) -> None:
+        """Record ``keys`` durably in PENDING_L2 (one append, one fsync) before L1 holds them."""
+        if not keys:
+            return
+        with self._journal_lock:
+            with self._lock:
+                fresh = [k for k in dict.fromkeys(keys) if k not in self._owed]
+            if not fresh:
+                return
+            path = self._pending_path()
+            with _os_errors(f"appending to {path}"):
+                if self._journal_fd is None:
+                    self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    if self._journal_keys == 0:  # the file may be new: make its name durable
+                        _fsync_dir(self.path)
+                try:
+                    _write_all(self._journal_fd, b"".join(fresh))
+                    os.fsync(self._journal_fd)
+                except OSError:  # never append after a torn record: cut back to whole keys
+                    try:
+                        os.ftruncate(self._journal_fd, self._journal_keys * STORE_KEY_BYTES)
+                    except OSError:
+                        pass
+                    raise
+            self._journal_keys += len(fresh)
+            with self._lock:
+                for k in fresh:
+                    self._owed[k] = None
+                self._n["journal_appends"] += 1
+                compact = self._journal_keys > 2 * len(self._owed) + JOURNAL_SLACK_KEYS
+            if compact:
+                try:
+                    self._rewrite_journal()
+                except OSError as exc:  # the appended file (or its rewrite) stands: a superset, correct
+                    import logging
+
+                    logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
+                    try:
+                        self._journal_keys = os.path.getsize(path) // STORE_KEY_BYTES
+                    except OSError:
+                        self._journal_keys = 0
+
+    def _rewrite_journal(self) -> None:
+        """Rewrite PENDING_L2 with exactly the owed keys (removed if none); _journal_lock held."""
+        assert self._journal_lock.locked()
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         with self._lock:
-            keys = [k for k in self._retry if len(k) == STORE_KEY_BYTES]
-        try:
-            self._write_pending(keys)
-        except OSError as exc:  # the keys stay in L1; only the retry hint is lost
-            import logging
-
-            logging.getLogger("engine.store").warning("could not save %s: %s", PENDING_L2, exc)
-
-    def _write_pending(self, keys: list[bytes]) -> None:
+            keys = list(self._owed)
+            self._n["journal_compactions"] += 1
         path = self._pending_path()
         if not keys:
             if os.path.exists(path):
                 os.unlink(path)
+                _fsync_dir(self.path)
+            self._journal_keys = 0
             return
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
@@ -766,11 +1029,18 @@ class BlockStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(self.path)
+        self._journal_keys = len(keys)
+
+    def _save_pending(self) -> None:
+        """At close: PENDING_L2 = the keys still owed to L2 (removed when none)."""
+        with self._journal_lock:
+            try:
+                self._rewrite_journal()
+            except OSError as exc:  # the appended file stays: a superset, still correct
+                import logging
+
+                logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
 
     def _check_open(self) -> None:
         if self._closed:

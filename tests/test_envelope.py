@@ -410,3 +410,96 @@ def test_huge_raw_length_with_valid_crc_fails_before_allocating():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+# --- building in place: encode_block_into, envelope_size -------------------------------
+
+from engine.envelope import encode_block_into, envelope_size, prepare_envelope  # noqa: E402
+
+ALL_CODECS = ["none", "lz4", "zstd", "int8"]
+
+
+def _block(dtype="float16", shape=(2, 2, 16, 2, 8)):
+    return _payload(dtype, shape)
+
+
+@pytest.mark.parametrize("codec", ALL_CODECS)
+def test_encode_into_is_encode_block_byte_for_byte(codec):
+    arr = _block()
+    kw = dict(IDS, codec=codec, layer_offsets=uniform_layer_offsets(2, arr.nbytes), layer_crcs=codec == "none")
+    ref = encode_block(arr, **kw)
+    dest = bytearray(b"\xee" * (len(ref) + 100))  # a slot larger than the envelope
+    n = encode_block_into(dest, arr, **kw)
+    assert n == len(ref) == prepare_envelope(arr, **kw).nbytes
+    assert bytes(dest[:n]) == ref
+    assert dest[n:] == b"\xee" * 100  # nothing written past the envelope
+    h, out = decode_block(memoryview(dest)[:n], allow_lossy=codec == "int8")
+    assert h.codec_name == codec
+    if codec != "int8":
+        assert out.tobytes() == arr.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("codec", ALL_CODECS)
+def test_envelope_size_is_exact_or_a_tight_upper_bound(codec, dtype):
+    if codec == "int8" and dtype == "int8":
+        with pytest.raises(DTypeMismatchError):
+            envelope_size((2, 2, 16, 2, 8), dtype, codec=codec)
+        return
+    shape = (2, 2, 16, 2, 8)
+    arr = _block(dtype, shape)
+    crcs = codec == "none"
+    size = envelope_size(shape, dtype, codec=codec, layer_count=2, layer_crcs=crcs, chunk_size=512)
+    kw = dict(IDS, codec=codec, dtype=dtype, layer_offsets=uniform_layer_offsets(2, arr.nbytes), layer_crcs=crcs)
+    if codec in ("lz4", "zstd"):
+        kw["chunk_size"] = 512
+    got = len(encode_block(arr, **kw))
+    if codec in ("none", "int8"):
+        assert got == size
+    else:
+        assert got <= size
+        # incompressible bytes hit the bound exactly: every chunk stored as is, plus its frame word
+        noise = np.frombuffer(RNG.bytes(arr.size), dtype=np.int8).reshape(shape)
+        kw.update(dtype="int8", layer_offsets=uniform_layer_offsets(2, noise.nbytes))
+        assert len(encode_block(noise, **kw)) == envelope_size(
+            shape, "int8", codec=codec, layer_count=2, chunk_size=512)
+
+
+def test_encode_into_refuses_a_small_or_readonly_destination_and_writes_nothing():
+    arr = _block()
+    size = envelope_size(arr.shape, "float16")
+    small = bytearray(size - 1)
+    with pytest.raises(ShapeMismatchError):
+        encode_block_into(small, arr, **IDS)
+    assert small == bytearray(size - 1)
+    with pytest.raises(ValueError):
+        encode_block_into(bytes(size), arr, **IDS)
+    with pytest.raises(ValueError):
+        encode_block_into(np.zeros((size, 2), np.uint8)[:, 0], arr, **IDS)  # not contiguous
+    assert encode_block_into(np.zeros(size, np.uint8), arr, **IDS) == size  # a uint8 array is a buffer
+
+
+def test_encode_into_copies_a_codec_none_payload_once():
+    """encode_block_into allocates nothing payload-sized: the payload goes straight into dest.
+
+    encode_block by contrast must allocate the whole envelope, which the
+    tracemalloc peak shows; the same measurement bounds encode_block_into."""
+    arr = RNG.standard_normal((4, 2, 16, 8, 128)).astype(np.float16)  # 256 KiB
+    kw = dict(IDS, layer_offsets=uniform_layer_offsets(4, arr.nbytes), layer_crcs=True)
+    dest = np.zeros(envelope_size(arr.shape, "float16", layer_count=4, layer_crcs=True), np.uint8)
+    encode_block_into(dest, arr, **kw)  # warm up (imports, caches)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        encode_block_into(dest, arr, **kw)
+        into_peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        env = encode_block(arr, **kw)
+        bytes_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert bytes(dest) == env
+    assert bytes_peak >= arr.nbytes  # the measurement sees a payload-sized allocation
+    assert into_peak < arr.nbytes // 16, into_peak

@@ -387,3 +387,295 @@ def test_threads_share_one_store(tmp_path):
         st = store.stats()
         assert st["get_blocks"] == 4 * 5 * 4 and st["put_blocks"] == 16
         assert st["l0_hits"] + st["l1_hits"] == st["get_blocks"]
+
+
+# ------------------------------------------------------------------ envelopes built in L0 slots
+
+
+def test_put_builds_each_envelope_in_its_l0_slot_with_one_copy(tmp_path):
+    """No payload-sized buffer is allocated per block: the envelope is built in the arena slot
+    and L1 (and a sync L2) read it there.  The old path (encode to bytes, then copy into the
+    slot) allocates a whole envelope per block, which this tracemalloc bound catches."""
+    import tracemalloc
+
+    from engine.store import envelope_bound
+
+    ident = make_ident(num_layers=4, num_kv_heads=8, head_dim=128)  # 256 KiB blocks
+    _, tokens, blocks = make_case(20, 8, ident)
+    _, warm_tokens, warm = make_case(21, 1, ident)
+    env = envelope_bound(ident, "none")
+    with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=16 * env, object_store=tmp_path / "l2") as store:
+        store.put(ident, warm_tokens, warm)  # allocates (and touches) the arena, warms imports
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            assert store.put(ident, tokens, blocks) == 8
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert peak < env // 4, f"put of 8 blocks of {env} B allocated a {peak} B peak"
+        st = store.stats()
+        assert st["put_in_slot"] == 9 and st["put_heap"] == 0
+        assert st["l2_published"] == 9 and st["residency"]["l0"] == 9
+        assert store.get(ident, tokens, 8).tobytes() == blocks.tobytes()
+        assert store.stats()["l0_hits"] == 8
+    with BlockStore.open(tmp_path / "s2", index="flat", ram_bytes=0, object_store=tmp_path / "l2") as other:
+        assert other.get(ident, tokens, 8).tobytes() == blocks.tobytes()  # the L2 copies are whole
+        assert other.stats()["l2_hits"] == 8
+    with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0) as again:
+        assert again.get(ident, tokens, 8).tobytes() == blocks.tobytes()  # so are the L1 copies
+        assert again.stats()["l1_hits"] == 8
+
+
+def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
+    from engine.store import envelope_bound
+
+    ident, tokens, blocks = make_case(22, 5)
+    slot = envelope_bound(ident, "none")
+    with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=2 * slot) as store:
+        store.put(ident, tokens, blocks)
+        st = store.stats()
+        assert st["put_in_slot"] == 2 and st["put_heap"] == 3 and st["residency"]["l0"] == 2
+        assert store._ram.stats().reserved == 0 and store._ram.stats().evictions == 0
+        skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 5)]
+        assert [store._ram.contains(sk) for sk in skeys] == [False, False, False, True, True]
+        store._ram.check_invariants()
+        assert store.get(ident, tokens, 5).tobytes() == blocks.tobytes()
+
+
+def test_failed_encode_aborts_the_reserved_slots_and_writes_nothing(tmp_path):
+    ident = make_ident(kv_quant="int8-channel")
+    _, tokens, blocks = make_case(23, 3, ident)
+    blocks[2, 0, 0, 0, 0, 0] = np.inf  # int8 has no scale for it: the third encode fails
+    with BlockStore.open(tmp_path / "s", **SMALL) as store:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            store.put(ident, tokens, blocks)
+        ram = store._ram.stats()
+        assert ram.reserved == 0 and ram.blocks == 0
+        assert store.stats()["residency"] == {"l0": 0, "l1": 0, "l2": 0} and len(store._disk) == 0
+        store._ram.check_invariants()
+
+
+# ------------------------------------------------------------------ lossy int8 blocks
+
+
+def test_lossy_identity_stores_int8_and_serves_the_dequantized_blocks(tmp_path):
+    from engine.envelope import decode_block, encode_block, uniform_layer_offsets
+    from engine.keys import root_key
+
+    ident = make_ident(kv_quant="int8-channel")
+    _, tokens, blocks = make_case(24, 3, ident)
+    keys = chain_keys(ident, tokens, 3)
+    with BlockStore.open(tmp_path / "s", codec="zstd", **SMALL) as store:  # kv_quant wins over the codec
+        assert store.put(ident, tokens, blocks) == 3
+        got = store.get(ident, tokens, 3)
+        raw = store._disk.get(ident.namespace + keys[0])
+    h = decode_header(raw, allow_lossy=True)
+    assert h.codec_name == "int8" and h.lossy and len(raw) < blocks[0].nbytes  # smaller than the payload
+    for i in range(3):  # exactly what the int8 codec gives back, not the original bytes
+        env = encode_block(blocks[i], fingerprint=ident.fingerprint, key=keys[i],
+                           parent=keys[i - 1] if i else root_key(ident), token_count=16, codec="int8",
+                           layer_offsets=uniform_layer_offsets(ident.num_layers, blocks[i].nbytes))
+        assert got[i].tobytes() == decode_block(env, allow_lossy=True)[1].tobytes()
+    assert got.tobytes() != blocks.tobytes()
+    scale = np.abs(blocks.astype(np.float32)).max(axis=3, keepdims=True) / 127
+    err = np.abs(got.astype(np.float32) - blocks.astype(np.float32))
+    assert np.all(err <= scale / 2 + np.abs(blocks.astype(np.float32)) * 2**-10 + 1e-7)
+    with BlockStore.open(tmp_path / "s", **SMALL) as store:  # and from L1 after a reopen
+        assert store.get(ident, tokens, 3).tobytes() == got.tobytes()
+        assert store.stats()["l1_hits"] == 3
+
+
+def test_lossy_blocks_are_never_found_under_the_exact_identity(tmp_path):
+    lossy = make_ident(kv_quant="int8-channel")
+    exact = make_ident()
+    _, tokens, blocks = make_case(25, 3, lossy)
+    assert lossy.fingerprint != exact.fingerprint
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "s", object_store=l2, **SMALL) as store:
+        store.put(lossy, tokens, blocks)
+        assert store.lookup(lossy, tokens) == 3
+        assert store.lookup(exact, tokens) == 0
+        with pytest.raises(BlockNotFoundError):
+            store.get(exact, tokens, 1)
+    with BlockStore.open(tmp_path / "t", object_store=l2, **SMALL) as other:  # nor via the shared L2
+        assert other.lookup(exact, tokens) == 0
+        assert other.lookup(lossy, tokens) == 3
+
+
+def test_codec_and_kv_quant_must_agree(tmp_path):
+    from engine.errors import LossyCodecError
+
+    exact = make_ident()
+    _, tokens, blocks = make_case(26, 2, exact)
+    with BlockStore.open(tmp_path / "s", codec="int8", **SMALL) as store:
+        with pytest.raises(LossyCodecError):  # an int8 store holds only kv_quant identities
+            store.put(exact, tokens, blocks)
+        assert len(store._disk) == 0
+        odd = make_ident(kv_quant="fp8-e4m3")
+        with pytest.raises(LossyCodecError):  # a scheme this store cannot produce or check
+            store.put(odd, tokens, blocks)
+        with pytest.raises(LossyCodecError):
+            store.get(odd, tokens, 1)
+        lossy = make_ident(kv_quant="int8-channel")
+        assert store.put(lossy, tokens, blocks) == 2
+    with pytest.raises(StoreConfigError):
+        BlockStore.open(tmp_path / "t", codec="int4")
+
+
+@pytest.mark.parametrize("planted", ["lossy-under-exact", "exact-under-lossy"])
+def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_path, planted):
+    """A foreign writer plants an envelope with every identity field of the victim's block
+    (fingerprint, key, parent, tokens, dtype, shape) but the other codec class: refused."""
+    from engine.envelope import encode_block, uniform_layer_offsets
+    from engine.errors import IdentityMismatchError
+    from engine.keys import root_key
+
+    victim = make_ident() if planted == "lossy-under-exact" else make_ident(kv_quant="int8-channel")
+    _, tokens, blocks = make_case(27, 1, victim)
+    key = chain_keys(victim, tokens, 1)[0]
+    codec = "int8" if planted == "lossy-under-exact" else "none"
+    env = encode_block(blocks[0], fingerprint=victim.fingerprint, key=key, parent=root_key(victim),
+                       token_count=victim.block_tokens, codec=codec,
+                       layer_offsets=uniform_layer_offsets(victim.num_layers, blocks[0].nbytes))
+    l2 = tmp_path / "l2"
+    LocalDirObjectStore(l2).put(victim.namespace + key, env)
+    with BlockStore.open(tmp_path / "s", object_store=l2, **SMALL) as store:
+        assert store.lookup(victim, tokens) == 1  # found by key (HEAD): lookup reads no bytes
+        out = np.zeros((1, *victim.block_shape), np.float16)
+        with pytest.raises(IdentityMismatchError, match="lossy int8|expects int8"):
+            store.get(victim, tokens, 1, out=out)
+        assert not out.any()  # not one byte copied out
+        st = store.stats()
+        assert st["identity_mismatches"] == 1 and st["residency"]["l1"] == 0  # nor promoted
+
+
+# ------------------------------------------------------------------ L2 retry hints survive a crash
+
+_CRASH_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from store_child import make_case
+from engine.store import BlockStore
+from tier.s3 import RetryPolicy
+
+path, spec, endpoint, mode = sys.argv[2:6]
+opts = dict(endpoint_url=endpoint, retry=RetryPolicy(max_tries=2, total_s=1.0, base_delay_s=0.01))
+store = BlockStore.open(path, object_store=spec, s3_options=opts, l2_mode=mode, l2_retry_interval_s=600,
+                        ram_bytes=0, index="flat")
+ident, tokens, blocks = make_case(40, 3)
+try:
+    store.put(ident, tokens, blocks)
+    outcome = "returned"
+except Exception as exc:
+    outcome = type(exc).__name__
+deadline = time.monotonic() + 30
+while mode == "background" and sys.argv[6] == "503" and store.stats()["l2_queue"] and time.monotonic() < deadline:
+    time.sleep(0.01)  # until the worker has tried (and failed) every key
+st = store.stats()
+print(json.dumps({"put": outcome, "failures": st["l2_failures"], "published": st["l2_published"]}), flush=True)
+sys.stdin.read()  # the parent kills us here: no close(), no flush
+"""
+
+
+@pytest.mark.parametrize("mode, fault", [("sync", "503"), ("background", "503"), ("background", "hang")])
+def test_blocks_owed_to_l2_survive_sigkill_and_reach_l2_after_reopen(moto_server, tmp_path, mode, fault):
+    """A child puts 3 blocks while L2 fails (503s) or hangs, and is SIGKILLed without closing.
+
+    Its blocks are durable in L1 only; a later put of them would be skipped (L1 has
+    them).  On reopen the keys come back from PENDING_L2 and flush_l2 publishes them."""
+    import signal
+    import uuid
+    from urllib.parse import urlsplit
+
+    from conftest import BUCKET
+    from s3servers import FaultProxy
+    from tier.s3 import RetryPolicy
+
+    u = urlsplit(moto_server.endpoint)
+    proxy = FaultProxy((u.hostname, u.port))
+    prefix = f"crash-{uuid.uuid4().hex[:10]}"
+    spec, path = f"s3://{BUCKET}/{prefix}", tmp_path / "s"
+    ident, tokens, blocks = make_case(40, 3)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+
+    def bucket_blocks() -> list[str]:
+        page = moto_server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/blocks/")
+        return sorted(o["Key"].rsplit("/", 1)[1] for o in page.get("Contents", ()))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(moto_server.env(), AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+               AWS_EC2_METADATA_DISABLED="true")
+    try:
+        if fault == "503":
+            proxy.inject("status", method="PUT", status=503, times=10_000)
+        else:
+            proxy.inject("hang", method="PUT", hang_s=60, times=10_000)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CRASH_CHILD, HERE, str(path), spec, proxy.endpoint, mode, fault],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            cwd=os.path.dirname(HERE))
+        try:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-2000:]
+            report = json.loads(line)
+            if fault == "hang":
+                deadline = time.monotonic() + 30
+                while proxy.count("PUT") < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the worker's first upload is stuck in flight
+                assert proxy.count("PUT") >= 1
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        assert report["published"] == 0
+        assert report["put"] == ("ObjectStoreUnreachableError" if mode == "sync" else "returned")
+        if fault == "503":
+            assert report["failures"] >= 1
+        assert bucket_blocks() == []  # nothing reached L2 before the crash
+        proxy.reset()  # L2 answers again
+        opts = dict(endpoint_url=proxy.endpoint, retry=RetryPolicy(max_tries=3, total_s=10.0))
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in moto_server.env().items():
+                mp.setenv(k, v)
+            with BlockStore.open(path, object_store=spec, s3_options=opts, l2_mode=mode, ram_bytes=0,
+                                 index="flat") as store:
+                assert store.stats()["l2_retry_pending"] == 3
+                assert store.put(ident, tokens, blocks) == 0  # L1 has them: put alone would never upload
+                assert store.flush_l2(timeout_s=30) == 0
+                assert store.stats()["l2_retried"] == 3
+        assert bucket_blocks() == sorted(sk.hex() for sk in skeys)
+        assert not (path / "PENDING_L2").exists()  # nothing owed any more
+    finally:
+        proxy.close()
+
+
+def test_pending_journal_torn_tail_known_keys_and_bounded_size(tmp_path, monkeypatch):
+    import engine.store as store_mod
+
+    ident, tokens, blocks = make_case(42, 4)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 4)]
+    path, l2 = tmp_path / "s", tmp_path / "l2"
+    with BlockStore.open(path, object_store=l2, **SMALL) as store:
+        store.put(ident, tokens, blocks[:2])  # published, and listed in a manifest at close
+    assert not (path / "PENDING_L2").exists()
+    # As a crash leaves it: two keys published since the last rewrite, then a torn append.
+    (path / "PENDING_L2").write_bytes(skeys[0] + skeys[1] + skeys[2][:10])
+    with BlockStore.open(path, object_store=l2, **SMALL) as store:
+        assert os.path.getsize(path / "PENDING_L2") == 2 * 48  # the torn tail is cut before any append
+        assert store.stats()["l2_retry_pending"] == 2
+        assert store.flush_l2() == 0
+        st = store.stats()
+        assert st["l2_known"] == 2 and st["l2_retried"] == 0  # the manifest says so: no request
+        store.put(ident, tokens, blocks)  # appends whole keys after the cut
+        assert st["l2_published"] == 0 and store.stats()["l2_published"] == 2
+    # Bounded: the file is rewritten from the owed set once it outgrows it.
+    monkeypatch.setattr(store_mod, "JOURNAL_SLACK_KEYS", 3)
+    with BlockStore.open(tmp_path / "t", object_store=l2, **SMALL) as store:
+        for seed in range(43, 49):
+            i2, t2, b2 = make_case(seed, 1, make_ident(tenant=f"j{seed}"))
+            store.put(i2, t2, b2)
+            # each put owes 1 key: the file never exceeds 2 x 1 + slack 3 keys after an append
+            assert os.path.getsize(tmp_path / "t" / "PENDING_L2") <= (2 * 1 + 3) * 48
+        assert store.stats()["journal_appends"] == 6 and store.stats()["journal_compactions"] >= 1
+    assert not (tmp_path / "t" / "PENDING_L2").exists()
