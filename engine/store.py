@@ -815,14 +815,18 @@ class BlockStore:
             dsts = check_destination(out, ident, n)
             result = out
         root = self._root(ident)
-        for i in range(n):
-            want = expected_for(ident, keys[i], keys[i - 1] if i else root)
-            try:
-                self._read_one(skeys[i], want, dsts[i], ident)
-            except IdentityMismatchError:
-                with self._lock:
-                    self._n["identity_mismatches"] += 1
-                raise
+        from_l2: list[tuple[bytes, bytes]] = []  # promoted to L1 in one group commit
+        try:
+            for i in range(n):
+                want = expected_for(ident, keys[i], keys[i - 1] if i else root)
+                try:
+                    self._read_one(skeys[i], want, dsts[i], ident, from_l2)
+                except IdentityMismatchError:
+                    with self._lock:
+                        self._n["identity_mismatches"] += 1
+                    raise
+        finally:
+            self._promote_to_disk(from_l2)
         with self._lock:
             self._n["get_blocks"] += n
         return result
@@ -837,8 +841,22 @@ class BlockStore:
             _guard_codec(buf, ident)
         decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None)
 
-    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity) -> None:
-        """One block from the fastest tier holding it, verified; promotes it upwards."""
+    def _promote_to_disk(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Copy verified L2 hits into L1 with one publish_many (one WAL group
+        commit for the whole get, not an fsync'd publish per block)."""
+        if not items:
+            return
+        with _translated("disk tier put (promotion)"):
+            evicted = self._disk.put_many(items)
+        with self._lock:
+            for sk, _ in items:
+                self._res.add("l1", sk)
+            for sk in evicted or ():
+                self._res.discard("l1", sk)
+
+    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list) -> None:
+        """One block from the fastest tier holding it, verified; promotes it
+        upwards (to L0 at once; an L2 hit is appended to ``from_l2`` for L1)."""
         corrupt: EnvelopeError | None = None
         with self._lock:  # L0 slots are reused on eviction: decode under the lock
             view = self._ram.get(skey) if self._ram is not None else None
@@ -895,12 +913,7 @@ class BlockStore:
                 with self._lock:
                     self._n["l2_hits"] += 1
                     self._res.add("l2", skey)
-                with _translated("disk tier put (promotion)"):
-                    evicted = self._disk.put(skey, env)
-                with self._lock:
-                    self._res.add("l1", skey)
-                    for sk in evicted or ():
-                        self._res.discard("l1", sk)
+                from_l2.append((skey, env))
                 self._ram_put(skey, env, ident)
                 return
             with self._lock:

@@ -274,6 +274,23 @@ def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path):
 # ------------------------------------------------------------------ L2 (local directory)
 
 
+def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
+    ident, tokens, blocks = make_case(12, 6)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        before = store.stats()["l1"].volume.commits
+        assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        st = store.stats()
+        assert st["l2_hits"] == 6
+        assert st["l1"].volume.commits - before == 1  # six promotions, one WAL fsync
+    with BlockStore.open(tmp_path / "b", ram_bytes=0, index="flat") as store:  # no L2 now
+        assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        assert store.stats()["l1_hits"] == 6
+
+
+
 def test_background_l2_mode_publishes_and_manifests(tmp_path):
     ident, tokens, blocks = make_case(11, 5)
     l2 = tmp_path / "l2"
