@@ -519,3 +519,194 @@ def test_failed_object_fsync_is_a_typed_error_and_leaves_no_garbage():
     fs.fail = set()
     assert v.publish(K(1), b"a") is True
     v.close()
+
+
+# ----------------------------------------------------------------- review fixes
+class GatedWalFS(SimFileSystem):
+    """Twin whose WAL fsyncs block while ``gate`` is closed (a slow disk, on cue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_wal_fsync = threading.Event()
+
+    def fsync(self, fd, label):
+        if label == "wal" and not self.gate.is_set():
+            self.in_wal_fsync.set()
+            assert self.gate.wait(10), "test gate never opened"
+        super().fsync(fd, label)
+
+
+def _run(fn, out, name):
+    try:
+        out[name] = fn()
+    except BaseException as exc:  # noqa: BLE001
+        out[name] = exc
+
+
+@pytest.mark.parametrize("op", ["publish", "delete"])
+def test_enqueued_records_are_never_abandoned_on_a_deadline(op):
+    """#1: a follower whose frame is queued behind a slow fsync used to get
+    BusyError after wait_timeout_s while its frame was still written and applied
+    later (a retry then put the key twice in one batch: the volume wedged; a
+    delete was applied but its object never unlinked).  Now it waits for the
+    frame to be durable and succeeds."""
+    import time
+
+    fs = GatedWalFS()
+    v = Volume("/v", io=fs, wait_timeout_s=0.2)
+    v.publish(K(2), data(2))
+    path = "/v/" + object_relpath(K(2))
+    fs.gate.clear()
+    out: dict = {}
+    leader = threading.Thread(target=_run, args=(lambda: v.publish(K(1), data(1)), out, "leader"))
+    leader.start()
+    assert fs.in_wal_fsync.wait(10)                 # the leader is inside the WAL fsync
+    follow = (lambda: v.publish(K(3), data(3))) if op == "publish" else (lambda: v.delete(K(2)))
+    follower = threading.Thread(target=_run, args=(follow, out, "follower"))
+    follower.start()
+    for _ in range(1000):                           # the follower's frame is queued
+        with v._cond:
+            if v._pending:
+                break
+        time.sleep(0.005)
+    time.sleep(0.5)                                 # well past wait_timeout_s
+    fs.gate.set()
+    leader.join(10)
+    follower.join(10)
+    assert out["leader"] is True and out["follower"] is True, out
+    if op == "publish":
+        assert v.publish(K(3), data(3)) is False    # the "retry" is a no-op, not a wedge
+        assert v.read(K(3)) == data(3)
+    else:
+        assert K(2) not in v and not fs.exists(path)
+    v.publish(K(4), data(4))                        # the volume still commits
+    v.close()
+    with Volume("/v", io=fs) as v2:
+        assert v2.last_recovery.orphans_removed == 0
+        assert sorted(v2.keys()) == sorted([K(1), K(4)] + ([K(2), K(3)] if op == "publish" else []))
+
+
+class FailingPutIndex(PersistentIndexTwin):
+    """Index whose put_many fails (disk full, lmdb map full) once armed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+
+    def put_many(self, ks, vs):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().put_many(ks, vs)
+
+
+def test_failure_applying_a_batch_poisons_the_volume_and_close_unlocks():
+    """#2: an exception in _apply used to leave _syncing set for ever (every later
+    commit and close() timed out with BusyError, LOCK held) and escaped raw."""
+    from walpub import VolumeFailedError
+
+    sim = SimFileSystem()
+    idx = FailingPutIndex()
+    v = Volume("/v", io=sim, index=idx, wait_timeout_s=0.2)
+    v.publish(K(1), data(1))
+    idx.fail = True
+    with pytest.raises(VolumeFailedError) as ei:
+        v.publish(K(2), data(2))
+    assert isinstance(ei.value.__cause__, OSError)
+    idx.fail = False
+    with pytest.raises(VolumeFailedError):
+        v.publish(K(3), data(3))
+    v.close()                                       # returns, and releases LOCK
+    with Volume("/v", io=sim) as v2:                # the PUT of K(2) was durable
+        assert sorted(v2.keys()) == [K(1), K(2)] and v2.read(K(2)) == data(2)
+
+
+def test_commit_larger_than_the_queue_is_sliced():
+    """#3: one call committing more than max_pending_frames frames used to
+    fail an assertion (leaving orphans)."""
+    sim = SimFileSystem()
+    v = Volume("/v", io=sim, max_group_frames=4, max_pending_frames=4)
+    items = [(K(i), data(i, 20)) for i in range(30)]
+    assert v.publish_many(items) == [True] * 30
+    st = v.stats()
+    assert st.frames == 30 and st.commits == 8
+    assert all(v.read(k) == d for k, d in items)
+    assert sorted(v.evict_to(0)) == sorted(k for k, _ in items)
+    assert len(v) == 0 and v.used_bytes == 0
+    v.close()
+    with Volume("/v", io=sim) as v2:
+        assert len(v2) == 0 and v2.last_recovery.orphans_removed == 0
+
+
+def test_sliced_commits_from_many_threads():
+    """#3 under contention: slices from several threads share a small queue."""
+    sim = SimFileSystem()
+    sim.fsync_delay_s = 0.001
+    v = Volume("/v", io=sim, max_group_frames=4, max_pending_frames=8)
+    out: dict = {}
+    ths = [threading.Thread(target=_run, args=(
+        lambda t=t: v.publish_many([(K(t * 100 + i), data(i, 20)) for i in range(25)]), out, t))
+        for t in range(4)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(30)
+    assert all(out[t] == [True] * 25 for t in range(4)), out
+    assert len(v) == 100 and v.stats().frames == 100
+    v.close()
+    with Volume("/v", io=sim) as v2:
+        assert len(v2) == 100
+
+
+class RacingReadFS(SimFileSystem):
+    """Twin that runs ``hook`` once, at the next read of ``path``: the read of
+    the file happens after the volume looked the key up in its index."""
+
+    def __init__(self):
+        super().__init__()
+        self.path = None
+        self.hook = None
+        self.raise_missing = False
+
+    def read_file(self, path):
+        if path == self.path and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+            if self.raise_missing:
+                raise FileNotFoundError(path)   # read inside the delete..republish window
+        return super().read_file(path)
+
+
+@pytest.mark.parametrize("window", ["replaced", "missing"])
+def test_read_racing_delete_and_republish_is_not_corruption(window):
+    """#4: a key deleted and published again between read's index lookup and its
+    file read used to raise CorruptObjectError (and drop nothing)."""
+    fs = RacingReadFS()
+    v = Volume("/v", io=fs)
+    v.publish(K(1), data(1))
+    new = data(1) if window == "missing" else data(7, 50)
+    fs.path = "/v/" + object_relpath(K(1))
+    fs.raise_missing = window == "missing"
+    fs.hook = lambda: (v.delete(K(1)), v.publish(K(1), new))
+    assert v.read(K(1)) == new
+    assert v.stats().corrupt_reads == 0 and K(1) in v
+    # A genuinely bad object (same PUT on both looks) is still corruption.
+    fs.hook = lambda: None
+    fs.raise_missing = True
+    with pytest.raises(CorruptObjectError):
+        v.read(K(1))
+    assert K(1) not in v and v.stats().corrupt_reads == 1
+    v.close()
+
+
+def test_read_racing_a_delete_is_a_miss():
+    fs = RacingReadFS()
+    v = Volume("/v", io=fs)
+    v.publish(K(1), data(1))
+    fs.path = "/v/" + object_relpath(K(1))
+    fs.hook = lambda: v.delete(K(1))
+    with pytest.raises(ObjectNotFoundError):
+        v.read(K(1))
+    assert v.stats().corrupt_reads == 0
+    v.close()

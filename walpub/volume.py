@@ -486,45 +486,80 @@ class Volume:
         """Append ``ops`` as WAL frames and return once they are fsynced and applied.
 
         Leader/follower: whoever finds no fsync in progress writes every pending
-        frame (up to max_group_frames) with one fsync; the others wait."""
+        frame (up to max_group_frames) with one fsync; the others wait.
+
+        ``ops`` is enqueued in slices of at most max_group_frames, each as soon as
+        the queue has room, so a call may commit any number of frames.  Only the
+        wait for queue space before the first slice is enqueued is bounded
+        (BusyError).  Once records are enqueued they are never abandoned: they
+        will be written and applied by some leader, so the caller waits until
+        they are durable or the volume fails or closes (VolumeFailedError,
+        VolumeClosedError).  Raising BusyError then would release the key while
+        its frame is still on its way to the WAL."""
+        assert ops
         deadline = time.monotonic() + self.wait_timeout_s
-        assert 0 < len(ops) <= self.max_pending_frames
-        with self._cond:
-            while len(self._pending) + len(ops) > self.max_pending_frames:
-                self._wait(deadline, "group-commit queue full")
-            self._check_usable()
-            for op in ops:
-                self._last_seq += 1
-                if op[0] == "put":
-                    self._pending.append(PutRecord(self._last_seq, op[1], op[2], op[3]))
-                else:
-                    self._pending.append(DeleteRecord(self._last_seq, op[1]))
-            mine = self._last_seq
-        while True:  # bounded by the deadline in _wait
+        g = self.max_group_frames
+        slices = [ops[i:i + g] for i in range(0, len(ops), g)]
+        mine = 0  # last seq of ours enqueued; 0 while none is
+        while True:
             with self._cond:
-                if self._durable_seq >= mine:
+                while slices and len(self._pending) + len(slices[0]) <= self.max_pending_frames:
+                    self._check_usable()
+                    mine = self._enqueue(slices.pop(0))
+                if not slices and self._durable_seq >= mine:
                     return
-                self._check_usable()
-                if self._syncing:
-                    self._wait(deadline, "group commit")
+                if mine == 0:
+                    self._check_usable()
+                    self._wait(deadline, "group-commit queue full")
                     continue
+                if self._failed is not None:
+                    self._check_usable()  # raises VolumeFailedError
+                if self._syncing:
+                    # The leader (or a compaction) ends by notifying, success or failure.
+                    self._cond.wait()
+                    continue
+                self._check_usable()
                 self._syncing = True
                 batch = self._pending[: self.max_group_frames]
                 del self._pending[: self.max_group_frames]
+            self._lead(batch)
+
+    def _enqueue(self, ops: list[tuple]) -> int:
+        """Assign seqs to ``ops`` and queue their records (lock held); the last seq."""
+        for op in ops:
+            self._last_seq += 1
+            if op[0] == "put":
+                self._pending.append(PutRecord(self._last_seq, op[1], op[2], op[3]))
+            else:
+                self._pending.append(DeleteRecord(self._last_seq, op[1]))
+        return self._last_seq
+
+    def _lead(self, batch: list) -> None:
+        """Write, fsync and apply ``batch`` (this thread set ``_syncing``).  Every
+        way out clears ``_syncing`` and notifies; a failure poisons the volume."""
+        try:
             assert batch and batch[0].seq == self._durable_seq + 1
-            try:
-                self._writer.append(b"".join(_wal.encode(r) for r in batch))
-            except BaseException as exc:
-                with self._cond:
-                    self._failed = exc
-                    self._syncing = False
-                    self._cond.notify_all()
-                if not isinstance(exc, Exception):
-                    raise  # KeyboardInterrupt, a simulated kill: not an I/O error
-                raise VolumeFailedError(f"WAL append failed: {exc!r}") from exc
-            crash_point("commit.wal_synced")
+            self._writer.append(b"".join(_wal.encode(r) for r in batch))
+        except BaseException as exc:
             with self._cond:
+                self._failed = exc
+                self._syncing = False
+                self._cond.notify_all()
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, a simulated kill: not an I/O error
+            raise VolumeFailedError(f"WAL append failed: {exc!r}") from exc
+        crash_point("commit.wal_synced")
+        with self._cond:
+            try:
                 self._apply(batch)
+            except BaseException as exc:
+                # The frames are durable but the index (or the maps) may hold only
+                # part of the batch: refuse further work; reopening recovers.
+                self._failed = exc
+                if not isinstance(exc, Exception):
+                    raise
+                raise VolumeFailedError(f"applying a durable WAL batch failed: {exc!r}") from exc
+            finally:
                 self._syncing = False
                 self._cond.notify_all()
 
@@ -600,7 +635,13 @@ class Volume:
         """The object's bytes, verified (length + CRC32C) on every read.
 
         ObjectNotFoundError on a miss; CorruptObjectError (after dropping the
-        record) when the bytes fail verification: never wrong bytes."""
+        record) when the bytes fail verification: never wrong bytes.
+
+        The file is read outside the lock, so the key may be deleted (and
+        published again) meanwhile: a failed check is judged against the index
+        entry read again under the lock.  Gone: a miss.  Another PUT (seq
+        changed): the read is retried once with it (a second change is reported
+        as a miss).  Only a failure against an unchanged entry is corruption."""
         check_key(key)
         with self._cond:
             self._check_usable()
@@ -609,19 +650,25 @@ class Volume:
                 raise ObjectNotFoundError(key)
             if key in self._lru:
                 self._lru.move_to_end(key)
-        length, crc, seq = unpack_index_value(value)
-        try:
-            data = self.io.read_file(f"{self.root}/{object_relpath(key)}")
-        except FileNotFoundError:
+        for attempt in range(2):
+            length, crc, seq = unpack_index_value(value)
+            try:
+                data = self.io.read_file(f"{self.root}/{object_relpath(key)}")
+            except FileNotFoundError:
+                data = None
+            except OSError as exc:
+                raise VolumeIOError(f"reading {key.hex()} failed: {exc}") from exc
+            if data is not None and len(data) == length and crc32c(data) == crc:
+                return data
             with self._cond:
-                gone = self.index.get(self._prefix + key) is None
-            if gone:
+                now = self.index.get(self._prefix + key)
+            if now is None:
                 raise ObjectNotFoundError(key) from None  # deleted meanwhile
-            data = None
-        except OSError as exc:
-            raise VolumeIOError(f"reading {key.hex()} failed: {exc}") from exc
-        if data is not None and len(data) == length and crc32c(data) == crc:
-            return data
+            if unpack_index_value(now)[2] == seq:
+                break  # the same PUT: the object itself is bad
+            if attempt == 1:
+                raise ObjectNotFoundError(key) from None  # replaced twice during one read
+            value = now  # deleted and published again meanwhile: read the new one
         why = "missing" if data is None else ("wrong length" if len(data) != length else "bad crc")
         self._drop(key, seq)
         with self._cond:
@@ -793,11 +840,16 @@ class Volume:
         with self._cond:
             if self._closed:
                 return
+            self._closed = True  # no new leader or compaction starts from here
+            self._cond.notify_all()
+        # A leader in flight finishes (and acknowledges) first.  If it does not
+        # within the bound (a hung fsync), BusyError is raised and LOCK is kept:
+        # releasing it while that batch may still be written would let a second
+        # writer in.  The OS drops the lock when this process exits.
+        with self._cond:
             while self._syncing:
                 self._wait(deadline, "WAL writer to close")
-            self._closed = True
-            self._cond.notify_all()
-        try:
+        try:  # no writer is running: whatever happens below, LOCK is released
             self._writer.close()
             if self._owns_index:
                 self.index.close()
