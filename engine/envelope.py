@@ -55,6 +55,13 @@ MAGIC = b"QVKB"
 VERSION = 1
 MAX_NDIM = 6
 MAX_LAYERS = 4096
+#: Largest payload an envelope may carry (raw_len): engine.identity.MAX_BLOCK_NBYTES, 2 GiB.
+#: A reader refuses a larger claim before sizing any allocation by it.
+MAX_RAW_LEN = 1 << 31
+#: Most raw bytes one body byte of a compressed codec can stand for (raw_len <= body_len * this).
+#: Generous bounds on the formats: an lz4 block expands at most ~255x; a zstd frame at most
+#: ~32768x (a 4-byte RLE block per 128 KiB), counted here without the frame words.
+MAX_EXPANSION = {codecs.CODEC_LZ4: 1 << 10, codecs.CODEC_ZSTD: 1 << 16}
 FLAG_SHUFFLE = 0x1
 #: Bit 1 is unassigned (refused).  Bit 2: a per-layer CRC32C table follows the offsets.
 FLAG_LAYER_CRC = 0x4
@@ -314,6 +321,8 @@ def prepare_envelope(
     arr, dtype = _payload_array(payload, dtype)
     if any(d >= 2**32 for d in arr.shape):
         raise ShapeMismatchError(f"payload dimension too large: {arr.shape}")
+    if arr.nbytes > MAX_RAW_LEN:  # a reader would refuse it (decode_header)
+        raise ShapeMismatchError(f"payload of {arr.nbytes} bytes exceeds the limit of {MAX_RAW_LEN}")
     if not 0 <= token_count < 2**32:
         raise ValueError(f"token_count {token_count} out of uint32 range")
     fingerprint = _check_key("fingerprint", fingerprint)
@@ -481,6 +490,11 @@ def decode_header(buf, *, allow_lossy: bool = False) -> EnvelopeHeader:
     shape = tuple(shape6[:ndim])
     if raw_len != math.prod(shape) * itemsize:
         raise CorruptEnvelopeError(f"raw length {raw_len} != prod{shape} * {itemsize}")
+    if raw_len > MAX_RAW_LEN:
+        raise CorruptEnvelopeError(f"raw length {raw_len} exceeds the limit of {MAX_RAW_LEN}")
+    if cid in MAX_EXPANSION and raw_len > body_len * MAX_EXPANSION[cid]:
+        raise CorruptEnvelopeError(f"raw length {raw_len} from a {body_len}-byte body exceeds the codec's "
+                                   f"maximum expansion of {MAX_EXPANSION[cid]}x")
     if has_crcs and (cid != codecs.CODEC_NONE or layer_count == 0):
         raise CorruptEnvelopeError("layer CRC flag needs codec none and at least one layer")
     if cid == codecs.CODEC_NONE:

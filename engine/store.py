@@ -27,7 +27,8 @@ guard also compares the codec's lossiness).
 
 get: for each block, the fastest tier that holds it (L0, L1, then L2 by key),
 CRC-verified and checked by the identity guard (engine.guard) before one
-payload byte reaches the caller; a hit below L0 is promoted upwards.
+payload byte reaches the caller; a hit below L0 is promoted upwards (best
+effort: a failed promotion is counted, never raised).
 
 docs/STORE.md has the whole contract.  ``naive=True`` exists only for
 studies/bench_identity.py: keys from tokens alone, no guard -- it serves other
@@ -37,6 +38,8 @@ identities' bytes and must never be used for real.
 from __future__ import annotations
 
 import fcntl
+import functools
+import logging
 import os
 import queue
 import threading
@@ -164,6 +167,25 @@ def _os_errors(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise StoreIOError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _operation(fn):
+    """A public BlockStore call: refused once close() has begun (StoreClosedError);
+    close() waits for the calls already inside (see BlockStore.close)."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        with self._ops_cv:
+            if self._closing:
+                raise StoreClosedError(f"BlockStore({self.path!r}) is closed")
+            self._ops += 1
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            with self._ops_cv:
+                self._ops -= 1
+                if not self._ops:
+                    self._ops_cv.notify_all()
+    return call
 
 
 # --------------------------------------------------------------------------- payloads
@@ -348,6 +370,12 @@ class BlockStore:
         self._manifest_batch = manifest_batch
         self._lock = threading.RLock()
         self._closed = False
+        # In-flight public calls (lookup, put, get, flush_l2): close() sets
+        # _closing (new calls are refused) and waits for _ops to reach 0 before
+        # it closes the tiers, so no call finds them gone half-way.
+        self._ops_cv = threading.Condition(threading.Lock())
+        self._ops = 0
+        self._closing = False
         self._ram = None
         self._disk = None
         self._l2 = None
@@ -370,7 +398,7 @@ class BlockStore:
             identity_mismatches=0, corrupt_l0=0, corrupt_l1=0, corrupt_l2=0, l0_oversize=0,
             lookups=0, l2_heads=0, l2_lookup_errors=0, l2_published=0, l2_existing=0, l2_failures=0,
             l2_deferred=0, l2_retried=0, l2_lost=0, l2_known=0, manifests_written=0, manifest_failures=0,
-            bootstrap_keys=0, l0_busy=0, journal_appends=0, journal_compactions=0,
+            bootstrap_keys=0, l0_busy=0, journal_appends=0, journal_compactions=0, l1_promote_failures=0,
         )
         self.bootstrap_s = 0.0
         try:
@@ -452,6 +480,7 @@ class BlockStore:
         return NAIVE_ROOT if self.naive else root_key(ident)
 
     # ------------------------------------------------------------------ lookup
+    @_operation
     def lookup(self, ident: CacheIdentity, token_ids) -> int:
         """Leading full blocks of ``token_ids`` held by some tier (stops at the first miss).
 
@@ -489,6 +518,7 @@ class BlockStore:
         return n
 
     # ------------------------------------------------------------------ put
+    @_operation
     def put(self, ident: CacheIdentity, token_ids, blocks) -> int:
         """Store the leading ``len(blocks)`` full blocks of ``token_ids``; durable on return.
 
@@ -540,14 +570,9 @@ class BlockStore:
                     item for item, known in zip(items, self._res.present("l2", [sk for sk, _ in items]))
                     if not known]
             self._journal_owed([sk for sk, _ in l2_todo])  # before L1: no crash window loses them
-            with _translated("disk tier put"):
-                evicted = self._disk.put_many(items)
+            self._disk_put_many(items, "disk tier put")
             durable = True
-            with self._lock:  # add first: the batch may evict some of its own members
-                for sk, _ in items:
-                    self._res.add("l1", sk)
-                for sk in evicted or ():
-                    self._res.discard("l1", sk)
+            with self._lock:
                 self._n["put_blocks"] += len(items)
                 self._n["put_in_slot"] += len(reserved)
                 self._n["put_heap"] += len(items) - len(reserved)
@@ -563,6 +588,32 @@ class BlockStore:
         if l2_todo and self.l2_mode == "background":
             self._l2_enqueue([sk for sk, _ in l2_todo])  # the worker reads them back from L0/L1
         return len(items)
+
+    def _disk_put_many(self, items: list[tuple[bytes, Any]], what: str) -> None:
+        """L1 put_many (one group commit), then the L1 residency set follows it.
+
+        DiskTier.put_many publishes, then evicts to its budget.  When it fails
+        after the publish (the eviction raised), the blocks are durable in L1
+        all the same: every key L1 now holds is added to the residency set
+        before the error goes up, so lookup does not under-report them (a
+        later put skips them: L1 has them) until the store is reopened."""
+        try:
+            with _translated(what):
+                evicted = self._disk.put_many(items)
+        except BaseException:
+            try:
+                held = [sk for sk, _ in items if self._disk.contains(sk)]
+            except Exception:  # the tier is failing as a whole: nothing more is known
+                held = []
+            with self._lock:
+                for sk in held:
+                    self._res.add("l1", sk)
+            raise
+        with self._lock:  # add first: the batch may evict some of its own members
+            for sk, _ in items:
+                self._res.add("l1", sk)
+            for sk in evicted or ():
+                self._res.discard("l1", sk)
 
     def _codec_for(self, ident: CacheIdentity) -> str:
         """The codec of ``ident``'s blocks: int8 when the identity says its KV is
@@ -775,11 +826,15 @@ class BlockStore:
         except QuiverError:
             return None
 
+    @_operation
     def flush_l2(self, timeout_s: float | None = 60.0) -> int:
         """Wait for the background queue, retry failed publishes, write the manifest.
 
         Returns how many blocks are still not in L2 (0 = everything published)."""
         self._check_open()
+        return self._flush_l2(timeout_s)
+
+    def _flush_l2(self, timeout_s: float | None) -> int:
         if self._l2 is None:
             return 0
         if self._queue is not None:
@@ -794,6 +849,7 @@ class BlockStore:
             return left + (self._queue.unfinished_tasks if self._queue is not None else 0)
 
     # ------------------------------------------------------------------ get
+    @_operation
     def get(self, ident: CacheIdentity, token_ids, n_blocks: int | None = None, out=None):
         """The verified payloads of the leading ``n_blocks`` blocks (all full blocks if None).
 
@@ -825,7 +881,7 @@ class BlockStore:
                     with self._lock:
                         self._n["identity_mismatches"] += 1
                     raise
-        finally:
+        finally:  # also after an error: the blocks read so far were verified
             self._promote_to_disk(from_l2)
         with self._lock:
             self._n["get_blocks"] += n
@@ -843,16 +899,19 @@ class BlockStore:
 
     def _promote_to_disk(self, items: list[tuple[bytes, bytes]]) -> None:
         """Copy verified L2 hits into L1 with one publish_many (one WAL group
-        commit for the whole get, not an fsync'd publish per block)."""
+        commit for the whole get, not an fsync'd publish per block).
+
+        Promotion is an optimisation: its failure never fails the get (nor
+        replaces the get's own error); it is counted (``l1_promote_failures``)
+        and logged, and the blocks stay in L2."""
         if not items:
             return
-        with _translated("disk tier put (promotion)"):
-            evicted = self._disk.put_many(items)
-        with self._lock:
-            for sk, _ in items:
-                self._res.add("l1", sk)
-            for sk in evicted or ():
-                self._res.discard("l1", sk)
+        try:
+            self._disk_put_many(items, "disk tier put (promotion)")
+        except QuiverError as exc:
+            with self._lock:
+                self._n["l1_promote_failures"] += 1
+            logging.getLogger("engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list) -> None:
         """One block from the fastest tier holding it, verified; promotes it
@@ -936,8 +995,9 @@ class BlockStore:
                 residency={t: self._res.count(t) for t in TIERS},
                 l0=self._ram.stats() if self._ram is not None else None,
             )
-        out["l1"] = self._disk.stats() if self._disk is not None else None
-        out["l2"] = repr(self._l2) if self._l2 is not None else None
+        disk, l2 = self._disk, self._l2  # close() may clear them meanwhile
+        out["l1"] = disk.stats() if disk is not None else None
+        out["l2"] = repr(l2) if l2 is not None else None
         return out
 
     # ------------------------------------------------------------------ pending L2 journal
@@ -1060,13 +1120,22 @@ class BlockStore:
             raise StoreClosedError(f"BlockStore({self.path!r}) is closed")
 
     def close(self, l2_timeout_s: float = 30.0) -> None:
-        """Drain the L2 queue (bounded), write the manifest, close the tiers, unlock."""
-        if self._closed:
-            return
+        """Drain the L2 queue (bounded), write the manifest, close the tiers, unlock.
+
+        From the moment close begins, new calls raise StoreClosedError; the
+        calls already in progress on other threads are waited for (each is
+        bounded by its tiers' timeouts) before anything is closed under them.
+        Must not be called from inside a store call."""
+        with self._ops_cv:
+            if self._closing:
+                return
+            self._closing = True
+            while self._ops:
+                self._ops_cv.wait()
         try:
             if self._l2 is not None:
                 try:
-                    self.flush_l2(timeout_s=l2_timeout_s)
+                    self._flush_l2(timeout_s=l2_timeout_s)
                 except QuiverError:
                     pass
         finally:

@@ -404,12 +404,64 @@ def test_huge_raw_length_with_valid_crc_fails_before_allocating():
     struct.pack_into("<Q", buf, OFF_RAW, (2**32 - 1) * 256)
     tracemalloc.start()
     try:
-        with pytest.raises(CorruptEnvelopeError, match="cannot fit"):
+        with pytest.raises(CorruptEnvelopeError, match="raw length .* exceeds"):  # 1 TiB > MAX_RAW_LEN
             decode_block(bytes(_reseal(buf)))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def _minimal_frames_envelope(codec: str, n_chunks: int) -> bytes:
+    """A CRC-valid envelope whose body is ``n_chunks`` minimal frames (a word and one byte),
+    each standing for a full MAX_CHUNK_SIZE chunk: sound framing, raw_len = n_chunks * 16 MiB."""
+    from engine.envelope import _FIXED, VERSION
+
+    chunk = codecs.MAX_CHUNK_SIZE
+    body = (struct.pack("<I", 1) + b"\0") * n_chunks
+    shape6 = (n_chunks, chunk // 2, 0, 0, 0, 0)  # float16
+    head = _FIXED.pack(MAGIC, VERSION, codecs.codec_id(codec), 1, 0, header_size(0), FP, KEY, PARENT, 16, 2,
+                       b"\0\0\0", *shape6, n_chunks * chunk, len(body), chunk, 0)
+    head += struct.pack("<I", crc32c.crc32c(head))
+    return head + body + struct.pack("<I", crc32c.crc32c(head + body))
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_raw_length_beyond_the_maximum_block_is_refused_before_allocating(codec):
+    """65536 minimal frames (320 KiB) claim 1 TiB: refused as corrupt by decode_header,
+    never a MemoryError from allocating raw_len."""
+    env = _minimal_frames_envelope(codec, 1 << 16)
+    assert codecs.scan_chunks(memoryview(env)[172:-4], (1 << 16) * codecs.MAX_CHUNK_SIZE,
+                              codecs.MAX_CHUNK_SIZE)  # the framing alone is sound
+    with pytest.raises(CorruptEnvelopeError, match="exceeds the limit"):
+        decode_header(env)
+    with pytest.raises(CorruptEnvelopeError, match="exceeds the limit"):
+        decode_block(env)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_raw_length_beyond_the_codecs_expansion_is_refused_before_allocating(codec):
+    """64 minimal frames (320 bytes) claim 1 GiB, under MAX_RAW_LEN but far past what
+    320 bytes of lz4/zstd can expand to: refused before anything is sized by raw_len."""
+    env = _minimal_frames_envelope(codec, 64)
+    with pytest.raises(CorruptEnvelopeError, match="expansion"):
+        decode_header(env)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptEnvelopeError, match="expansion"):
+            decode_block(env)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_most_compressible_payloads_stay_within_the_expansion_bound(codec):
+    """Zeros at the largest chunk size: the best ratio either codec reaches still decodes."""
+    arr = np.zeros(4 * codecs.MAX_CHUNK_SIZE, np.int8)
+    env = encode_block(arr, **IDS, codec=codec, chunk_size=codecs.MAX_CHUNK_SIZE)
+    assert np.array_equal(decode_block(env)[1], arr)
 
 
 # --- building in place: encode_block_into, envelope_size -------------------------------

@@ -81,6 +81,22 @@ def test_each_header_field_mismatch_is_refused(field):
         guard_envelope(env, want)  # the store's path: byte compare, then the same refusal
 
 
+def test_lossy_envelope_of_another_block_is_a_mismatch_not_a_codec_error():
+    """The guard's slow path parses an int8 header too: another block's lossy envelope is an
+    IdentityMismatchError (a refusal), not a LossyCodecError (which the store treats as
+    corruption and deletes).  Whether lossy bytes may be served is the codec check's call."""
+    ident = make_ident(kv_quant="int8-channel")
+    _, tokens, blocks = make_case(28, 2, ident)
+    keys = chain_keys(ident, tokens, 2)
+    env = _envelope(ident, keys[1], keys[0], blocks[1], codec="int8")
+    guard_envelope(env, expected_for(ident, keys[1], keys[0]))  # its own block: accepted
+    with pytest.raises(IdentityMismatchError, match="key"):
+        guard_envelope(env, expected_for(ident, keys[0], root_key(ident)))
+    exact = make_ident()  # an exact request that finds it: refused by the identity fields
+    with pytest.raises(IdentityMismatchError, match="identity"):
+        guard_envelope(env, expected_for(exact, keys[1], keys[0]))
+
+
 def test_destination_checks():
     ident = make_ident()
     good = np.zeros((2, *ident.block_shape), np.float16)

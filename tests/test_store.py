@@ -515,9 +515,15 @@ def test_lossy_blocks_are_never_found_under_the_exact_identity(tmp_path):
         assert store.lookup(exact, tokens) == 0
         with pytest.raises(BlockNotFoundError):
             store.get(exact, tokens, 1)
+        got = store.get(lossy, tokens, 3)
     with BlockStore.open(tmp_path / "t", object_store=l2, **SMALL) as other:  # nor via the shared L2
         assert other.lookup(exact, tokens) == 0
-        assert other.lookup(lossy, tokens) == 3
+        with pytest.raises(BlockNotFoundError):
+            other.get(exact, tokens, 1)
+        assert other.lookup(lossy, tokens) == 3  # the blocks are in the shared L2...
+        assert other.get(lossy, tokens, 3).tobytes() == got.tobytes()  # ...for the lossy identity
+        st = other.stats()
+        assert st["l2_hits"] == 3 and st["identity_mismatches"] == 0 and st["misses"] == 1
 
 
 def test_codec_and_kv_quant_must_agree(tmp_path):
@@ -565,6 +571,121 @@ def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_pat
         assert not out.any()  # not one byte copied out
         st = store.stats()
         assert st["identity_mismatches"] == 1 and st["residency"]["l1"] == 0  # nor promoted
+
+
+def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
+    """An int8 envelope found under another block's key is refused as an identity mismatch;
+    it is not mistaken for corruption (a LossyCodecError from the guard) and deleted."""
+    from engine.errors import IdentityMismatchError
+
+    lossy = make_ident(kv_quant="int8-channel")
+    _, tokens, blocks = make_case(28, 2, lossy)
+    keys = chain_keys(lossy, tokens, 2)
+    sk0, sk1 = lossy.namespace + keys[0], lossy.namespace + keys[1]
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(lossy, tokens, blocks)
+        env1 = store._disk.get(sk1)
+        store._disk.delete(sk0)
+        store._disk.put_many([(sk0, env1)])  # block 1's envelope under block 0's key
+        with pytest.raises(IdentityMismatchError, match="key"):
+            store.get(lossy, tokens, 1)
+        st = store.stats()
+        assert st["identity_mismatches"] == 1 and st["corrupt_l1"] == 0
+        assert store._disk.contains(sk0)
+
+
+# ------------------------------------------------------------------ reviewer fixes: promotion, eviction, close
+
+
+def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, monkeypatch):
+    """Promoting L2 hits to L1 is an optimisation: when it fails, get still returns the
+    verified blocks, or raises its own error (not the promotion's); the failure is counted."""
+    from walpub.errors import VolumeIOError
+
+    ident, tokens, blocks = make_case(50, 2)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks[:1])  # only the first block exists anywhere
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        def failing(items):
+            raise VolumeIOError("no space left on device (injected)")
+
+        monkeypatch.setattr(store._disk.volume, "publish_many", failing)
+        assert store.get(ident, tokens, 1).tobytes() == blocks[:1].tobytes()
+        with pytest.raises(BlockNotFoundError):  # block 1 is missing: that is the error
+            store.get(ident, tokens, 2)
+        st = store.stats()
+        assert st["l1_promote_failures"] == 2 and st["l2_hits"] == 2 and st["residency"]["l1"] == 0
+        monkeypatch.undo()
+
+
+def test_blocks_durable_before_a_failed_eviction_are_still_found(tmp_path, monkeypatch):
+    """DiskTier.put_many publishes, then evicts: when the eviction fails, the put raises but
+    its blocks are durable in L1, and lookup reports them (no under-count until a reopen)."""
+    from engine.errors import StoreIOError
+    from engine.store import envelope_bound
+    from walpub.errors import VolumeIOError
+
+    ident, tokens, blocks = make_case(51, 3)
+    per = envelope_bound(ident, "none")
+    with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0, disk_bytes=2 * per) as store:
+        def failing(budget):
+            raise VolumeIOError("eviction failed (injected)")
+
+        monkeypatch.setattr(store._disk.volume, "evict_to", failing)
+        with pytest.raises(StoreIOError):
+            store.put(ident, tokens, blocks)
+        assert len(store._disk) == 3  # published before the eviction failed
+        assert store.stats()["residency"]["l1"] == 3
+        assert store.lookup(ident, tokens) == 3
+        assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()
+        monkeypatch.undo()
+
+
+def test_close_waits_for_calls_in_progress_and_refuses_new_ones(tmp_path, monkeypatch):
+    """close() on one thread while a get runs on another: the get completes with its
+    blocks (the tiers are not closed under it), new calls get StoreClosedError."""
+    import threading
+
+    ident, tokens, blocks = make_case(52, 2)
+    store = BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat")
+    store.put(ident, tokens, blocks)
+    inside, release = threading.Event(), threading.Event()
+    real_get = store._disk.get
+
+    def slow_get(key):
+        inside.set()
+        release.wait(30)
+        return real_get(key)
+
+    monkeypatch.setattr(store._disk, "get", slow_get)
+    got, errors = [], []
+
+    def reader():
+        try:
+            got.append(store.get(ident, tokens, 2))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    r = threading.Thread(target=reader)
+    r.start()
+    assert inside.wait(30)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.5)
+    try:
+        assert closer.is_alive()  # waiting for the get in progress...
+        with pytest.raises(StoreClosedError):  # ...while refusing new calls
+            store.lookup(ident, tokens)
+    finally:
+        release.set()
+        r.join(30)
+        closer.join(30)
+    assert not errors, errors
+    assert got[0].tobytes() == blocks.tobytes()
+    assert not closer.is_alive() and store._disk is None
+    with pytest.raises(StoreClosedError):
+        store.get(ident, tokens, 1)
 
 
 # ------------------------------------------------------------------ L2 retry hints survive a crash
