@@ -28,6 +28,7 @@ from tier.errors import (
     ObjectStoreAuthError,
     ObjectStoreClosedError,
     ObjectStoreConfigError,
+    ObjectStoreIOError,
 )
 from tier.objectstore import (
     LocalDirObjectStore,
@@ -248,6 +249,15 @@ def test_local_stale_tmp_is_cleared_on_open(tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     LocalDirObjectStore(tmp_path)
     assert sorted(os.listdir(tmp_path / "tmp")) == ["inflight.tmp"]
+
+
+def test_local_file_system_failure_is_typed_and_publishes_nothing(tmp_path):
+    store = LocalDirObjectStore(tmp_path)
+    store.put(b"k1", b"one")
+    os.rmdir(tmp_path / "tmp")  # removed under the store: every publish now fails in the OS
+    with pytest.raises(ObjectStoreIOError, match="publish"):
+        store.put(b"k2", b"two")
+    assert store.get(b"k2") is None and store.get(b"k1") == b"one"
 
 
 def test_local_publish_fsyncs_file_and_directory(tmp_path, monkeypatch):

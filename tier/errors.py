@@ -42,6 +42,11 @@ class ObjectStoreRequestError(ObjectStoreError):
     """The server rejected a request for a reason retrying cannot fix (a 4xx)."""
 
 
+class ObjectStoreIOError(ObjectStoreError):
+    """The local-directory object store's file system failed (disk full, EIO,
+    a directory removed under it).  Nothing the failing call wrote is published."""
+
+
 class ObjectStoreUnreachableError(ObjectStoreError):
     """The object store did not answer usefully within the retry budget.
 

@@ -35,6 +35,7 @@ import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import crc32c
 
@@ -45,6 +46,7 @@ from tier.errors import (
     ObjectCorruptError,
     ObjectStoreClosedError,
     ObjectStoreConfigError,
+    ObjectStoreIOError,
 )
 
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
@@ -261,6 +263,17 @@ class ObjectStore(ABC):
 
 # --- local directory ----------------------------------------------------------------
 
+
+@contextmanager
+def _fs_errors(what: str, root: str) -> Iterator[None]:
+    """An OSError of the directory store comes out typed (FileNotFoundError of an
+    object is handled by the callers as a miss before it gets here)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ObjectStoreIOError(f"{what} in {root}: {exc.strerror or exc}") from exc
+
+
 # A local object file is the object's bytes then this trailer: CRC32C of the
 # bytes (u32) and a magic.  S3 keeps the same CRC in object metadata instead.
 _TRAILER = struct.Struct("<I4s")
@@ -307,28 +320,30 @@ class LocalDirObjectStore(ObjectStore):
         check_range(start, length)
         self._check_open()
         path = self._path(object_name(key))
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size - _TRAILER.size
-                if start + length > size:
-                    raise InvalidRangeError(
-                        f"range [{start}, {start + length}) is past the end of "
-                        f"{object_name(key)} ({size} bytes)"
-                    )
-                f.seek(start)
-                data = f.read(length)
-        except FileNotFoundError:
-            return None
+        with _fs_errors(f"ranged read of {object_name(key)}", self.root):
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size - _TRAILER.size
+                    if start + length > size:
+                        raise InvalidRangeError(
+                            f"range [{start}, {start + length}) is past the end of "
+                            f"{object_name(key)} ({size} bytes)"
+                        )
+                    f.seek(start)
+                    data = f.read(length)
+            except FileNotFoundError:
+                return None
         if len(data) != length:  # the file shrank under us: never a short read as data
             raise ObjectCorruptError(f"{object_name(key)}: short read {len(data)} of {length}")
         return data
 
     def head(self, key: bytes) -> int | None:
         self._check_open()
-        try:
-            size = os.stat(self._path(object_name(key))).st_size
-        except FileNotFoundError:
-            return None
+        with _fs_errors(f"stat of {object_name(key)}", self.root):
+            try:
+                size = os.stat(self._path(object_name(key))).st_size
+            except FileNotFoundError:
+                return None
         return max(size - _TRAILER.size, 0)
 
     def delete(self, key: bytes) -> None:
@@ -347,6 +362,10 @@ class LocalDirObjectStore(ObjectStore):
 
     def _put_named(self, name: str, data: bytes) -> bool:
         self._check_open()
+        with _fs_errors(f"publish {name}", self.root):
+            return self._publish_file(name, data)
+
+    def _publish_file(self, name: str, data: bytes) -> bool:
         final = self._path(name)
         directory = os.path.dirname(final)
         if not os.path.isdir(directory):
@@ -377,11 +396,12 @@ class LocalDirObjectStore(ObjectStore):
     def _get_named(self, name: str) -> bytes | None:
         self._check_open()
         path = self._path(name)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return None
+        with _fs_errors(f"read {name}", self.root):
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
         if len(raw) >= _TRAILER.size:
             crc, magic = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
             body = memoryview(raw)[: -_TRAILER.size]
@@ -404,11 +424,12 @@ class LocalDirObjectStore(ObjectStore):
     def _delete_named(self, name: str) -> None:
         self._check_open()
         path = self._path(name)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        _fsync_dir(os.path.dirname(path))
+        with _fs_errors(f"delete {name}", self.root):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            _fsync_dir(os.path.dirname(path))
 
     def _clear_stale_tmp(self) -> None:
         """Remove tmp files a crashed writer left (old enough not to be in flight)."""
