@@ -82,6 +82,7 @@ from engine.errors import (
 from engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
 from engine.identity import CacheIdentity
 from engine.keys import chain_keys, root_key, tokens_to_le_u32
+from walpub.io import fsync_dir, write_all
 
 TIERS = ("l0", "l1", "l2")
 L2_MODES = ("sync", "background")
@@ -141,23 +142,6 @@ def _translated(what: str) -> Iterator[None]:
         raise
     except _lower_errors() as exc:
         raise _translate(exc, what) from exc
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:  # bounded: each write moves >= 1 byte or raises
-        n = os.write(fd, view)
-        if n <= 0:
-            raise OSError(5, "write returned 0")
-        view = view[n:]
 
 
 @contextmanager
@@ -1052,9 +1036,9 @@ class BlockStore:
                 if self._journal_fd is None:
                     self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
                     if self._journal_keys == 0:  # the file may be new: make its name durable
-                        _fsync_dir(self.path)
+                        fsync_dir(self.path)
                 try:
-                    _write_all(self._journal_fd, b"".join(fresh))
+                    write_all(self._journal_fd, b"".join(fresh))
                     os.fsync(self._journal_fd)
                 except OSError:  # never append after a torn record: cut back to whole keys
                     try:
@@ -1093,7 +1077,7 @@ class BlockStore:
         if not keys:
             if os.path.exists(path):
                 os.unlink(path)
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
             self._journal_keys = 0
             return
         tmp = path + ".tmp"
@@ -1102,7 +1086,7 @@ class BlockStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._journal_keys = len(keys)
 
     def _save_pending(self) -> None:

@@ -48,6 +48,7 @@ from tier.errors import (
     ObjectStoreConfigError,
     ObjectStoreIOError,
 )
+from walpub.io import fsync_dir, write_all
 
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
 BLOCKS_DIR = "blocks/"
@@ -298,8 +299,8 @@ class LocalDirObjectStore(ObjectStore):
             for sub in ("", "blocks", "manifests", "tmp"):
                 os.makedirs(os.path.join(self.root, sub), exist_ok=True)
             if created:
-                _fsync_dir(os.path.dirname(self.root))
-            _fsync_dir(self.root)
+                fsync_dir(os.path.dirname(self.root))
+            fsync_dir(self.root)
         except OSError as exc:
             raise ObjectStoreConfigError(
                 f"cannot open object store directory {self.root}: {exc.strerror}"
@@ -370,14 +371,14 @@ class LocalDirObjectStore(ObjectStore):
         directory = os.path.dirname(final)
         if not os.path.isdir(directory):
             os.makedirs(directory, exist_ok=True)
-            _fsync_dir(os.path.dirname(directory))
+            fsync_dir(os.path.dirname(directory))
         tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
                 view = memoryview(data).cast("B")  # any contiguous buffer, as bytes
-                _write_all(fd, view)
-                _write_all(fd, memoryview(_TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC)))
+                write_all(fd, view)
+                write_all(fd, memoryview(_TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC)))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -390,7 +391,7 @@ class LocalDirObjectStore(ObjectStore):
             _unlink_quiet(tmp)
         # Also when another writer won: its link may not be durable yet, and our
         # False tells the caller the block is safely published.
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return created
 
     def _get_named(self, name: str) -> bytes | None:
@@ -429,7 +430,7 @@ class LocalDirObjectStore(ObjectStore):
                 os.unlink(path)
             except FileNotFoundError:
                 return
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
 
     def _clear_stale_tmp(self) -> None:
         """Remove tmp files a crashed writer left (old enough not to be in flight)."""
@@ -441,20 +442,6 @@ class LocalDirObjectStore(ObjectStore):
                         os.unlink(entry.path)
                 except FileNotFoundError:
                     pass
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -21,6 +21,27 @@ import threading
 from abc import ABC, abstractmethod
 from collections import Counter
 
+def write_all(fd: int, data) -> None:
+    """Write every byte of ``data`` (bytes-like) to ``fd``.  Bounded: each
+    iteration writes >= 1 byte or raises."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write returned 0")
+        view = view[n:]
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory (through an O_DIRECTORY descriptor): makes the names
+    created, renamed or removed in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # The fsyncs of the protocol, by role (docs/WALPUB.md explains each).
 FSYNC_LABELS = (
     "object",          # publish: the object file in tmp/ before its rename
@@ -144,11 +165,7 @@ class OsFileSystem(FileSystem):
         os.fsync(fd)
 
     def _fsync_dir(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
     def create(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -157,13 +174,7 @@ class OsFileSystem(FileSystem):
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
     def write(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        # Bounded: each iteration writes >= 1 byte or raises.
-        while view:
-            n = os.write(fd, view)
-            if n <= 0:
-                raise OSError(errno.EIO, "write returned 0")
-            view = view[n:]
+        write_all(fd, data)
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
