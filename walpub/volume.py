@@ -542,12 +542,7 @@ class Volume:
             self._writer.append(b"".join(_wal.encode(r) for r in batch))
         except BaseException as exc:
             with self._cond:
-                self._failed = exc
-                self._syncing = False
-                self._cond.notify_all()
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt, a simulated kill: not an I/O error
-            raise VolumeFailedError(f"WAL append failed: {exc!r}") from exc
+                self._fail(exc, "WAL append failed")
         crash_point("commit.wal_synced")
         with self._cond:
             try:
@@ -555,13 +550,21 @@ class Volume:
             except BaseException as exc:
                 # The frames are durable but the index (or the maps) may hold only
                 # part of the batch: refuse further work; reopening recovers.
-                self._failed = exc
-                if not isinstance(exc, Exception):
-                    raise
-                raise VolumeFailedError(f"applying a durable WAL batch failed: {exc!r}") from exc
+                self._fail(exc, "applying a durable WAL batch failed")
             finally:
                 self._syncing = False
                 self._cond.notify_all()
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        """Mark the volume failed (every later call: VolumeFailedError; reopen
+        recovers), release the writer role, wake waiters, and raise.  Called
+        with ``_cond`` held, from the leader's failure paths."""
+        self._failed = exc
+        self._syncing = False
+        self._cond.notify_all()
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, a simulated kill: not an I/O error
+        raise VolumeFailedError(f"{what}: {exc!r}") from exc
 
     def _apply(self, batch: list) -> None:
         """Make a durable batch visible: live map, LRU, index (in seq order)."""
@@ -813,12 +816,7 @@ class Volume:
             crash_point("compact.done")
         except BaseException as exc:
             with self._cond:
-                self._failed = exc
-                self._syncing = False
-                self._cond.notify_all()
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt, a simulated kill: not an I/O error
-            raise VolumeFailedError(f"WAL compaction failed: {exc!r}") from exc
+                self._fail(exc, "WAL compaction failed")
         with self._cond:
             self._wal_records = 1 + len(live)
             self._n["compactions"] += 1
