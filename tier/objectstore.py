@@ -150,14 +150,14 @@ class ObjectStore(ABC):
     _closed = False
 
     # --- objects --------------------------------------------------------------
-    @abstractmethod
     def put(self, key: bytes, data: bytes) -> bool:
         """Publish ``data`` under ``key`` durably; True if this call created it,
         False if the key already existed (first writer wins: both are success)."""
+        return self._put_named(object_name(key), data)
 
-    @abstractmethod
     def get(self, key: bytes) -> bytes | None:
         """The object's verified bytes, or None if there is no such object."""
+        return self._get_named(object_name(key))
 
     @abstractmethod
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
@@ -171,9 +171,9 @@ class ObjectStore(ABC):
     def head(self, key: bytes) -> int | None:
         """The object's size in bytes, or None if there is no such object."""
 
-    @abstractmethod
     def delete(self, key: bytes) -> None:
         """Remove the object; deleting a missing key is not an error."""
+        self._delete_named(object_name(key))
 
     @abstractmethod
     def list_keys(self) -> Iterator[bytes]:
@@ -311,12 +311,6 @@ class LocalDirObjectStore(ObjectStore):
         return f"LocalDirObjectStore({self.root!r})"
 
     # --- objects --------------------------------------------------------------
-    def put(self, key: bytes, data: bytes) -> bool:
-        return self._put_named(object_name(key), data)
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._get_named(object_name(key))
-
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
         check_range(start, length)
         self._check_open()
@@ -346,9 +340,6 @@ class LocalDirObjectStore(ObjectStore):
             except FileNotFoundError:
                 return None
         return max(size - _TRAILER.size, 0)
-
-    def delete(self, key: bytes) -> None:
-        self._delete_named(object_name(key))
 
     def list_keys(self) -> Iterator[bytes]:
         self._check_open()

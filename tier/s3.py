@@ -266,12 +266,6 @@ class S3ObjectStore(ObjectStore):
             time.sleep(pause)
 
     # --- objects --------------------------------------------------------------------
-    def put(self, key: bytes, data: bytes) -> bool:
-        return self._put_named(object_name(key), data)
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._get_named(object_name(key))
-
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
         check_range(start, length)
         name = object_name(key)
@@ -323,9 +317,6 @@ class S3ObjectStore(ObjectStore):
                 raise
 
         return self._call("head", name, attempt)
-
-    def delete(self, key: bytes) -> None:
-        self._delete_named(object_name(key))
 
     def list_keys(self) -> Iterator[bytes]:
         for name in self._list_named(BLOCKS_DIR):
