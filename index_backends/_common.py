@@ -57,6 +57,13 @@ def check_pairs(keys: Sequence[bytes], values: Sequence[bytes]) -> tuple[list[by
     return ks, vs
 
 
+def check_batch(keys: Sequence[bytes], values: Sequence[bytes], deletes: Sequence[bytes],
+                applied_seq) -> tuple[list[bytes], list[bytes], list[bytes], int]:
+    """Validate a write_batch completely (puts, deletes, seq) before anything is written."""
+    ks, vs = check_pairs(keys, values)
+    return ks, vs, check_keys(deletes), check_seq(applied_seq)
+
+
 def check_prefix(prefix) -> bytes:
     """A scan prefix is bytes; unlike a key it may be empty (scan everything)."""
     if type(prefix) is not bytes:  # noqa: E721

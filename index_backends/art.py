@@ -18,10 +18,19 @@ snapshot of the arrays plus an append-only log of its own:
 With ``log=False`` (walpub drives the index and its WAL is the log) no log is
 kept: ``flush()`` writes a snapshot when something changed, and
 ``get_applied_seq()`` after a reopen tells walpub where to start replaying.
+
+Every file call (snapshot, its tmp, log, lock) goes through one I/O object with
+the method names of walpub's ``FileSystem`` (``io=``): walpub passes its own, so
+its crash simulator sees the snapshot's writes, fsyncs and rename; without one a
+small ``os`` adapter (``_OsIO``) is used.  One code path either way.  fsync
+labels: "index_snapshot" (the tmp file before its rename), "index_dir" (the
+directory after the rename and after mkdir), "index_log" (the log, log=True only).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import struct
 import time
@@ -32,20 +41,19 @@ import numpy as np
 
 from index_backends import _art_kernels as kern
 from index_backends._common import (
-    DirLock,
     check_key,
     check_keys,
     check_pairs,
     check_prefix,
     check_seq,
     check_value,
-    require_dir,
 )
-from index_backends.errors import IndexBackendError, IndexClosedError, InvalidKeyError
+from index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
 from index_backends.protocol import IndexStats
 
 SNAP_NAME = "art.snap"
 LOG_NAME = "art.log"
+LOCK_NAME = "QUIVER-INDEX.LOCK"
 
 MAX_VALUE = (1 << 19) - 1  # a leaf packs value offset | length << 44 into one int64 word
 MAX_KEY = (1 << 15) - 1  # ... and key offset | length << 48
@@ -74,12 +82,112 @@ class ValueTooLargeError(IndexBackendError, ValueError):
     """A value longer than MAX_VALUE bytes."""
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
+class _OsIO:
+    """The real file system under the method names of walpub's ``FileSystem``
+    (index_backends must not import walpub), so ArtIndex has one code path for
+    real files and for walpub's crash simulator.  Labels are ignored here."""
+
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def open_append(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def write(self, fd: int, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # bounded: each step writes >= 1 byte or raises
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            view = view[n:]
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def close(self, fd: int) -> None:
         os.close(fd)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+
+    def file_size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def try_lock(self, path: str) -> int | None:
+        # flock belongs to the open file description: a second open in this
+        # process is refused too.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        return fd
+
+    def unlock(self, handle: int) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
+
+    def fsync(self, fd: int, label: str) -> None:
+        # The log only appends (and truncates): fdatasync covers the size change.
+        (os.fdatasync if label == "index_log" else os.fsync)(fd)
+
+    def fsync_dir(self, path: str, label: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Lock:
+    """The index directory's writer lock, taken through the I/O layer."""
+
+    def __init__(self, io, directory: str):
+        self.path = f"{directory}/{LOCK_NAME}"
+        self._io = io
+        self._h = io.try_lock(self.path)
+        if self._h is None:
+            raise IndexLockedError(f"index at {directory!r} is already open (lock {self.path!r} is held)")
+
+    def release(self) -> None:
+        if self._h is not None:
+            self._io.unlock(self._h)
+            self._h = None
+
+
+def _make_dir(io, path: str) -> None:
+    """Create ``path`` and missing parents, each made durable by an fsync of its
+    parent (else a crash could lose the directory a snapshot was renamed into)."""
+    if io.isdir(path):
+        return
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if parent != path:
+        _make_dir(io, parent)
+    try:
+        io.mkdir(path)
+    except FileExistsError:
+        if not io.isdir(path):
+            raise
+    io.fsync_dir(parent, "index_dir")
 
 
 _blen = bytes.__len__  # raises TypeError on anything but bytes: type check + length in one pass
@@ -132,14 +240,24 @@ class ArtIndex:
     name = "art"
     persistent = True
 
-    def __init__(self, path, *, log: bool = True, fsync: bool = True, snapshot_min_log: int = 64 << 20):
-        self._dir = require_dir(path)
-        self._lock = DirLock(self._dir)
+    def __init__(self, path, *, log: bool = True, fsync: bool = True, snapshot_min_log: int = 64 << 20,
+                 io=None):
+        """``io``: a walpub ``FileSystem`` (duck-typed) every file call goes
+        through, paths being plain absolute strings; None means the real file
+        system.  ``fsync=False`` skips only the log's commit fsync."""
+        if path is None:
+            raise ValueError("a persistent index needs a directory path")
+        self._io = _OsIO() if io is None else io
+        self._dir = os.path.abspath(os.fspath(path)) if io is None else os.fspath(path).rstrip("/")
+        _make_dir(self._io, self._dir)
+        self._lock = _Lock(self._io, self._dir)
         self._use_log = log
         self._fsync = fsync
         self._snapshot_min_log = snapshot_min_log
-        self._snap_path = os.path.join(self._dir, SNAP_NAME)
-        self._log_path = os.path.join(self._dir, LOG_NAME)
+        self._snap_path = f"{self._dir}/{SNAP_NAME}"
+        self._log_path = f"{self._dir}/{LOG_NAME}"
+        self._snap_size = 0
+        self._log_size = 0  # bytes in the log file (excluding self._buf)
         self._bytes_written = 0
         self._buf = bytearray()  # frames not yet written to the log file
         self._uncommitted = False  # frames since the last COMMIT (buffered or spilled)
@@ -160,37 +278,42 @@ class ArtIndex:
     # -- persistence --------------------------------------------------------------
 
     def _load_snapshot(self) -> None:
-        if not os.path.exists(self._snap_path):
+        """Load art.snap whole; any damage (short, bad magic/CRC, wrong length)
+        is ArtCorruptError, so walpub can rebuild from its WAL instead."""
+        io = self._io
+        if not io.exists(self._snap_path):
             self._N, self._K, self._V = kern.new_arrays()
             self._Vmv = memoryview(self._V)
             self._snap_lsn = 0
             return
-        with open(self._snap_path, "rb") as f:
-            head = f.read(_SNAP.size)
-            if len(head) != _SNAP.size:
-                raise ArtCorruptError(f"{self._snap_path}: short header")
-            magic, ver, lsn, seq, words, kbytes, vbytes, records, body_crc, head_crc = _SNAP.unpack(head)
-            if magic != _SNAP_MAGIC or ver != _SNAP_VERSION:
-                raise ArtCorruptError(f"{self._snap_path}: bad magic or version {ver}")
-            if crc32c.crc32c(head[:-4]) != head_crc:
-                raise ArtCorruptError(f"{self._snap_path}: header CRC mismatch")
-            # Small headroom, so a reopened index is not at its growth point.
-            N = np.zeros(words + max(words // 16, kern.INSERT_W + 64), dtype=np.int64)
-            K = np.zeros(kbytes + max(kbytes // 16, 4096), dtype=np.uint8)
-            V = np.zeros(vbytes + max(vbytes // 16, 4096), dtype=np.uint8)
-            crc = 0
-            for arr, n in ((N.view(np.uint8), words * 8), (K, kbytes), (V, vbytes)):
-                mv = memoryview(arr)[:n]
-                if f.readinto(mv) != n:
-                    raise ArtCorruptError(f"{self._snap_path}: truncated body")
-                crc = crc32c.crc32c(mv, crc)
-            if crc != body_crc:
-                raise ArtCorruptError(f"{self._snap_path}: body CRC mismatch")
+        data = io.read_file(self._snap_path)
+        if len(data) < _SNAP.size:
+            raise ArtCorruptError(f"{self._snap_path}: short header")
+        head = data[: _SNAP.size]
+        magic, ver, lsn, seq, words, kbytes, vbytes, records, body_crc, head_crc = _SNAP.unpack(head)
+        if magic != _SNAP_MAGIC or ver != _SNAP_VERSION:
+            raise ArtCorruptError(f"{self._snap_path}: bad magic or version {ver}")
+        if crc32c.crc32c(head[:-4]) != head_crc:
+            raise ArtCorruptError(f"{self._snap_path}: header CRC mismatch")
+        if len(data) != _SNAP.size + words * 8 + kbytes + vbytes:
+            raise ArtCorruptError(f"{self._snap_path}: truncated body ({len(data)} bytes)")
+        body = memoryview(data)[_SNAP.size :]
+        if crc32c.crc32c(body) != body_crc:
+            raise ArtCorruptError(f"{self._snap_path}: body CRC mismatch")
+        # Small headroom, so a reopened index is not at its growth point.
+        N = np.zeros(words + max(words // 16, kern.INSERT_W + 64), dtype=np.int64)
+        K = np.zeros(kbytes + max(kbytes // 16, 4096), dtype=np.uint8)
+        V = np.zeros(vbytes + max(vbytes // 16, 4096), dtype=np.uint8)
+        pos = 0
+        for arr, n in ((N.view(np.uint8), words * 8), (K, kbytes), (V, vbytes)):
+            arr[:n] = np.frombuffer(body, dtype=np.uint8, count=n, offset=pos)
+            pos += n
         if int(N[kern.M_COUNT]) != records or int(N[kern.M_TOP]) != words:
             raise ArtCorruptError(f"{self._snap_path}: header and body disagree")
         self._N, self._K, self._V = N, K, V
         self._Vmv = memoryview(V)
         self._snap_lsn = lsn
+        self._snap_size = len(data)
         self._lsn = lsn
         self._seq = seq
 
@@ -198,10 +321,14 @@ class ArtIndex:
         """Apply committed frames past the snapshot; cut a torn/uncommitted tail."""
         if not self._use_log:
             return
-        fd = os.open(self._log_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        io = self._io
+        existed = io.exists(self._log_path)
+        data = io.read_file(self._log_path) if existed else b""
+        size = len(data)
+        fd = io.open_append(self._log_path)
         self._log_fd = fd
-        size = os.fstat(fd).st_size
-        data = os.pread(fd, size, 0) if size else b""
+        if not existed:  # else a crash could drop the name, and every commit with it
+            io.fsync_dir(self._dir, "index_dir")
         pos = 0
         good = 0  # end of the last COMMIT frame
         pending: list[tuple[int, int, bytes]] = []
@@ -223,9 +350,9 @@ class ArtIndex:
                 good = end
             pos = end
         if good != size:
-            os.ftruncate(fd, good)
-            os.fsync(fd)
-        os.lseek(fd, good, os.SEEK_SET)
+            io.truncate(fd, good)
+            io.fsync(fd, "index_log")
+        self._log_size = good  # appends (O_APPEND) go on from here
 
     def _apply(self, ftype: int, payload: bytes) -> None:
         if ftype == F_PUT:
@@ -261,11 +388,10 @@ class ArtIndex:
             self._write_buf()
 
     def _write_buf(self) -> None:
-        mv = memoryview(self._buf)
-        while mv:
-            n = os.write(self._log_fd, mv)
-            mv = mv[n:]
+        if self._buf:
+            self._io.write(self._log_fd, self._buf)
         self._bytes_written += len(self._buf)
+        self._log_size += len(self._buf)
         self._buf = bytearray()
 
     def _commit(self) -> None:
@@ -277,11 +403,15 @@ class ArtIndex:
         self._buf += _FRAME.pack(0, crc32c.crc32c(body), F_COMMIT, self._lsn)[:8] + body
         self._write_buf()
         if self._fsync:
-            os.fdatasync(self._log_fd)
+            self._io.fsync(self._log_fd, "index_log")
 
     def snapshot(self) -> int:
         """Write a snapshot of the arrays (durable on return) and empty the log;
-        returns the snapshot's size in bytes."""
+        returns the snapshot's size in bytes.
+
+        tmp, fsync("index_snapshot"), rename, fsync_dir("index_dir"): a crash at
+        any step leaves the old snapshot or the new one under art.snap, never a
+        mix (a stale tmp is ignored and replaced by the next snapshot)."""
         self._live()
         self._commit()
         self._maybe_compact(force=True)
@@ -295,25 +425,32 @@ class ArtIndex:
         head = _SNAP.pack(_SNAP_MAGIC, _SNAP_VERSION, self._lsn, self._seq, words, kbytes, vbytes,
                           int(N[kern.M_COUNT]), crc, 0)[:-4]
         head += _U32.pack(crc32c.crc32c(head))
+        io = self._io
         tmp = self._snap_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(head)
+        if io.exists(tmp):
+            io.unlink(tmp)  # left by a crash mid-snapshot
+        fd = io.create(tmp)
+        try:
+            io.write(fd, head)
             for mv in parts:
-                f.write(mv)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._snap_path)
-        _fsync_dir(self._dir)
+                if len(mv):
+                    io.write(fd, mv)
+            io.fsync(fd, "index_snapshot")
+        finally:
+            io.close(fd)
+        io.rename(tmp, self._snap_path)
+        io.fsync_dir(self._dir, "index_dir")
         size = len(head) + sum(len(mv) for mv in parts)
         self._bytes_written += size
+        self._snap_size = size
         self._snap_lsn = self._lsn
         self._dirty = False
         if self._log_fd is not None:
             # The snapshot covers every frame; a crash before this truncate is
             # harmless because replay skips frames with lsn <= the snapshot's.
-            os.ftruncate(self._log_fd, 0)
-            os.lseek(self._log_fd, 0, os.SEEK_SET)
-            os.fsync(self._log_fd)
+            io.truncate(self._log_fd, 0)
+            io.fsync(self._log_fd, "index_log")
+            self._log_size = 0
         return size
 
     # -- growth -------------------------------------------------------------------
@@ -425,7 +562,12 @@ class ArtIndex:
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
         self._live()
-        kbuf, klens = _fast_keys(_as_seq(keys))
+        self._apply_puts(*self._pack_pairs(keys, values))
+
+    def _pack_pairs(self, keys, values) -> tuple[bytes, np.ndarray, bytes, np.ndarray]:
+        """Validate a put batch whole (typed errors, nothing written) and pack it."""
+        keys = _as_seq(keys)
+        kbuf, klens = _fast_keys(keys)
         if isinstance(values, (bytes, bytearray, str)):
             raise TypeError("expected a sequence of values, got a single bytes/str object")
         if not isinstance(values, (list, tuple)):
@@ -434,12 +576,14 @@ class ArtIndex:
             check_pairs(list(keys), values)  # raises the shared TypeError
         if len(values) != len(klens):
             raise ValueError(f"put_many got {len(klens)} keys but {len(values)} values")
+        vlens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if len(vlens) and vlens.max() > MAX_VALUE:
+            raise ValueTooLargeError(f"art values are at most {MAX_VALUE} bytes")
+        return kbuf, klens, b"".join(values), vlens
+
+    def _apply_puts(self, kbuf: bytes, klens: np.ndarray, vbuf: bytes, vlens: np.ndarray) -> None:
         if not len(klens):
             return
-        vlens = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-        if vlens.max() > MAX_VALUE:
-            raise ValueTooLargeError(f"art values are at most {MAX_VALUE} bytes")
-        vbuf = b"".join(values)
         self._put_many_raw(kbuf, klens, vbuf, vlens)
         if self._use_log:
             n = len(klens)
@@ -449,6 +593,24 @@ class ArtIndex:
             )
         else:
             self._dirty = True
+
+    def write_batch(self, keys: Sequence[bytes], values: Sequence[bytes], deletes: Sequence[bytes],
+                    applied_seq: int) -> None:
+        """Puts, then deletes, then applied_seq, all validated before anything
+        changes; atomic across a crash: with the log, its frames are followed by
+        a COMMIT only at the next flush/snapshot/close (replay applies whole
+        commits only), and without it snapshots are taken only between calls."""
+        self._live()
+        packed = self._pack_pairs(keys, values)
+        deletes = _as_seq(deletes)
+        _fast_keys(deletes)  # validates every key to delete
+        check_seq(applied_seq)
+        self._apply_puts(*packed)
+        for key in deletes:
+            if kern.delete(self._N, self._K, key):
+                self._append(F_DEL, key)
+        self._seq = applied_seq
+        self._append(F_SEQ, _U64.pack(applied_seq))
 
     def get(self, key: bytes) -> bytes | None:
         if self._closed:
@@ -537,9 +699,7 @@ class ArtIndex:
                 self.snapshot()
             return
         self._commit()
-        log_size = os.fstat(self._log_fd).st_size
-        snap_size = os.path.getsize(self._snap_path) if os.path.exists(self._snap_path) else 0
-        if log_size > max(self._snapshot_min_log, snap_size):
+        if self._log_size > max(self._snapshot_min_log, self._snap_size):
             self.snapshot()
 
     def close(self) -> None:
@@ -549,14 +709,14 @@ class ArtIndex:
         try:
             if self._use_log:
                 self._commit()
-                if os.fstat(self._log_fd).st_size > 0:
+                if self._log_size > 0:
                     self.snapshot()
             elif self._dirty:
                 self.snapshot()
         finally:
             self._closed = True
             if self._log_fd is not None:
-                os.close(self._log_fd)
+                self._io.close(self._log_fd)
                 self._log_fd = None
             self._lock.release()
 
@@ -564,8 +724,8 @@ class ArtIndex:
         self._live()
         on_disk = 0
         for p in (self._snap_path, self._log_path):
-            if os.path.exists(p):
-                on_disk += os.path.getsize(p)
+            if self._io.exists(p):
+                on_disk += self._io.file_size(p)
         N = self._N
         return IndexStats(
             records=int(N[kern.M_COUNT]),

@@ -37,6 +37,7 @@ from index_backends._common import (
     DirLock,
     check_key,
     check_keys,
+    check_batch,
     check_pairs,
     check_prefix,
     check_seq,
@@ -177,6 +178,21 @@ class LmdbIndex:
         def body(txn):
             for k, v in zip(ks, vs):
                 txn.put(k, v, db=self._records)
+
+        self._write(body)
+
+    def write_batch(self, keys, values, deletes, applied_seq) -> None:
+        ks, vs, ds, seq = check_batch(keys, values, deletes, applied_seq)
+        for k in ks + ds:
+            self._key(k)
+        packed = _U64.pack(seq)
+
+        def body(txn):
+            for k, v in zip(ks, vs):
+                txn.put(k, v, db=self._records)
+            for k in ds:
+                txn.delete(k, db=self._records)
+            txn.put(_SEQ_KEY, packed, db=self._meta)
 
         self._write(body)
 

@@ -13,6 +13,7 @@ import sys
 from typing import Iterator, Sequence
 
 from index_backends._common import (
+    check_batch,
     check_key,
     check_keys,
     check_pairs,
@@ -53,6 +54,14 @@ class FlatIndex:
         d = self._live()
         ks, vs = check_pairs(keys, values)
         d.update(zip(ks, vs))
+
+    def write_batch(self, keys, values, deletes, applied_seq) -> None:
+        d = self._live()
+        ks, vs, ds, seq = check_batch(keys, values, deletes, applied_seq)
+        d.update(zip(ks, vs))
+        for k in ds:
+            d.pop(k, None)
+        self._seq = seq
 
     def get(self, key: bytes) -> bytes | None:
         return self._live().get(check_key(key))

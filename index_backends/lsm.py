@@ -43,6 +43,7 @@ from index_backends._common import (
     DirLock,
     check_key,
     check_keys,
+    check_batch,
     check_pairs,
     check_prefix,
     check_seq,
@@ -172,6 +173,22 @@ class RocksIndex:
         for k, v in zip(ks, vs):
             batch.put(k, v)
         self._commit(batch, self._count + new)
+
+    def write_batch(self, keys, values, deletes, applied_seq) -> None:
+        db = self._live()
+        ks, vs, ds, seq = check_batch(keys, values, deletes, applied_seq)
+        # Exact count: a key is live after the batch iff it is put and not deleted.
+        touched = list(dict.fromkeys(ks + ds))
+        was = dict(zip(touched, (v is not None for v in db.get(touched)))) if touched else {}
+        dead = set(ds)
+        new_count = self._count + sum((k not in dead) - was[k] for k in touched)
+        batch = rd.WriteBatch(raw_mode=True)
+        for k, v in zip(ks, vs):
+            batch.put(k, v)
+        for k in ds:
+            batch.delete(k)
+        batch.put(_SEQ_KEY, _U64.pack(seq), self._meta_cf)
+        self._commit(batch, new_count)
 
     def get(self, key: bytes) -> bytes | None:
         return self._live().get(check_key(key))

@@ -65,6 +65,13 @@ class ResidencyIndex(Protocol):
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; True if it was present."""
 
+    def write_batch(self, keys: Sequence[bytes], values: Sequence[bytes], deletes: Sequence[bytes],
+                    applied_seq: int) -> None:
+        """Put ``keys``/``values``, then delete ``deletes``, then set applied_seq --
+        one atomic unit: after a crash and reopen, all of it or none of it is
+        visible.  walpub applies each durable WAL group commit with one call, so
+        the index is always exactly the state as of its applied_seq."""
+
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs whose key starts with ``prefix``, in key order.
         ``prefix=b""`` scans everything.  Not necessarily a snapshot: a key

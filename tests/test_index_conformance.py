@@ -300,6 +300,35 @@ def test_applied_seq(idx):
     assert len(idx) == 0  # metadata is not a record
 
 
+def test_write_batch_puts_then_deletes_then_seq(opener, backend):
+    idx = opener()
+    idx.put(b"old", b"o")
+    idx.write_batch([b"a", b"b", b"old"], [b"1", b"2", b"3"], [b"b", b"gone-already"], 7)
+    assert (idx.get(b"a"), idx.get(b"b"), idx.get(b"old")) == (b"1", None, b"3")
+    assert len(idx) == 2 and idx.get_applied_seq() == 7
+    idx.write_batch([], [], [b"a"], 8)  # deletes only
+    assert idx.get(b"a") is None and len(idx) == 1 and idx.get_applied_seq() == 8
+    if idx.persistent:
+        idx.flush()
+        idx.close()
+        idx = opener()
+        assert idx.get(b"old") == b"3" and len(idx) == 1 and idx.get_applied_seq() == 8
+
+
+def test_write_batch_validates_everything_first(idx):
+    idx.write_batch([b"k"], [b"v"], [], 3)
+    for keys, values, deletes, seq, err in [
+        ([b"x"], [b"v"], [b""], 4, InvalidKeyError),
+        ([b"x"], ["v"], [], 4, TypeError),
+        ([b"x", b"y"], [b"v"], [], 4, ValueError),
+        ([b"x"], [b"v"], [b"k"], -1, ValueError),
+        ([b"x"], [b"v"], [b"k"], "4", TypeError),
+    ]:
+        with pytest.raises(err):
+            idx.write_batch(keys, values, deletes, seq)
+    assert idx.get(b"k") == b"v" and idx.get(b"x") is None and idx.get_applied_seq() == 3
+
+
 # -- reopen ---------------------------------------------------------------------
 
 
@@ -477,6 +506,15 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(ks=st.lists(keys_st, max_size=6))
     def longest_prefix(self, ks):
         assert self.idx.longest_prefix(ks) == model_longest(self.model, ks)
+
+    @rule(items=st.lists(st.tuples(keys_st, values_st), max_size=6), dels=st.lists(keys_st, max_size=4),
+          seq=st.integers(0, MAX_SEQ))
+    def write_batch(self, items, dels, seq):
+        self.idx.write_batch([k for k, _ in items], [v for _, v in items], dels, seq)
+        self.model.update(items)
+        for k in dels:
+            self.model.pop(k, None)
+        self.seq = seq
 
     @rule(seq=st.integers(0, MAX_SEQ))
     def set_applied_seq(self, seq):

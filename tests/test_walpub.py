@@ -24,7 +24,7 @@ from walpub import (
 )
 from walpub import wal
 from walpub.crashsim import PersistentIndexTwin
-from walpub.volume import object_relpath
+from walpub.volume import META_KEY, object_relpath
 
 
 def K(i: int) -> bytes:
@@ -165,7 +165,7 @@ def test_recovery_drops_bad_objects(tmp_path, damage):
         open(path, "wb").write(raw)
     else:
         open(path, "wb").write(b"abc")
-    with Volume(root) as v:
+    with Volume(root, verify_on_recover="crc") as v:  # flat: the whole WAL is replayed and checked
         assert [k for k, _ in v.last_recovery.dropped] == [K(1)]
         assert K(1) not in v and v.read(K(2)) == data(2)
         assert not os.path.exists(path)
@@ -197,12 +197,28 @@ def test_recovery_clears_tmp_orphans_and_wal_junk(tmp_path):
     open(orphan, "wb").write(b"orphan")
     open(os.path.join(root, os.path.dirname(object_relpath(K(1))), "notakey.txt"), "wb").write(b"?")
     open(os.path.join(root, "wal", "garbage"), "wb").write(b"?")
+    os.unlink(os.path.join(root, "CLEAN"))  # what a crash leaves: no clean-close marker
     with Volume(root) as v:
         r = v.last_recovery
         assert (r.tmp_removed, r.orphans_removed, r.wal_junk_removed) == (1, 2, 1)
         assert v.keys() == [K(1)]
     assert os.listdir(os.path.join(root, "tmp")) == []
     assert not os.path.exists(orphan)
+
+
+def test_clean_close_skips_the_orphan_scan_and_gc_still_collects(tmp_path):
+    root = str(tmp_path)
+    with Volume(root) as v:
+        v.publish(K(1), data(1))
+    assert os.path.exists(os.path.join(root, "CLEAN"))
+    orphan = os.path.join(root, object_relpath(K(7)))
+    os.makedirs(os.path.dirname(orphan), exist_ok=True)
+    open(orphan, "wb").write(b"planted after a clean close")
+    with Volume(root) as v:
+        assert v.last_recovery.orphans_removed == 0 and os.path.exists(orphan)
+        assert not os.path.exists(os.path.join(root, "CLEAN"))  # open: from here on, not clean
+        assert v.gc() == 1 and not os.path.exists(orphan)
+        assert v.read(K(1)) == data(1)
 
 
 def test_torn_tail_is_truncated_and_later_appends_survive(tmp_path):
@@ -396,6 +412,10 @@ class PersistentDictIndex(PersistentIndexTwin):
         for k, v in zip(ks, vs):
             self.put(k, v)
 
+    def write_batch(self, ks, vs, ds, seq):
+        super().write_batch(ks, vs, ds, seq)
+        self.puts += sum(1 for k in ks if not k.endswith(META_KEY))  # records, not the summary
+
 
 def test_persistent_index_catches_up_only_the_tail():
     sim = SimFileSystem()
@@ -404,16 +424,16 @@ def test_persistent_index_catches_up_only_the_tail():
     for i in range(10):
         v.publish(K(i), data(i))
     idx.flush()                                    # index durable at seq 10
+    at10 = (dict(idx.durable[0]), idx.durable[1])
     for i in range(10, 13):
         v.publish(K(i), data(i))
     v.delete(K(0))
     v.close()
-    stale = PersistentDictIndex(idx.durable)
-    stale.durable = ({k: val for k, val in idx.durable[0].items()}, 10)
-    stale.d, stale.seq = dict(stale.durable[0]), 10
+    stale = PersistentDictIndex(at10)              # what a crash after seq 10 leaves
     v = Volume("/v", io=sim, index=stale, index_prefix=b"ns:")
     assert v.last_recovery.index_mode == "catch_up" and stale.puts == 3
-    assert sorted(k for k, _ in stale.scan_prefix(b"ns:")) == sorted(b"ns:" + K(i) for i in range(1, 13))
+    assert sorted(k for k, _ in stale.scan_prefix(b"ns:") if not k.endswith(META_KEY)) == sorted(
+        b"ns:" + K(i) for i in range(1, 13))
     assert stale.get_applied_seq() == 14
     v.close()
 
@@ -427,8 +447,10 @@ def test_persistent_index_never_keeps_an_entry_whose_object_is_gone():
     v.close()                                       # index durable, applied = 4
     sim.unlink("/v/" + object_relpath(K(2)))        # object lost out of band
     v = Volume("/v", io=sim, index=PersistentDictIndex(idx.durable))
-    assert v.index.get(K(2)) is None and K(2) not in v
-    assert [k for k, _ in v.last_recovery.dropped] == [K(2)]
+    assert v.last_recovery.index_mode == "catch_up"  # open reads no object...
+    with pytest.raises(CorruptObjectError):         # ...the first read finds the loss
+        v.read(K(2))
+    assert v.index.get(K(2)) is None and K(2) not in v and len(v) == 3
     v.close()
 
 
@@ -449,7 +471,7 @@ def test_persistent_index_behind_compaction_is_reconciled():
     v.close()
     v = Volume("/v", io=sim, index=PersistentDictIndex(old))
     assert v.last_recovery.index_mode == "reconcile"
-    assert sorted(k for k, _ in v.index.scan_prefix(b"")) == sorted([K(3), K(4), K(5)])
+    assert sorted(k for k, _ in v.index.scan_prefix(b"") if k != META_KEY) == sorted([K(3), K(4), K(5)])
     v.close()
 
 
@@ -461,7 +483,7 @@ def test_real_index_backends(tmp_path, backend):
             v.publish(K(i), data(i))
         v.delete(K(3))
     with Volume(root, index=backend) as v:
-        assert len(v.index) == 19 and v.index.get(K(3)) is None
+        assert len(v) == 19 and v.index.get(K(3)) is None and len(v.keys()) == 19
         if v.index.persistent:
             assert v.last_recovery.index_mode == "catch_up"
         assert v.read(K(4)) == data(4)
@@ -589,16 +611,16 @@ def test_enqueued_records_are_never_abandoned_on_a_deadline(op):
 
 
 class FailingPutIndex(PersistentIndexTwin):
-    """Index whose put_many fails (disk full, lmdb map full) once armed."""
+    """Index whose write_batch fails (disk full, lmdb map full) once armed."""
 
     def __init__(self):
         super().__init__()
         self.fail = False
 
-    def put_many(self, ks, vs):
+    def write_batch(self, ks, vs, ds, seq):
         if self.fail:
             raise OSError(28, "No space left on device")
-        super().put_many(ks, vs)
+        super().write_batch(ks, vs, ds, seq)
 
 
 def test_failure_applying_a_batch_poisons_the_volume_and_close_unlocks():

@@ -114,6 +114,10 @@ def make_dirty(sim, tr, **kw):
     for i in range(4):
         tr.publish(v, K(i), D(i))
     v.close()
+    # The garbage below is what a crashed process leaves; such a process removed
+    # the clean-close marker (durably) when it opened, before writing anything.
+    sim.unlink(f"{ROOT}/CLEAN")
+    sim.fsync_dir(ROOT, "recover_sync")
     fd = sim.create(f"{ROOT}/tmp/leftover.tmp")
     sim.write(fd, b"half an object")
     sim.close(fd)

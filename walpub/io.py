@@ -54,6 +54,10 @@ FSYNC_LABELS = (
     "compact_dir",     # compaction: wal/ after the rename, before old segments go
     "truncate",        # recovery: a segment cut at its first bad frame, and wal/
     "recover_sync",    # recovery: what the previous process may have left unsynced
+    "index_snapshot",  # ART index: the snapshot file before its rename
+    "index_dir",       # ART index: its directory after the snapshot rename (and mkdir)
+    "index_log",       # ART index (log mode): its own log
+    "clean",           # close: the CLEAN marker file before its rename
 )
 
 
@@ -125,6 +129,10 @@ class FileSystem(ABC):
         """The whole content of a file."""
 
     @abstractmethod
+    def read_head(self, path: str, n: int) -> bytes:
+        """The first ``n`` bytes of a file (fewer if it is shorter)."""
+
+    @abstractmethod
     def file_size(self, path: str) -> int: ...
 
     # -- names ------------------------------------------------------------------
@@ -185,6 +193,10 @@ class OsFileSystem(FileSystem):
     def read_file(self, path: str) -> bytes:
         with open(path, "rb", buffering=0) as f:
             return f.read()
+
+    def read_head(self, path: str, n: int) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return f.read(n)
 
     def file_size(self, path: str) -> int:
         return os.stat(path).st_size

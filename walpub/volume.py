@@ -44,8 +44,18 @@ from walpub.io import FileSystem, OsFileSystem
 from walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
 
 MAX_OBJECT_BYTES = 1 << 30
-INDEX_VALUE = struct.Struct("<QIQ")  # object length, crc32c, WAL seq of its PUT
-VERIFY_MODES = ("crc", "size")
+# The residency record, the index value of every live key (docs/INDEXES.md):
+# object length, CRC32C, WAL seq of its PUT, flags (bit 0: L2 holds a copy).
+INDEX_VALUE = struct.Struct("<QIQB")
+FLAG_IN_L2 = 1
+# The volume's summary, stored in the index under META_KEY in the same atomic
+# write_batch as the records it describes: applied seq, live records, live
+# bytes, WAL frames since the last RESET.  META_KEY is longer than any walpub
+# key (MAX_KEY_BYTES), so it can never collide with one.
+META_VALUE = struct.Struct("<QQQQ")
+META_KEY = b"\xff" * (MAX_KEY_BYTES + 1)
+CLEAN_NAME = "CLEAN"  # present only after a clean close: no orphan can exist
+VERIFY_MODES = ("crc", "size", "none")
 
 # ---------------------------------------------------------------- crash points
 # Named points of the protocol where the real-SIGKILL suite (tests/test_walpub_kill.py,
@@ -100,13 +110,17 @@ def crash_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pack_index_value(rec: PutRecord) -> bytes:
-    return INDEX_VALUE.pack(rec.length, rec.crc, rec.seq)
+def pack_index_value(rec: PutRecord, flags: int = 0) -> bytes:
+    return INDEX_VALUE.pack(rec.length, rec.crc, rec.seq, flags)
 
 
 def unpack_index_value(value: bytes) -> tuple[int, int, int]:
     """(length, crc32c, seq) from an index value walpub wrote."""
-    return INDEX_VALUE.unpack(value)
+    return INDEX_VALUE.unpack(value)[:3]
+
+
+def record_flags(value: bytes) -> int:
+    return INDEX_VALUE.unpack(value)[3]
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,8 @@ class VolumeStats:
     commits: int           # group-commit WAL writes (each one fsync)
     frames: int            # WAL frames written
     compactions: int
+    checkpoints: int       # index flushes that bound the WAL tail an open replays
+    orphans_collected: int
     wal_rotations: int
     fsyncs: dict[str, int] = field(default_factory=dict)
     skipped_fsyncs: dict[str, int] = field(default_factory=dict)
@@ -162,6 +178,12 @@ def object_relpath(key: bytes) -> str:
 class Volume:
     """One writer's handle on a walpub volume; thread-safe.
 
+    The residency index is the one map of what the volume holds: every live
+    key has exactly one record there (INDEX_VALUE), and walpub keeps no second
+    key map beside it (the in-memory LRU order holds only keys touched since
+    open, and is never asked what is live).  Opening costs the index's own
+    files plus the WAL past its applied seq: no object is read.
+
     Opening runs recovery (see RecoveryReport in ``last_recovery``).
     Knobs for tests: ``io`` (a crashsim.SimFileSystem), ``truncate_torn_tail=False``
     (planted bug), ``io.disabled_fsyncs`` (planted bugs)."""
@@ -177,7 +199,8 @@ class Volume:
         capacity_bytes: int | None = None,
         segment_bytes: int = 4 << 20,
         compact_min_records: int = 1024,
-        verify_on_recover: str = "crc",
+        checkpoint_records: int = 65536,
+        verify_on_recover: str = "size",
         truncate_torn_tail: bool = True,
         max_group_frames: int = 1024,
         max_pending_frames: int = 8192,
@@ -191,11 +214,13 @@ class Volume:
         self.root = posixpath.normpath(root) if root.startswith("/") else root.rstrip("/")
         self.capacity_bytes = capacity_bytes
         self.compact_min_records = compact_min_records
+        self.checkpoint_records = checkpoint_records
         self.truncate_torn_tail = truncate_torn_tail
         self.max_group_frames = max_group_frames
         self.max_pending_frames = max_pending_frames
         self.wait_timeout_s = wait_timeout_s
         self._prefix = index_prefix
+        self._meta_key = index_prefix + META_KEY
         self._segment_bytes = segment_bytes
         self.observer = observer
         self._objects = f"{self.root}/objects"
@@ -212,13 +237,21 @@ class Volume:
         self._last_seq = 0                  # last seq assigned
         self._durable_seq = 0               # last seq fsynced and applied
         self._busy: set[bytes] = set()      # keys with a publish/delete in flight
-        self._live: dict[bytes, PutRecord] = {}
+        # Keys published or read since open, least recently used first.  Keys not
+        # in it were last used before open: they are evicted first, oldest PUT
+        # first, from the WAL (_cold_victims).  An order, not a map of what is live.
         self._lru: OrderedDict[bytes, None] = OrderedDict()
+        self._cold: Iterator[PutRecord] | None = None
+        self._open_seq = 0                  # records up to here were written before open
+        self._live_count = 0
         self._used = 0
         self._wal_records = 0
+        self._since_checkpoint = 0          # records applied since the index was last flushed
         self._subdirs: set[str] = set()     # objects/<ab> known durable
+        self._unlinked_subdirs: set[str] = set()  # objects/<ab> with an unlink since open
+        self._orphans_possible = False      # a publish failed after its renames
         self._n = dict(publishes=0, publish_noops=0, deletes=0, evictions=0, corrupt_reads=0,
-                       commits=0, frames=0, compactions=0)
+                       commits=0, frames=0, compactions=0, checkpoints=0, orphans_collected=0)
 
         self._lock_handle = self._take_lock()
         try:
@@ -227,7 +260,8 @@ class Volume:
                 path = index_path
                 if path is None and index not in ("flat", "sorted"):
                     path = f"{self.root}/index-{index}"
-                self.index: ResidencyIndex = index_backends.open(index, path)
+                opts = {"io": self.io, "log": False} if index == "art" else {}
+                self.index: ResidencyIndex = index_backends.open(index, path, **opts)
             else:
                 self._owns_index = False
                 self.index = index
@@ -236,6 +270,11 @@ class Volume:
             except OSError as exc:
                 raise VolumeIOError(f"recovery of {self.root} failed: {exc}") from exc
         except BaseException:
+            if getattr(self, "_owns_index", False) and hasattr(self, "index"):
+                try:
+                    self.index.close()
+                except Exception:  # noqa: BLE001 - the recovery error is the one to raise
+                    pass
             self.io.unlock(self._lock_handle)
             raise
 
@@ -267,12 +306,30 @@ class Volume:
             self.io.fsync_dir(parent, "layout")
         return True
 
+    def _read_meta(self) -> tuple[int, int, int, int] | None:
+        """(applied seq, live, bytes, wal records) if the index's summary is
+        there and agrees with its applied seq; None: the index cannot be trusted."""
+        if not self.index.persistent:
+            return None
+        raw = self.index.get(self._meta_key)
+        applied = self.index.get_applied_seq()
+        if raw is None:
+            return (0, 0, 0, 0) if applied == 0 and len(self.index) == 0 else None
+        if len(raw) != META_VALUE.size:
+            return None
+        meta = META_VALUE.unpack(raw)
+        return meta if meta[0] == applied else None
+
     def _recover(self, verify: str) -> RecoveryReport:
         io = self.io
         for d in (self._objects, self._tmp, self._waldir):
             self._ensure_dir(d, parent_sync=False)  # made durable just below
+        clean = io.exists(f"{self.root}/{CLEAN_NAME}")
+        if clean:  # from here on this process may leave orphans: the marker goes first
+            io.unlink(f"{self.root}/{CLEAN_NAME}")
         # What a killed predecessor left in the page cache only must not be built
         # upon: make the names and the last segment we are about to use durable.
+        # (This also makes the CLEAN removal durable before any publish.)
         io.fsync_dir(self.root, "recover_sync")
         io.fsync_dir(self._objects, "recover_sync")
         io.fsync_dir(self._waldir, "recover_sync")
@@ -292,56 +349,122 @@ class Volume:
             finally:
                 io.close(fd)
 
-        applied = self.index.get_applied_seq() if self.index.persistent else 0
-        r = _wal.replay(io, self._waldir, since_seq=applied, truncate=self.truncate_torn_tail)
+        meta = self._read_meta()
+        since = meta[0] if meta is not None else 0
+        r = _wal.replay(io, self._waldir, since_seq=since, truncate=self.truncate_torn_tail,
+                        tail_only=meta is not None)
         crash_point("recover.replayed")
-
-        dropped: list[tuple[bytes, str]] = []
-        for key, rec in list(r.live.items()):
-            why = self._check_object(key, rec, verify)
-            if why is not None:
-                dropped.append((key, why))
-                del r.live[key]
+        # The tail can bring the index up to date only if no RESET passed the
+        # index by (a compaction it missed) and the log reaches the index's seq.
+        catch_up = meta is not None and r.reset_base <= since <= r.last_seq
+        if not catch_up and not r.complete:
+            r = _wal.replay(io, self._waldir, truncate=self.truncate_torn_tail)
 
         last_id = r.segments[-1] if r.segments else 0
         self._writer = _wal.WalWriter(io, self._waldir, self._segment_bytes, last_id, r.last_segment_size)
-        self._live = r.live
-        self._last_seq = self._durable_seq = r.last_seq
-        self._wal_records = r.records
-        if dropped:  # make the drop part of the log, as a read-time drop is
-            recs = []
-            for key, _why in dropped:
-                self._last_seq += 1
-                recs.append(DeleteRecord(self._last_seq, key))
-            self._writer.append(b"".join(_wal.encode(x) for x in recs))
-            self._durable_seq = self._last_seq
-            self._wal_records += len(recs)
+        self._last_seq = self._durable_seq = max(r.last_seq, since if catch_up else 0)
+        if catch_up:
+            mode = "catch_up"
+            dropped = self._catch_up(r, meta, verify)
+        else:
+            mode = "rebuild" if not self.index.persistent else "reconcile"
+            dropped = self._rebuild(r, verify)
+        crash_point("recover.index_done")
+        self._open_seq = self._durable_seq
 
         orphans = 0
-        for sub in io.listdir(self._objects):
-            path = f"{self._objects}/{sub}"
-            if not (len(sub) == 2 and io.isdir(path)):
-                continue
-            self._subdirs.add(sub)   # durable: objects/ was fsynced above
-            for name in io.listdir(path):
-                key = _key_from_name(sub, name)
-                if key is None or key not in self._live:
-                    io.unlink(f"{path}/{name}")
-                    orphans += 1
-
+        if not clean or r.truncated:  # a crash (or a cut log) may have left objects no record names
+            orphans = self._collect_orphans()
         crash_point("recover.orphans_removed")
-        mode = self._reconcile_index(r, applied, [k for k, _ in dropped])
-        crash_point("recover.index_done")
-        for key, rec in self._live.items():
-            self._lru[key] = None
-            self._used += rec.length
-        self._assert_consistent()
         return RecoveryReport(
-            segments=r.segments, last_seq=self._durable_seq, live=len(self._live),
+            segments=r.segments, last_seq=self._durable_seq, live=self._live_count,
             truncated=r.truncated, discarded_segments=r.discarded_segments, dropped=dropped,
             tmp_removed=tmp_removed, wal_junk_removed=len(junk), orphans_removed=orphans,
             index_mode=mode,
         )
+
+    def _catch_up(self, r: _wal.ReplayResult, meta: tuple, verify: str) -> list[tuple[bytes, str]]:
+        """Apply the WAL tail to an index that holds everything up to meta's seq."""
+        _seq, live, used, wal_records = meta
+        final: dict[bytes, PutRecord | None] = {}
+        for rec in r.tail:
+            final[rec.key] = rec if isinstance(rec, PutRecord) else None
+        p = self._prefix
+        keys = list(final)
+        before = self.index.get_many([p + k for k in keys]) if keys else []
+        for v in before:
+            if v is not None:
+                live -= 1
+                used -= unpack_index_value(v)[0]
+        dropped = self._verify_records([rec for rec in final.values() if rec is not None], verify)
+        for key, _why in dropped:
+            final[key] = None
+        for rec in final.values():
+            if rec is not None:
+                live += 1
+                used += rec.length
+        self._live_count, self._used = live, used
+        self._wal_records = wal_records + len(r.tail)
+        puts = [rec for rec in final.values() if rec is not None]
+        self._log_drops(dropped)
+        self._write_batch(puts, [k for k, rec in final.items() if rec is None])
+        self.index.flush()
+        return dropped
+
+    def _rebuild(self, r: _wal.ReplayResult, verify: str) -> list[tuple[bytes, str]]:
+        """Make the index exactly the WAL's live set (memory-only index, or a
+        persistent one that cannot be trusted: no summary, or the log cannot tell
+        what it missed)."""
+        dropped = self._verify_records(list(r.live.values()), verify)
+        for key, _why in dropped:
+            del r.live[key]
+        p = self._prefix
+        stale = [k[len(p):] for k, _ in self.index.scan_prefix(p)
+                 if len(k) > len(p) and k[len(p):] not in r.live]
+        self._live_count = len(r.live)
+        self._used = sum(rec.length for rec in r.live.values())
+        self._wal_records = r.records
+        self._log_drops(dropped)
+        self._write_batch(list(r.live.values()), stale)
+        self.index.flush()
+        return dropped
+
+    def _verify_records(self, recs: list[PutRecord], verify: str) -> list[tuple[bytes, str]]:
+        """Records recovery is about to add to the index whose object is missing
+        or wrong ("size": a stat each; "crc": a full read; "none": trusted)."""
+        if verify == "none":
+            return []
+        out = []
+        for rec in recs:
+            why = self._check_object(rec.key, rec, verify)
+            if why is not None:
+                out.append((rec.key, why))
+        return out
+
+    def _log_drops(self, dropped: list[tuple[bytes, str]]) -> None:
+        """Make recovery's drops part of the log, as a read-time drop is."""
+        if not dropped:
+            return
+        recs = []
+        for key, _why in dropped:
+            self._last_seq += 1
+            recs.append(DeleteRecord(self._last_seq, key))
+        self._writer.append(b"".join(_wal.encode(x) for x in recs))
+        self._durable_seq = self._last_seq
+        self._wal_records += len(recs)
+        for key, _why in dropped:  # the DELETE is durable: the bad bytes can go
+            try:
+                self.io.unlink(f"{self.root}/{object_relpath(key)}")
+            except FileNotFoundError:
+                pass
+
+    def _write_batch(self, puts: list[PutRecord], deletes: list[bytes], flags: dict | None = None) -> None:
+        """Records, deletions and the summary in one atomic index write."""
+        p = self._prefix
+        keys = [p + rec.key for rec in puts] + [self._meta_key]
+        vals = [pack_index_value(rec, (flags or {}).get(rec.key, 0)) for rec in puts]
+        vals.append(META_VALUE.pack(self._durable_seq, self._live_count, self._used, self._wal_records))
+        self.index.write_batch(keys, vals, [p + k for k in deletes], self._durable_seq)
 
     def _check_object(self, key: bytes, rec: PutRecord, verify: str) -> str | None:
         path = f"{self.root}/{object_relpath(key)}"
@@ -358,37 +481,76 @@ class Volume:
             return "bad crc"
         return None
 
-    def _reconcile_index(self, r: _wal.ReplayResult, applied: int, dropped: list[bytes]) -> str:
-        """Bring the index to exactly the live set; never leave a dangling entry."""
-        idx, p = self.index, self._prefix
-        fresh = not idx.persistent or (applied == 0 and len(idx) == 0)
-        if fresh or applied < r.reset_base or applied > r.last_seq:
-            # rebuild: nothing to trust; reconcile: the tail cannot tell what the
-            # index missed (a compaction erased DELETEs, or the log lost records).
-            mode = "rebuild" if fresh else "reconcile"
-            stale = [k for k, _ in idx.scan_prefix(p) if k[len(p):] not in self._live]
-            for k in stale:
-                idx.delete(k)
-            keys = list(self._live)
-            if keys:
-                idx.put_many([p + k for k in keys], [pack_index_value(self._live[k]) for k in keys])
-        else:
-            mode = "catch_up"
-            touched = {rec.key for rec in r.tail} | set(dropped)
-            for key in touched:
-                rec = self._live.get(key)
-                if rec is None:
-                    idx.delete(p + key)
-                else:
-                    idx.put(p + key, pack_index_value(rec))
-        idx.set_applied_seq(self._durable_seq)
-        idx.flush()
-        return mode
+    # ------------------------------------------------------------------ garbage
+    def _collect_orphans(self) -> int:
+        """Unlink objects no live record names (a crash between an object's
+        rename and its WAL commit, or between a DELETE and its unlink).  Lists
+        names only; run at open after an unclean shutdown, and by ``gc()``.
+        Each candidate is claimed first, so a publish of the same key waits."""
+        removed = 0
+        for sub in sorted(self.io.listdir(self._objects)):
+            path = f"{self._objects}/{sub}"
+            if not (len(sub) == 2 and self.io.isdir(path)):
+                continue
+            with self._subdir_lock:
+                self._subdirs.add(sub)   # durable: objects/ was fsynced at open
+            # A killed predecessor's unlinks (after durable DELETEs) and renames may
+            # sit in the page cache only: make them durable before a CLEAN marker
+            # could claim that no orphan exists.
+            self.io.fsync_dir(path, "recover_sync")
+            for name in self.io.listdir(path):
+                key = _key_from_name(sub, name)
+                if key is not None and self.contains(key):
+                    continue
+                claimed = [key] if key is None else self._claim([key])
+                try:
+                    if key is None or not self.contains(key):
+                        self.io.unlink(f"{path}/{name}")
+                        removed += 1
+                        with self._cond:  # made durable before a CLEAN marker claims "no orphans"
+                            self._unlinked_subdirs.add(sub)
+                finally:
+                    if key is not None:
+                        self._release(claimed)
+        with self._cond:
+            self._n["orphans_collected"] += removed
+        return removed
 
-    def _assert_consistent(self) -> None:
-        assert self._durable_seq == self._last_seq
-        assert len(self._lru) == len(self._live)
-        assert self._used == sum(r.length for r in self._live.values())
+    def gc(self) -> int:
+        """Remove orphan objects now; how many.  O(objects) names listed, none read."""
+        with self._cond:
+            self._check_usable()
+        return self._collect_orphans()
+
+    def scrub(self, byte_budget: int | None = None) -> tuple[int, int]:
+        """Read and verify (length + CRC32C) live objects, dropping any that fail,
+        up to ``byte_budget`` bytes read: (objects checked, objects dropped).
+        Optional: every read verifies anyway; this finds damage before a read does."""
+        checked = dropped = read = 0
+        for key, value in self._records():
+            if byte_budget is not None and read >= byte_budget:
+                break
+            length, _crc, _seq = unpack_index_value(value)
+            read += length
+            checked += 1
+            try:
+                self.read(key)
+            except CorruptObjectError:
+                dropped += 1
+            except ObjectNotFoundError:
+                continue
+        return checked, dropped
+
+    def _records(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, record) of every live key, in key order (chunked: not a snapshot)."""
+        p = self._prefix
+        with self._cond:
+            self._check_usable()
+            it = self.index.scan_prefix(p)
+        for k, v in it:
+            if len(k) > len(p) + MAX_KEY_BYTES:
+                continue  # the summary record
+            yield k[len(p):], v
 
     # ------------------------------------------------------------------ publish
     def publish(self, key: bytes, data) -> bool:
@@ -421,7 +583,11 @@ class Volume:
                 except OSError as exc:
                     raise VolumeIOError(f"writing objects failed: {exc}") from exc
                 crash_point("publish.dir_synced")
-                self._commit(recs)
+                try:
+                    self._commit(recs)
+                except BaseException:
+                    self._orphans_possible = True  # renamed, maybe never logged
+                    raise
                 crash_point("publish.committed")
                 for k in claimed:
                     result[first[k]] = True
@@ -567,32 +733,40 @@ class Volume:
         raise VolumeFailedError(f"{what}: {exc!r}") from exc
 
     def _apply(self, batch: list) -> None:
-        """Make a durable batch visible: live map, LRU, index (in seq order)."""
-        idx, p = self.index, self._prefix
-        # A key is busy from enqueue to return, so it appears once per batch and
-        # the index writes may be grouped (one transaction for persistent ones).
+        """Make a durable batch visible: one atomic index write of its records,
+        deletions, the summary and the applied seq (lock held)."""
+        # A key is busy from enqueue to return, so it appears once per batch.
         assert len({rec.key for rec in batch}) == len(batch), "key twice in one batch"
-        put_keys, put_vals = [], []
-        for rec in batch:
-            old = self._live.pop(rec.key, None)
+        p = self._prefix
+        olds = self.index.get_many([p + rec.key for rec in batch])
+        puts, dels = [], []
+        for rec, old in zip(batch, olds):
             if old is not None:
-                self._used -= old.length
+                self._live_count -= 1
+                self._used -= unpack_index_value(old)[0]
                 self._lru.pop(rec.key, None)
             if isinstance(rec, PutRecord):
-                self._live[rec.key] = rec
-                self._lru[rec.key] = None
+                puts.append(rec)
+                self._live_count += 1
                 self._used += rec.length
-                put_keys.append(p + rec.key)
-                put_vals.append(pack_index_value(rec))
+                self._lru[rec.key] = None
             else:
-                idx.delete(p + rec.key)
-        if put_keys:
-            idx.put_many(put_keys, put_vals)
+                dels.append(rec.key)
         self._durable_seq = batch[-1].seq
-        idx.set_applied_seq(self._durable_seq)
         self._wal_records += len(batch)
+        self._write_batch(puts, dels)
         self._n["commits"] += 1
         self._n["frames"] += len(batch)
+        self._since_checkpoint += len(batch)
+        if self._since_checkpoint >= max(self.checkpoint_records, self._live_count // 8):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Flush the index so a reopen replays only what follows (lock held).
+        Bounds the WAL tail an open after a crash must replay."""
+        self.index.flush()
+        self._since_checkpoint = 0
+        self._n["checkpoints"] += 1
 
     def _wait(self, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
@@ -606,6 +780,11 @@ class Volume:
         if self._failed is not None:
             raise VolumeFailedError(f"volume failed earlier: {self._failed!r}")
 
+    def _touch(self, key: bytes) -> None:
+        """Mark ``key`` most recently used (lock held)."""
+        self._lru[key] = None
+        self._lru.move_to_end(key)
+
     def _claim(self, keys: list[bytes], *, skip_live: bool = False, only_live: bool = False) -> list[bytes]:
         """Mark keys in flight (waiting, bounded, for other operations on them)."""
         deadline = time.monotonic() + self.wait_timeout_s
@@ -615,15 +794,19 @@ class Volume:
                 if not any(k in self._busy for k in keys):
                     break
                 self._wait(deadline, "a key in flight")
-            out = []
-            for k in keys:
-                live = k in self._live
-                if skip_live and live:
-                    self._lru.move_to_end(k)
-                    continue
-                if only_live and not live:
-                    continue
-                out.append(k)
+            if not (skip_live or only_live):
+                out = list(keys)
+            else:
+                p = self._prefix
+                present = self.index.get_many([p + k for k in keys]) if keys else []
+                out = []
+                for k, v in zip(keys, present):
+                    if skip_live and v is not None:
+                        self._touch(k)
+                        continue
+                    if only_live and v is None:
+                        continue
+                    out.append(k)
             self._busy.update(out)
             return out
 
@@ -651,8 +834,7 @@ class Volume:
             value = self.index.get(self._prefix + key)
             if value is None:
                 raise ObjectNotFoundError(key)
-            if key in self._lru:
-                self._lru.move_to_end(key)
+            self._touch(key)
         for attempt in range(2):
             length, crc, seq = unpack_index_value(value)
             try:
@@ -681,7 +863,8 @@ class Volume:
     def _drop(self, key: bytes, seq: int) -> None:
         claimed = self._claim([key], only_live=True)
         try:
-            if claimed and self._live[key].seq == seq:
+            info = self.info(key) if claimed else None
+            if info is not None and info.seq == seq:
                 self._notify("delete_begin", claimed)
                 self._commit([("del", key)])
                 self._unlink_object(key)
@@ -695,30 +878,76 @@ class Volume:
             self.observer(event, list(keys))
 
     def _unlink_object(self, key: bytes) -> None:
+        rel = object_relpath(key)
         try:
-            self.io.unlink(f"{self.root}/{object_relpath(key)}")
+            self.io.unlink(f"{self.root}/{rel}")
         except FileNotFoundError:
             pass
+        with self._cond:
+            self._unlinked_subdirs.add(rel.split("/")[1])
 
     def contains(self, key: bytes) -> bool:
         with self._cond:
-            return check_key(key) in self._live
+            self._check_usable()
+            return self.index.get(self._prefix + check_key(key)) is not None
 
     __contains__ = contains
 
+    def contains_many(self, keys: list[bytes]) -> list[bool]:
+        """Membership of each key, one index call."""
+        p = self._prefix
+        with self._cond:
+            self._check_usable()
+            return [v is not None for v in self.index.get_many([p + check_key(k) for k in keys])]
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` are live (stops at the first miss): the
+        index's own longest_prefix, one call."""
+        p = self._prefix
+        with self._cond:
+            self._check_usable()
+            return self.index.longest_prefix([p + k for k in keys] if p else keys)
+
     def __len__(self) -> int:
         with self._cond:
-            return len(self._live)
+            return self._live_count
 
     def keys(self) -> list[bytes]:
-        """Live keys, least recently used first."""
-        with self._cond:
-            return list(self._lru)
+        """Live keys, in key order (an O(N) scan of the index: for checkers and tools)."""
+        return [k for k, _ in self._records()]
 
     def info(self, key: bytes) -> PutRecord | None:
         """The live PUT record of ``key`` (length, crc, seq) or None."""
         with self._cond:
-            return self._live.get(check_key(key))
+            value = self.index.get(self._prefix + check_key(key))
+        if value is None:
+            return None
+        length, crc, seq = unpack_index_value(value)
+        return PutRecord(seq, key, length, crc)
+
+    def set_flags(self, keys: list[bytes], flag: int) -> int:
+        """OR ``flag`` into the records of the live ``keys`` (e.g. FLAG_IN_L2);
+        how many changed.  A hint, not logged: a rebuild from the WAL clears it."""
+        p = self._prefix
+        with self._cond:
+            self._check_usable()
+            values = self.index.get_many([p + k for k in keys]) if keys else []
+            puts, flags = [], {}
+            for k, v in zip(keys, values):
+                if v is None or record_flags(v) & flag:
+                    continue
+                length, crc, seq = unpack_index_value(v)
+                puts.append(PutRecord(seq, k, length, crc))
+                flags[k] = record_flags(v) | flag
+            if puts:
+                self._write_batch(puts, [], flags)
+            return len(puts)
+
+    def flags(self, key: bytes) -> int | None:
+        """The record's flags, or None if ``key`` is not live."""
+        with self._cond:
+            value = self.index.get(self._prefix + check_key(key))
+        return None if value is None else record_flags(value)
 
     @property
     def index_prefix(self) -> bytes:
@@ -751,20 +980,42 @@ class Volume:
         self._after_write(evict=False)
         return True
 
+    def _pick_victims(self, excess: int) -> list[bytes]:
+        """Keys to delete to free ``excess`` bytes (lock held).  First the keys
+        not used since open, oldest PUT first (read back from the WAL, one
+        segment at a time); then the LRU order of the keys used since open."""
+        p, victims = self._prefix, []
+        if excess > 0 and self._cold is None:
+            self._cold = _wal.iter_put_records(self.io, self._waldir, self._open_seq)
+        for rec in self._cold if excess > 0 else ():
+            if rec.key in self._lru or rec.key in self._busy:
+                continue
+            value = self.index.get(p + rec.key)
+            if value is None or unpack_index_value(value)[2] != rec.seq:
+                continue  # deleted or replaced since
+            victims.append(rec.key)
+            excess -= rec.length
+            if excess <= 0:
+                break
+        for key in self._lru:  # bounded by the keys used since open
+            if excess <= 0:
+                break
+            if key in self._busy:
+                continue
+            value = self.index.get(p + key)
+            if value is None:
+                continue
+            victims.append(key)
+            excess -= unpack_index_value(value)[0]
+        return victims
+
     def evict_to(self, budget_bytes: int) -> list[bytes]:
         """Delete least-recently-used objects until at most ``budget_bytes`` are
         used (keys in flight are skipped).  One WAL fsync for all victims."""
         assert budget_bytes >= 0
         with self._cond:
             self._check_usable()
-            excess, victims = self._used - budget_bytes, []
-            for key in self._lru:  # bounded by the live count
-                if excess <= 0:
-                    break
-                if key in self._busy:
-                    continue
-                victims.append(key)
-                excess -= self._live[key].length
+            victims = self._pick_victims(self._used - budget_bytes)
         claimed = self._claim(victims, only_live=True)
         try:
             if claimed:
@@ -790,12 +1041,15 @@ class Volume:
     def should_compact(self) -> bool:
         """True when dead records dominate a WAL of at least compact_min_records."""
         with self._cond:
-            n, live = self._wal_records, len(self._live)
+            n, live = self._wal_records, self._live_count
             return n >= self.compact_min_records and n - live > live
 
     def compact(self, only_if_needed: bool = False) -> bool:
         """Rewrite the WAL as RESET + live PUTs (wal.compact); commits wait meanwhile.
 
+        The live PUTs are read from the index (the one map), which is flushed
+        first so that its applied seq is at least the RESET's base: a crash
+        after compaction then still opens by catching up, not by a rebuild.
         ``only_if_needed``: re-check should_compact() once the writer is ours
         (two threads may both have seen the threshold crossed)."""
         deadline = time.monotonic() + self.wait_timeout_s
@@ -804,11 +1058,19 @@ class Volume:
                 self._wait(deadline, "WAL writer for compaction")
             self._check_usable()
             seg = self._writer.active_id
-            n, live_n = self._wal_records, len(self._live)
+            n, live_n = self._wal_records, self._live_count
             if seg == 0 or (only_if_needed and not (n >= self.compact_min_records and n - live_n > live_n)):
                 return False
             self._syncing = True
-            base, live = self._durable_seq, list(self._live.values())
+            base = self._durable_seq
+            try:
+                self._checkpoint()
+                p = self._prefix
+                live = [PutRecord(seq, k[len(p):], length, crc)
+                        for k, v in self.index.scan_prefix(p) if len(k) <= len(p) + MAX_KEY_BYTES
+                        for length, crc, seq in (unpack_index_value(v),)]
+            except BaseException as exc:
+                self._fail(exc, "reading the index for compaction failed")
         try:
             crash_point("compact.begin")
             self._writer.seal()
@@ -819,6 +1081,7 @@ class Volume:
                 self._fail(exc, "WAL compaction failed")
         with self._cond:
             self._wal_records = 1 + len(live)
+            self._cold = None  # its segments are gone: restart over the compacted one
             self._n["compactions"] += 1
             self._syncing = False
             self._cond.notify_all()
@@ -828,12 +1091,13 @@ class Volume:
     def stats(self) -> VolumeStats:
         with self._cond:
             return VolumeStats(
-                objects=len(self._live), bytes=self._used, wal_rotations=self._writer.rotations,
+                objects=self._live_count, bytes=self._used, wal_rotations=self._writer.rotations,
                 fsyncs=dict(self.io.fsync_counts), skipped_fsyncs=dict(self.io.skipped_fsyncs), **self._n,
             )
 
     def close(self) -> None:
-        """Release the lock; everything acknowledged is already durable."""
+        """Release the lock; everything acknowledged is already durable.  After a
+        clean close a CLEAN marker tells the next open that no orphan can exist."""
         deadline = time.monotonic() + self.wait_timeout_s
         with self._cond:
             if self._closed:
@@ -853,8 +1117,19 @@ class Volume:
                 self.index.close()
             else:
                 self.index.flush()
+            if self._failed is None and not self._orphans_possible and not self._busy:
+                self._mark_clean()
         finally:
             self.io.unlock(self._lock_handle)
+
+    def _mark_clean(self) -> None:
+        """Unlinks made durable, then CLEAN created and its name made durable."""
+        for sub in sorted(self._unlinked_subdirs):
+            self.io.fsync_dir(f"{self._objects}/{sub}", "clean")
+        path = f"{self.root}/{CLEAN_NAME}"
+        if not self.io.exists(path):
+            self.io.close(self.io.create(path))
+        self.io.fsync_dir(self.root, "clean")
 
     def __enter__(self) -> "Volume":
         return self

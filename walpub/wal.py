@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import crc32c as _crc32c
 
@@ -104,32 +105,44 @@ def _decode_payload(typ: int, p: bytes) -> Record | None:
     return None
 
 
-def decode_frames(buf: bytes) -> tuple[list[Record], int, str | None]:
-    """Parse a segment: (records, end of the valid prefix, why it stopped or None)."""
-    out: list[Record] = []
+def iter_frames(buf: bytes) -> Iterator[Record]:
+    """Yield the records of a segment one at a time; the generator's return
+    value is (end of the valid prefix, why it stopped or None)."""
     pos, end, prev_seq = 0, len(buf), 0
     while pos < end:  # bounded: pos grows by >= HEADER.size per iteration
         if end - pos < HEADER.size:
-            return out, pos, "torn header"
+            return pos, "torn header"
         length, crc, typ = HEADER.unpack_from(buf, pos)
         if length > MAX_PAYLOAD:
-            return out, pos, "oversized frame"
+            return pos, "oversized frame"
         if end - pos - HEADER.size < length:
-            return out, pos, "torn payload"
+            return pos, "torn payload"
         body = buf[pos + 8 : pos + HEADER.size + length]
         if crc32c(body) != crc:
-            return out, pos, "bad crc"
+            return pos, "bad crc"
         rec = _decode_payload(typ, body[1:])
         if rec is None:
-            return out, pos, "malformed record"
+            return pos, "malformed record"
         if not isinstance(rec, ResetRecord):
             if rec.seq <= prev_seq:
-                return out, pos, "seq went backwards"
+                return pos, "seq went backwards"
             prev_seq = rec.seq
-        out.append(rec)
+        yield rec
         pos += HEADER.size + length
     assert pos == end
-    return out, pos, None
+    return pos, None
+
+
+def decode_frames(buf: bytes) -> tuple[list[Record], int, str | None]:
+    """Parse a segment: (records, end of the valid prefix, why it stopped or None)."""
+    out: list[Record] = []
+    frames = iter_frames(buf)
+    while True:
+        try:
+            out.append(next(frames))
+        except StopIteration as stop:
+            valid, why = stop.value
+            return out, valid, why
 
 
 def segment_name(seg_id: int) -> str:
@@ -153,25 +166,60 @@ def list_segments(io: FileSystem, wal_dir: str) -> tuple[list[int], list[str]]:
 class ReplayResult:
     """What replaying the WAL found (and, with truncation, repaired)."""
 
-    live: dict[bytes, PutRecord] = field(default_factory=dict)  # in seq order
+    live: dict[bytes, PutRecord] = field(default_factory=dict)  # in seq order (of the segments read)
     last_seq: int = 0
-    reset_base: int = 0          # base seq of the last RESET replayed (0: none)
-    records: int = 0             # frames since (and including) the last RESET
+    reset_base: int = 0          # base seq of the last RESET (0: none)
+    records: int = 0             # frames read since (and including) the last RESET
     tail: list[Record] = field(default_factory=list)  # PUT/DELETE with seq > since_seq
-    segments: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)  # every segment (read or skipped)
+    skipped: list[int] = field(default_factory=list)   # segments not read: all their records <= since_seq
+    complete: bool = True        # ``live`` is the whole live set (nothing before it was skipped)
     last_segment_size: int = 0
     truncated: list[tuple[int, int, str]] = field(default_factory=list)  # (seg, offset, why)
     discarded_segments: list[int] = field(default_factory=list)
 
 
-def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool = True) -> ReplayResult:
-    """Replay every segment in order; cut the log at its first bad frame.
+def first_record(io: FileSystem, path: str) -> Record | None:
+    """The first record of a segment (reads one frame's worth), or None."""
+    recs, _, _ = decode_frames(io.read_head(path, HEADER.size + MAX_PAYLOAD))
+    return recs[0] if recs else None
 
+
+def _first_to_read(io: FileSystem, wal_dir: str, ids: list[int], since_seq: int) -> tuple[int, int]:
+    """(index of the first segment holding a record past ``since_seq``, base of the
+    last RESET).  Segments before the last RESET are superseded; a segment whose
+    successor starts at or below since_seq + 1 holds only records <= since_seq.
+    Only first frames are read: O(segments), not O(records)."""
+    heads = [first_record(io, f"{wal_dir}/{segment_name(i)}") for i in ids]
+    start, base = 0, 0
+    for i, h in enumerate(heads):
+        if isinstance(h, ResetRecord):
+            start, base = i, h.seq
+    while start + 1 < len(ids) and heads[start + 1] is not None and heads[start + 1].seq <= since_seq + 1:
+        start += 1
+    return start, base
+
+
+def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool = True,
+           tail_only: bool = False) -> ReplayResult:
+    """Replay the segments in order; cut the log at its first bad frame.
+
+    ``tail_only``: skip the segments whose records are all <= since_seq (the
+    index already holds them), so opening costs the tail, not the log; ``live``
+    then covers only what was read (``complete`` says whether that is all).
     ``truncate=False`` is the planted bug "no tail truncation": the bad bytes
     stay and the next append lands behind them."""
     r = ReplayResult()
     ids, _junk = list_segments(io, wal_dir)
-    for i, seg in enumerate(ids):
+    r.segments = list(ids)
+    start = 0
+    if tail_only and ids:
+        start, r.reset_base = _first_to_read(io, wal_dir, ids, since_seq)
+        r.skipped = ids[:start]
+        r.complete = start == 0 or isinstance(first_record(io, f"{wal_dir}/{segment_name(ids[start])}"),
+                                              ResetRecord)
+    for i in range(start, len(ids)):
+        seg = ids[i]
         path = f"{wal_dir}/{segment_name(seg)}"
         buf = io.read_file(path)
         recs, valid, why = decode_frames(buf)
@@ -182,6 +230,7 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
                 r.tail = [t for t in r.tail if t.seq > rec.seq]  # superseded below base
                 r.reset_base = rec.seq
                 r.records = 1
+                r.complete = True
                 r.last_seq = max(r.last_seq, rec.seq)
                 continue
             if isinstance(rec, PutRecord):
@@ -192,7 +241,6 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
             r.last_seq = max(r.last_seq, rec.seq)
             if rec.seq > since_seq:
                 r.tail.append(rec)
-        r.segments.append(seg)
         r.last_segment_size = valid
         if why is None:
             continue
@@ -210,10 +258,31 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
         for dead in later:
             io.unlink(f"{wal_dir}/{segment_name(dead)}")
         r.discarded_segments = later
+        r.segments = ids[: i + 1]
         if later:
             io.fsync_dir(wal_dir, "truncate")
         break
     return r
+
+
+def iter_put_records(io: FileSystem, wal_dir: str, upto_seq: int) -> Iterator[PutRecord]:
+    """PUT records with seq <= ``upto_seq``, oldest first, one segment in memory
+    at a time (the disk tier's eviction order for blocks not touched since open)."""
+    ids, _ = list_segments(io, wal_dir)
+    start = 0
+    for i, seg in enumerate(ids):
+        if isinstance(first_record(io, f"{wal_dir}/{segment_name(seg)}"), ResetRecord):
+            start = i
+    for seg in ids[start:]:
+        try:
+            buf = io.read_file(f"{wal_dir}/{segment_name(seg)}")
+        except FileNotFoundError:  # removed by a compaction meanwhile
+            return
+        for rec in iter_frames(buf):
+            if rec.seq > upto_seq and not isinstance(rec, ResetRecord):
+                return
+            if isinstance(rec, PutRecord):
+                yield rec
 
 
 class WalWriter:
@@ -296,6 +365,6 @@ def compact(io: FileSystem, wal_dir: str, tmp_dir: str, seg_id: int, base_seq: i
 
 __all__ = [
     "PutRecord", "DeleteRecord", "ResetRecord", "Record", "encode", "decode_frames",
-    "replay", "ReplayResult", "WalWriter", "compact", "list_segments", "segment_name",
+    "replay", "ReplayResult", "first_record", "iter_put_records", "WalWriter", "compact", "list_segments", "segment_name",
     "MAX_KEY_BYTES", "crc32c",
 ]
