@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import blake3
 import numpy as np
@@ -128,6 +128,34 @@ def chain_keys(identity: CacheIdentity, token_ids: Any, n_blocks: int | None = N
             prev = B(prev + raw[off : off + step], key=key).digest()
             append(prev)
     return out
+
+
+def iter_chain_keys(token_ids: Any, block_tokens: int, root: bytes, hash_key: bytes | None = None,
+                    first_batch: int = 8) -> Iterator[list[bytes]]:
+    """The chain keys of the full blocks of ``token_ids`` (from ``root``, keyed
+    BLAKE3 when ``hash_key``) in batches of growing size (8, 32, 128, ...),
+    converting and hashing only the tokens each batch covers: a caller that
+    stops at the first miss (lookup) pays for the blocks up to it, not for the
+    whole prompt.  Tokens past where the caller stops are not validated."""
+    if isinstance(token_ids, (str, bytes, bytearray, memoryview)):
+        raise InvalidTokensError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+    try:
+        total = len(token_ids) // block_tokens
+    except TypeError as exc:
+        raise InvalidTokensError(f"token_ids must be a sequence of ints: {exc}") from exc
+    done, batch, prev, step = 0, first_batch, root, block_tokens * 4
+    B = blake3.blake3
+    while done < total:
+        n = min(batch, total - done)
+        raw = tokens_to_le_u32(token_ids[done * block_tokens:(done + n) * block_tokens])
+        out = []
+        for off in range(0, n * step, step):
+            chunk = prev + raw[off:off + step]
+            prev = (B(chunk) if hash_key is None else B(chunk, key=hash_key)).digest()
+            out.append(prev)
+        yield out
+        done += n
+        batch *= 4
 
 
 def parent_of(identity: CacheIdentity, keys: Sequence[bytes], i: int) -> bytes:

@@ -81,7 +81,7 @@ from engine.errors import (
 )
 from engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
 from engine.identity import CacheIdentity
-from engine.keys import chain_keys, root_key, tokens_to_le_u32
+from engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
 from walpub.io import fsync_dir, write_all
 
 TIERS = ("l0", "l1", "l2")
@@ -376,6 +376,10 @@ class BlockStore:
         self._journal_fd: int | None = None
         self._journal_keys = 0  # whole keys in the file
         self._manifest_pending: list[bytes] = []
+        # Keys known to be in L2 (its manifests, our publishes, HEAD/GET hits): L2's
+        # own membership, so a put skips re-publishing.  L1 membership is L1's
+        # residency index alone; L0's is the RAM tier's.
+        self._l2_known: set[bytes] = set()
         self._n = dict(
             put_blocks=0, put_present=0, put_in_slot=0, put_heap=0, get_blocks=0,
             l0_hits=0, l1_hits=0, l2_hits=0, misses=0,
@@ -409,15 +413,10 @@ class BlockStore:
     def _open_tiers(self, index: str, object_store, disk_bytes, s3_options: dict, bootstrap: bool) -> None:
         from tier.disk import DiskTier
         from tier.policy import make_policy
-        from tier.residency import ResidencySets
-
         with _translated("ram_policy"):
             make_policy(self._ram_policy, 1)  # an unknown name fails at open, not at the first put
-        self._res = ResidencySets(TIERS)
         with _translated(f"opening disk tier {self.path}/l1"):
             self._disk = DiskTier(os.path.join(self.path, "l1"), disk_bytes, index=index)
-            for key in self._disk.keys():
-                self._res.add("l1", key)
         if object_store is not None:
             from tier.objectstore import open_object_store
 
@@ -428,8 +427,7 @@ class BlockStore:
                 t0 = time.perf_counter()
                 with _translated("reading L2 manifests"):
                     known = self._l2.read_manifests()
-                for key in known:
-                    self._res.add("l2", key)
+                self._l2_known.update(known)
                 self.bootstrap_s = time.perf_counter() - t0
                 self._n["bootstrap_keys"] = len(known)
             if self.l2_mode == "background":
@@ -468,38 +466,57 @@ class BlockStore:
     def lookup(self, ident: CacheIdentity, token_ids) -> int:
         """Leading full blocks of ``token_ids`` held by some tier (stops at the first miss).
 
-        L0/L1 and known-L2 membership is one bulk query of the residency
-        bitmaps; past that, L2 is asked by key (HEAD), so another process's
-        blocks are found without any listing.  An unreachable L2 counts as a
-        miss here (``stats()["l2_lookup_errors"]``): lookup is advisory, and get
-        reports the error."""
+        The chain is hashed lazily, in growing batches, and each batch is one
+        ``longest_prefix`` call on L1's residency index: a prompt with nothing
+        cached costs a few hashes, not the whole prompt's.  Past L1's prefix a
+        block may still be in L0 or known in L2; past that, L2 is asked by key
+        (HEAD), so another process's blocks are found without any listing.  An
+        unreachable L2 counts as a miss here (``stats()["l2_lookup_errors"]``):
+        lookup is advisory, and get reports the error."""
         self._check_open()
-        _, skeys = self._chain(ident, token_ids, None)
+        _check_identity(ident)
+        ns = NAIVE_NAMESPACE if self.naive else ident.namespace
         with self._lock:
             self._n["lookups"] += 1
-            local = self._res.any_tier(skeys)
         n = 0
-        for i, skey in enumerate(skeys):
-            if local[i]:
-                n += 1
-                continue
-            if self._l2 is None:
-                break
-            with self._lock:
-                self._n["l2_heads"] += 1
-            try:
-                with _translated("L2 head"):
-                    size = self._l2.head(skey)
-            except (ObjectStoreUnreachableError, ObjectStoreAuthError, ObjectStoreRequestError):
-                with self._lock:
-                    self._n["l2_lookup_errors"] += 1
-                break
-            if size is None:
-                break
-            with self._lock:
-                self._res.add("l2", skey)
-            n += 1
+        for batch in self._iter_chain(ident, token_ids):
+            skeys = [ns + k for k in batch]
+            with _translated("disk tier lookup"):
+                hit = self._disk.longest_prefix(skeys)
+            for skey in skeys[hit:]:
+                if not (self._in_ram(skey) or skey in self._l2_known or self._l2_head(skey)):
+                    return n + hit
+                hit += 1
+            n += hit
         return n
+
+    def _iter_chain(self, ident: CacheIdentity, token_ids):
+        if self.naive:
+            return iter_chain_keys(token_ids, ident.block_tokens, NAIVE_ROOT)
+        return iter_chain_keys(token_ids, ident.block_tokens, root_key(ident), chain_hash_key(ident))
+
+    def _in_ram(self, skey: bytes) -> bool:
+        with self._lock:
+            return self._ram is not None and self._ram.contains(skey)
+
+    def _l2_head(self, skey: bytes) -> bool:
+        """Ask L2 for ``skey`` (False without L2, on a miss, or when L2 fails)."""
+        if self._l2 is None:
+            return False
+        with self._lock:
+            self._n["l2_heads"] += 1
+        try:
+            with _translated("L2 head"):
+                size = self._l2.head(skey)
+        except (ObjectStoreUnreachableError, ObjectStoreAuthError, ObjectStoreRequestError):
+            with self._lock:
+                self._n["l2_lookup_errors"] += 1
+            return False
+        if size is None:
+            return False
+        with self._lock:
+            self._l2_known.add(skey)
+        return True
 
     # ------------------------------------------------------------------ put
     @_operation
@@ -520,7 +537,7 @@ class BlockStore:
         keys, skeys = self._chain(ident, token_ids, len(arrays))
         root = self._root(ident)
         with _translated("disk tier contains"):
-            todo = [i for i, sk in enumerate(skeys) if not self._disk.contains(sk)]
+            todo = [i for i, held in enumerate(self._disk.contains_many(skeys)) if not held]
         with self._lock:
             self._n["put_present"] += len(arrays) - len(todo)
         if not todo:
@@ -550,9 +567,7 @@ class BlockStore:
                 enc.write_into(dest)  # the one copy of the payload into its envelope
                 items.append((skeys[i], dest))
             with self._lock:
-                l2_todo = [] if self._l2 is None else [
-                    item for item, known in zip(items, self._res.present("l2", [sk for sk, _ in items]))
-                    if not known]
+                l2_todo = [] if self._l2 is None else [item for item in items if item[0] not in self._l2_known]
             self._journal_owed([sk for sk, _ in l2_todo])  # before L1: no crash window loses them
             self._disk_put_many(items, "disk tier put")
             durable = True
@@ -574,30 +589,10 @@ class BlockStore:
         return len(items)
 
     def _disk_put_many(self, items: list[tuple[bytes, Any]], what: str) -> None:
-        """L1 put_many (one group commit), then the L1 residency set follows it.
-
-        DiskTier.put_many publishes, then evicts to its budget.  When it fails
-        after the publish (the eviction raised), the blocks are durable in L1
-        all the same: every key L1 now holds is added to the residency set
-        before the error goes up, so lookup does not under-report them (a
-        later put skips them: L1 has them) until the store is reopened."""
-        try:
-            with _translated(what):
-                evicted = self._disk.put_many(items)
-        except BaseException:
-            try:
-                held = [sk for sk, _ in items if self._disk.contains(sk)]
-            except Exception:  # the tier is failing as a whole: nothing more is known
-                held = []
-            with self._lock:
-                for sk in held:
-                    self._res.add("l1", sk)
-            raise
-        with self._lock:  # add first: the batch may evict some of its own members
-            for sk, _ in items:
-                self._res.add("l1", sk)
-            for sk in evicted or ():
-                self._res.discard("l1", sk)
+        """L1 put_many: one group commit, then eviction to the budget.  L1's
+        residency index records both; nothing else keeps a copy to update."""
+        with _translated(what):
+            self._disk.put_many(items)
 
     def _codec_for(self, ident: CacheIdentity) -> str:
         """The codec of ``ident``'s blocks: int8 when the identity says its KV is
@@ -635,8 +630,6 @@ class BlockStore:
             except (TierFullError, TierReservationError):
                 self._n["l0_busy"] += 1
                 view = None
-            for sk in evicted:
-                self._res.discard("l0", sk)
             return view
 
     def _l0_finish(self, reserved: list[bytes], commit: bool) -> None:
@@ -647,7 +640,6 @@ class BlockStore:
             for sk in reserved:
                 if commit:
                     self._ram.commit(sk)
-                    self._res.add("l0", sk)
                 else:
                     self._ram.abort(sk)
 
@@ -666,13 +658,9 @@ class BlockStore:
                 return
             with _translated("RAM tier put"):
                 try:
-                    evicted = self._ram.put(skey, env)
+                    self._ram.put(skey, env)
                 except (TierFullError, TierReservationError):  # every slot held by in-flight puts
                     self._n["l0_busy"] += 1
-                    return
-            for sk in evicted or ():
-                self._res.discard("l0", sk)
-            self._res.add("l0", skey)
 
     # ------------------------------------------------------------------ L2 publish
     def _l2_publish_sync(self, todo: list[tuple[bytes, Any]]) -> None:
@@ -705,7 +693,7 @@ class BlockStore:
         with _translated("L2 put"):
             created = self._l2.put(skey, env)
         with self._lock:
-            self._res.add("l2", skey)
+            self._l2_known.add(skey)
             self._n["l2_published" if created else "l2_existing"] += 1
             self._retry.pop(skey, None)
             self._owed.pop(skey, None)
@@ -747,6 +735,11 @@ class BlockStore:
             return
         with self._lock:
             self._n["manifests_written"] += 1
+        try:  # the L1 records of these keys say so too: survives a restart without a manifest read
+            with _translated("disk tier mark"):
+                self._disk.mark_in_l2(batch)
+        except QuiverError:
+            pass  # a hint only
 
     def _l2_worker(self) -> None:
         """Background publisher: the queue holds store keys; the bytes are read back
@@ -781,7 +774,7 @@ class BlockStore:
         dropped without a request (``l2_known``)."""
         with self._lock:
             keys = list(self._retry)[:limit]
-            known = self._res.present("l2", keys)
+            known = [sk in self._l2_known or self._disk.in_l2(sk) for sk in keys]
             for sk, k in zip(keys, known):
                 if k:
                     self._retry.pop(sk, None)
@@ -911,7 +904,6 @@ class BlockStore:
                 except EnvelopeError as exc:
                     corrupt = exc
                     self._ram.delete(skey)
-                    self._res.discard("l0", skey)
                     self._n["corrupt_l0"] += 1
         try:
             with _translated("disk tier get"):
@@ -928,16 +920,12 @@ class BlockStore:
                 with _translated("disk tier delete"):
                     self._disk.delete(skey)
                 with self._lock:
-                    self._res.discard("l1", skey)
                     self._n["corrupt_l1"] += 1
             else:
                 with self._lock:
                     self._n["l1_hits"] += 1
                 self._ram_put(skey, env, ident)
                 return
-        else:
-            with self._lock:
-                self._res.discard("l1", skey)
         if self._l2 is not None:
             try:
                 with _translated("L2 get"):
@@ -955,12 +943,12 @@ class BlockStore:
                     raise type(exc)(f"L2 copy of block {skey[16:24].hex()}: {exc}") from exc
                 with self._lock:
                     self._n["l2_hits"] += 1
-                    self._res.add("l2", skey)
+                    self._l2_known.add(skey)
                 from_l2.append((skey, env))
                 self._ram_put(skey, env, ident)
                 return
             with self._lock:
-                self._res.discard("l2", skey)
+                self._l2_known.discard(skey)
         with self._lock:
             self._n["misses"] += 1
         if corrupt is not None:
@@ -976,7 +964,9 @@ class BlockStore:
                 guard=self.guard, naive=self.naive, index=self.index, codec=self.codec, l2_mode=self.l2_mode,
                 l2_retry_pending=len(self._retry), l2_owed=len(self._owed), bootstrap_s=self.bootstrap_s,
                 l2_queue=self._queue.unfinished_tasks if self._queue is not None else 0,
-                residency={t: self._res.count(t) for t in TIERS},
+                residency={"l0": len(self._ram) if self._ram is not None else 0,
+                           "l1": len(self._disk) if self._disk is not None else 0,
+                           "l2": len(self._l2_known)},  # L2: the keys known to be there
                 l0=self._ram.stats() if self._ram is not None else None,
             )
         disk, l2 = self._disk, self._l2  # close() may clear them meanwhile

@@ -4,10 +4,10 @@ Every block is a walpub object: ``put`` publishes it (object fsynced and named
 before a WAL PUT record points at it; durable when ``put`` returns), ``get``
 reads it back verified against the length and CRC32C of that record.  The
 volume is opened *without* its own capacity, and this tier evicts after each
-publish with ``Volume.evict_to(capacity_bytes)``: least recently used first
-(reads and repeated puts refresh), all victims behind one WAL fsync of DELETE
-records, and the evicted keys come back to the caller, who keeps the residency
-sets and the index in step.
+publish with ``Volume.evict_to(capacity_bytes)``: blocks not used since open first
+(oldest first), then least recently used (reads and repeated puts refresh), all victims behind one WAL fsync of DELETE
+records, and the evicted keys come back to the caller.  The volume's residency
+index is the one map of what this tier holds: membership and lookups ask it.
 
 walpub's errors become tier errors (tier/errors.py) with the walpub error as
 ``__cause__``: a locked volume is TierLockedError, a block that fails its CRC
@@ -34,6 +34,7 @@ from tier.errors import (
 )
 from tier.ram import byte_view
 from walpub import Volume, VolumeStats
+from walpub.volume import FLAG_IN_L2
 from walpub.errors import (
     BusyError,
     CorruptObjectError,
@@ -190,8 +191,28 @@ class DiskTier:
 
     __contains__ = contains
 
+    def contains_many(self, keys: list[bytes]) -> list[bool]:
+        """Membership of each key: one index call, not an access."""
+        with _translated("contains"):
+            return self.volume.contains_many(keys)
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` are stored: the residency index's longest_prefix."""
+        with _translated("lookup"):
+            return self.volume.longest_prefix(keys)
+
+    def mark_in_l2(self, keys: list[bytes]) -> int:
+        """Record (a hint, see docs/INDEXES.md) that L2 holds these stored keys."""
+        with _translated("mark"):
+            return self.volume.set_flags(keys, FLAG_IN_L2)
+
+    def in_l2(self, key: bytes) -> bool:
+        """True if the key's record says L2 holds it (False if unknown or not stored)."""
+        with _translated("flags"):
+            return bool((self.volume.flags(key) or 0) & FLAG_IN_L2)
+
     def keys(self) -> list[bytes]:
-        """Stored keys, least recently used first."""
+        """Stored keys in key order (an O(N) index scan: for tools and tests)."""
         with _translated("keys"):
             return self.volume.keys()
 
