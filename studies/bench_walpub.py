@@ -307,7 +307,7 @@ def test_recovery_after_sigkill(benchmark, scratch, blocks, backend, verify):
         rep = vol.last_recovery
         probe = wc.make_key(tag, RECOVERY_TAIL - 1)
         assert vol.read(probe) == (probe * (RECOVERY_BLOCK // 32))[:RECOVERY_BLOCK]   # the last acked tail block
-        assert len(vol) == int(live_before) and len(vol.index) == len(vol)
+        assert len(vol) == int(live_before) and len(vol.keys()) == len(vol)
         vol.close()
         return sec, rep
 
