@@ -82,7 +82,7 @@ from engine.errors import (
 from engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
 from engine.identity import CacheIdentity
 from engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
-from walpub.io import fsync_dir, write_all
+from engine.owed_journal import OwedJournal
 
 TIERS = ("l0", "l1", "l2")
 L2_MODES = ("sync", "background")
@@ -373,8 +373,7 @@ class BlockStore:
         # appends and rewrites; the dict itself is guarded by _lock.
         self._owed: dict[bytes, None] = {}
         self._journal_lock = threading.Lock()
-        self._journal_fd: int | None = None
-        self._journal_keys = 0  # whole keys in the file
+        self._journal = OwedJournal(os.path.join(self.path, PENDING_L2), key_bytes=STORE_KEY_BYTES)
         self._manifest_pending: list[bytes] = []
         # Keys known to be in L2 (its manifests, our publishes, HEAD/GET hits): L2's
         # own membership, so a put skips re-publishing.  L1 membership is L1's
@@ -985,32 +984,18 @@ class BlockStore:
     # 2 x owed + JOURNAL_SLACK_KEYS keys, and at close (removed when nothing is
     # owed).  After a crash a key published since the last rewrite is reloaded:
     # dropped if a manifest lists it, else re-published (first writer wins: a no-op).
+    # The file itself (format, fsyncs, torn tails) is engine/owed_journal.py, through
+    # walpub's I/O layer so the crash simulator covers it.
     def _pending_path(self) -> str:
         return os.path.join(self.path, PENDING_L2)
 
     def _load_pending(self) -> None:
-        path = self._pending_path()
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StoreIOError(f"cannot read {path}: {exc.strerror}") from exc
-        whole = len(data) - len(data) % STORE_KEY_BYTES
-        for i in range(0, whole, STORE_KEY_BYTES):
-            key = data[i : i + STORE_KEY_BYTES]
+        with self._journal_lock:
+            with _os_errors(f"cannot read {self._pending_path()}"):
+                keys = self._journal.load()  # cuts a torn tail of a crashed append
+        for key in keys:
             self._retry[key] = None
             self._owed[key] = None
-        if whole != len(data):  # torn tail of a crashed append: appending after it would misalign
-            with _os_errors(f"cutting the torn tail of {path}"):
-                fd = os.open(path, os.O_WRONLY)
-                try:
-                    os.ftruncate(fd, whole)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        self._journal_keys = whole // STORE_KEY_BYTES
 
     def _journal_owed(self, keys: list[bytes]) -> None:
         """Record ``keys`` durably in PENDING_L2 (one append, one fsync) before L1 holds them."""
@@ -1021,63 +1006,26 @@ class BlockStore:
                 fresh = [k for k in dict.fromkeys(keys) if k not in self._owed]
             if not fresh:
                 return
-            path = self._pending_path()
-            with _os_errors(f"appending to {path}"):
-                if self._journal_fd is None:
-                    self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                    if self._journal_keys == 0:  # the file may be new: make its name durable
-                        fsync_dir(self.path)
-                try:
-                    write_all(self._journal_fd, b"".join(fresh))
-                    os.fsync(self._journal_fd)
-                except OSError:  # never append after a torn record: cut back to whole keys
-                    try:
-                        os.ftruncate(self._journal_fd, self._journal_keys * STORE_KEY_BYTES)
-                    except OSError:
-                        pass
-                    raise
-            self._journal_keys += len(fresh)
+            with _os_errors(f"appending to {self._pending_path()}"):
+                self._journal.append(fresh)
             with self._lock:
                 for k in fresh:
                     self._owed[k] = None
                 self._n["journal_appends"] += 1
-                compact = self._journal_keys > 2 * len(self._owed) + JOURNAL_SLACK_KEYS
+                compact = self._journal.count > 2 * len(self._owed) + JOURNAL_SLACK_KEYS
             if compact:
                 try:
                     self._rewrite_journal()
                 except OSError as exc:  # the appended file (or its rewrite) stands: a superset, correct
-                    import logging
-
                     logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
-                    try:
-                        self._journal_keys = os.path.getsize(path) // STORE_KEY_BYTES
-                    except OSError:
-                        self._journal_keys = 0
 
     def _rewrite_journal(self) -> None:
         """Rewrite PENDING_L2 with exactly the owed keys (removed if none); _journal_lock held."""
         assert self._journal_lock.locked()
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
         with self._lock:
             keys = list(self._owed)
             self._n["journal_compactions"] += 1
-        path = self._pending_path()
-        if not keys:
-            if os.path.exists(path):
-                os.unlink(path)
-                fsync_dir(self.path)
-            self._journal_keys = 0
-            return
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(keys))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.path)
-        self._journal_keys = len(keys)
+        self._journal.rewrite(keys)
 
     def _save_pending(self) -> None:
         """At close: PENDING_L2 = the keys still owed to L2 (removed when none)."""
@@ -1085,9 +1033,9 @@ class BlockStore:
             try:
                 self._rewrite_journal()
             except OSError as exc:  # the appended file stays: a superset, still correct
-                import logging
-
                 logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
+            finally:
+                self._journal.close()
 
     def _check_open(self) -> None:
         if self._closed:

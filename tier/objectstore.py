@@ -21,7 +21,8 @@ Object names (relative to the store's root or S3 prefix), one naming for both:
 
 ``LocalDirObjectStore`` is the embedded default: no server, the same atomic
 publish discipline as walpub (tmp + fsync, then a no-overwrite link into place,
-then fsync of the directory).  ``tier.s3.S3ObjectStore`` is the same interface
+then fsync of the directory), every file call through walpub's I/O layer so
+the crash simulator covers it.  ``tier.s3.S3ObjectStore`` is the same interface
 over boto3.  ``open_object_store(spec)`` picks one.  docs/OBJECTSTORE.md has the
 details and what was verified against which server.
 """
@@ -48,7 +49,7 @@ from tier.errors import (
     ObjectStoreConfigError,
     ObjectStoreIOError,
 )
-from walpub.io import fsync_dir, write_all
+from walpub.io import FileSystem, OsFileSystem
 
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
 BLOCKS_DIR = "blocks/"
@@ -285,22 +286,34 @@ STALE_TMP_S = 3600.0  # tmp files older than this are leftovers of a crash
 class LocalDirObjectStore(ObjectStore):
     """The object store as a plain directory: the embedded default, no server.
 
-    Publish is tmp write + fsync, then ``os.link`` into the final name (an
+    Publish is tmp write + fsync, then a hard link into the final name (an
     atomic create that fails if the name exists: first writer wins without a
     check-then-rename race, even between processes), then fsync of the
     directory.  Several processes may share one directory.
+
+    Every file-system call goes through ``io`` (a :class:`walpub.io.FileSystem`;
+    the real one by default), so the crash simulator can record a workload and
+    enumerate what a power loss leaves; the fsyncs carry the "l2_*" labels of
+    ``walpub.io.FSYNC_LABELS`` (docs/OBJECTSTORE.md says what each protects).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], io: FileSystem | None = None) -> None:
+        self._io: FileSystem = io if io is not None else OsFileSystem()
         self.root = os.path.abspath(os.fspath(root))
         self._tmp = os.path.join(self.root, "tmp")
+        # Directories whose entry in their parent this object has fsynced (or
+        # found durable at open): a shard directory made by another thread or
+        # process may not be durable yet, so its first use here fsyncs its parent.
+        self._durable_dirs = {os.path.join(self.root, "manifests")}
         try:
-            created = not os.path.isdir(self.root)
-            for sub in ("", "blocks", "manifests", "tmp"):
-                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-            if created:
-                fsync_dir(os.path.dirname(self.root))
-            fsync_dir(self.root)
+            self._makedirs(self.root)
+            for sub in ("blocks", "manifests", "tmp"):
+                if not self._io.isdir(os.path.join(self.root, sub)):
+                    self._io.mkdir(os.path.join(self.root, sub))
+            # Also when the root exists: a killed creator may have left its name
+            # (or its subdirectories) in the page cache only.
+            self._io.fsync_dir(os.path.dirname(self.root), "l2_layout")
+            self._io.fsync_dir(self.root, "l2_layout")
         except OSError as exc:
             raise ObjectStoreConfigError(
                 f"cannot open object store directory {self.root}: {exc.strerror}"
@@ -310,6 +323,26 @@ class LocalDirObjectStore(ObjectStore):
     def __repr__(self) -> str:
         return f"LocalDirObjectStore({self.root!r})"
 
+    def _makedirs(self, path: str) -> None:
+        """mkdir -p through the I/O layer; the parent of each directory created
+        above the root's parent is fsynced (the root's own parent is fsynced by
+        the caller)."""
+        missing = []
+        while not self._io.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for d in reversed(missing):
+            try:
+                self._io.mkdir(d)
+            except FileExistsError:
+                if not self._io.isdir(d):
+                    raise
+            if d != self.root:
+                self._io.fsync_dir(os.path.dirname(d), "l2_layout")
+
     # --- objects --------------------------------------------------------------
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
         check_range(start, length)
@@ -317,26 +350,38 @@ class LocalDirObjectStore(ObjectStore):
         path = self._path(object_name(key))
         with _fs_errors(f"ranged read of {object_name(key)}", self.root):
             try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size - _TRAILER.size
-                    if start + length > size:
-                        raise InvalidRangeError(
-                            f"range [{start}, {start + length}) is past the end of "
-                            f"{object_name(key)} ({size} bytes)"
-                        )
-                    f.seek(start)
-                    data = f.read(length)
+                size, data = self._read_range(path, start, length)
             except FileNotFoundError:
                 return None
+        if data is None:
+            raise InvalidRangeError(
+                f"range [{start}, {start + length}) is past the end of "
+                f"{object_name(key)} ({size} bytes)"
+            )
         if len(data) != length:  # the file shrank under us: never a short read as data
             raise ObjectCorruptError(f"{object_name(key)}: short read {len(data)} of {length}")
         return data
+
+    def _read_range(self, path: str, start: int, length: int) -> tuple[int, bytes | None]:
+        """(object size, bytes [start, start+length)), or (size, None) when the
+        range passes the object's end."""
+        if type(self._io) is OsFileSystem:  # one positioned read, not the whole prefix
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size - _TRAILER.size
+                if start + length > size:
+                    return size, None
+                f.seek(start)
+                return size, f.read(length)
+        size = self._io.file_size(path) - _TRAILER.size  # FileSystem has no positioned read
+        if start + length > size:
+            return size, None
+        return size, self._io.read_head(path, start + length)[start:]
 
     def head(self, key: bytes) -> int | None:
         self._check_open()
         with _fs_errors(f"stat of {object_name(key)}", self.root):
             try:
-                size = os.stat(self._path(object_name(key))).st_size
+                size = self._io.file_size(self._path(object_name(key)))
             except FileNotFoundError:
                 return None
         return max(size - _TRAILER.size, 0)
@@ -358,31 +403,39 @@ class LocalDirObjectStore(ObjectStore):
             return self._publish_file(name, data)
 
     def _publish_file(self, name: str, data: bytes) -> bool:
+        io = self._io
+        manifest = name.startswith(MANIFESTS_DIR)
         final = self._path(name)
         directory = os.path.dirname(final)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, exist_ok=True)
-            fsync_dir(os.path.dirname(directory))
+        if directory not in self._durable_dirs:
+            if not io.isdir(directory):
+                try:
+                    io.mkdir(directory)
+                except FileExistsError:  # another writer made it meanwhile
+                    pass
+            # Also when another writer made it: its fsync of the parent may be pending.
+            io.fsync_dir(os.path.dirname(directory), "l2_parent")
+            self._durable_dirs.add(directory)
         tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = io.create(tmp)
         try:
             try:
                 view = memoryview(data).cast("B")  # any contiguous buffer, as bytes
-                write_all(fd, view)
-                write_all(fd, memoryview(_TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC)))
-                os.fsync(fd)
+                io.write(fd, view)
+                io.write(fd, _TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC))
+                io.fsync(fd, "l2_manifest" if manifest else "l2_object")
             finally:
-                os.close(fd)
+                io.close(fd)
             try:
-                os.link(tmp, final)  # atomic, never replaces: the first writer wins
+                io.link(tmp, final)  # atomic, never replaces: the first writer wins
                 created = True
             except FileExistsError:
                 created = False
         finally:
-            _unlink_quiet(tmp)
+            self._unlink_quiet(tmp)
         # Also when another writer won: its link may not be durable yet, and our
         # False tells the caller the block is safely published.
-        fsync_dir(directory)
+        io.fsync_dir(directory, "l2_manifest_dir" if manifest else "l2_dir")
         return created
 
     def _get_named(self, name: str) -> bytes | None:
@@ -390,8 +443,7 @@ class LocalDirObjectStore(ObjectStore):
         path = self._path(name)
         with _fs_errors(f"read {name}", self.root):
             try:
-                with open(path, "rb") as f:
-                    raw = f.read()
+                raw = self._io.read_file(path)
             except FileNotFoundError:
                 return None
         if len(raw) >= _TRAILER.size:
@@ -407,10 +459,21 @@ class LocalDirObjectStore(ObjectStore):
     def _list_named(self, prefix: str) -> list[str]:
         self._check_open()
         base = self._path(prefix.rstrip("/"))
-        names = []
-        for dirpath, _dirs, files in os.walk(base):
+        names: list[str] = []
+        stack = [base]
+        while stack:  # bounded: each directory is listed once (no links between directories)
+            dirpath = stack.pop()
+            try:
+                entries = self._io.listdir(dirpath)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # as os.walk: a directory removed meanwhile is skipped
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-            names.extend(f"{rel}/{f}" for f in files)
+            for e in entries:
+                full = os.path.join(dirpath, e)
+                if self._io.isdir(full):
+                    stack.append(full)
+                else:
+                    names.append(f"{rel}/{e}")
         return sorted(names)
 
     def _delete_named(self, name: str) -> None:
@@ -418,29 +481,33 @@ class LocalDirObjectStore(ObjectStore):
         path = self._path(name)
         with _fs_errors(f"delete {name}", self.root):
             try:
-                os.unlink(path)
+                self._io.unlink(path)
             except FileNotFoundError:
                 return
-            fsync_dir(os.path.dirname(path))
+            self._io.fsync_dir(os.path.dirname(path), "l2_delete")
 
     def _clear_stale_tmp(self) -> None:
-        """Remove tmp files a crashed writer left (old enough not to be in flight)."""
+        """Remove tmp files a crashed writer left (old enough not to be in flight).
+
+        Needs file ages, which only the real file system has: on another
+        FileSystem (the crash simulator) leftovers stay, harmless."""
+        if not isinstance(self._io, OsFileSystem):
+            return
         cutoff = time.time() - STALE_TMP_S
         with os.scandir(self._tmp) as it:
             for entry in it:
                 try:
                     if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
+                        self._io.unlink(entry.path)
                 except FileNotFoundError:
                     pass
 
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
+    def _unlink_quiet(self, path: str) -> None:
+        try:
+            self._io.unlink(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
 
 # --- opening by spec -------------------------------------------------------------------

@@ -15,7 +15,8 @@ and CrashMonkey):
   directory; un-synced directory operations persist per directory as any
   prefix, plus every single op alone, every all-but-one, and a seeded sample of
   other subsets; a cross-directory rename is two ops (link in the target,
-  unlink in the source) that persist independently;
+  unlink in the source) that persist independently, and a hard link
+  (``link``) is one such link op: a second name for the same inode;
 * what a directory entry points to after the crash is the inode's durable data
   plus the chosen pending ops; unreachable inodes vanish.
 
@@ -325,6 +326,24 @@ class SimFileSystem(FileSystem):
                 self._dirop(dp, ("link", dn, ino))
                 self._dirop(sp, ("unlink", sn))
             self._mutated(f"rename {src} -> {dst}")
+
+    def link(self, src: str, dst: str) -> None:
+        """A new entry for ``src``'s inode, pending in ``dst``'s directory like a
+        create (a "link" op: until that directory is fsynced a crash may drop
+        it; the inode's data stays whatever its own fsyncs made durable)."""
+        with self._mu:
+            self._gate()
+            ino = self._lookup(src)
+            if ino is None:
+                raise FileNotFoundError(src)
+            if self._kind[ino] != "f":
+                raise PermissionError(src)  # as os.link on a directory (EPERM)
+            dp, dn = self._parent(dst)
+            if dn in self._entries[dp]:
+                raise FileExistsError(dst)
+            self._entries[dp][dn] = ino
+            self._dirop(dp, ("link", dn, ino))
+            self._mutated(f"link {src} -> {dst}")
 
     def unlink(self, path: str) -> None:
         with self._mu:

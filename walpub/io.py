@@ -58,6 +58,19 @@ FSYNC_LABELS = (
     "index_dir",       # ART index: its directory after the snapshot rename (and mkdir)
     "index_log",       # ART index (log mode): its own log
     "clean",           # close: the CLEAN marker file before its rename
+    # The store's PENDING_L2 journal (engine/owed_journal.py, docs/STORE.md):
+    "journal",         # PENDING_L2 after appending keys (or cutting a torn tail)
+    "journal_dir",     # the store directory once PENDING_L2 is (re)created or reloaded
+    "journal_rewrite", # compaction/close: PENDING_L2.tmp before its rename over PENDING_L2
+    "journal_rewrite_dir",  # the store directory after that rename (or the unlink)
+    # The local-directory L2 (tier/objectstore.py, docs/OBJECTSTORE.md):
+    "l2_layout",       # creation: the root's parent, then root (blocks/, manifests/, tmp/)
+    "l2_object",       # publish: the block's file in tmp/ before its link into blocks/ab/
+    "l2_parent",       # first use of blocks/ab/: blocks/ after the mkdir
+    "l2_dir",          # publish: blocks/ab/ after the link (also when another writer won)
+    "l2_manifest",     # write_manifest: the manifest's file in tmp/ before its link
+    "l2_manifest_dir", # write_manifest: manifests/ after the link
+    "l2_delete",       # delete: the object's directory after the unlink
 )
 
 
@@ -141,6 +154,11 @@ class FileSystem(ABC):
         """Atomically (for the process) replace ``dst`` by ``src``."""
 
     @abstractmethod
+    def link(self, src: str, dst: str) -> None:
+        """A second name ``dst`` for the file ``src`` (a hard link); never
+        replaces: FileExistsError if ``dst`` exists."""
+
+    @abstractmethod
     def unlink(self, path: str) -> None: ...
 
     @abstractmethod
@@ -203,6 +221,9 @@ class OsFileSystem(FileSystem):
 
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        os.link(src, dst)
 
     def unlink(self, path: str) -> None:
         os.unlink(path)
