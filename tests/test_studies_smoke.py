@@ -34,7 +34,8 @@ def test_studies_pipeline_smoke(tmp_path):
     assert data["quiver"]["failed"] == []
     groups = {b["group"] for b in data["benchmarks"]}
     assert {"limits", "index-insert", "index-get", "index-get_many", "index-scan", "index-replica-scan",
-            "index-longest-prefix", "index-footprint", "index-reopen", "mooncake"} <= groups
+            "index-longest-prefix", "index-footprint", "index-reopen", "mooncake",
+            "product-build", "product-open", "product-open-bytes"} <= groups
 
     out = tmp_path / "out"
     rep = subprocess.run(
@@ -51,18 +52,24 @@ def test_studies_pipeline_smoke(tmp_path):
     assert report.index("## Headline figures") < report.index("## Contents")
     headline = report[report.index("## Headline figures"):report.index("## Contents")]
     assert "ART ÷ RocksDB (lsm), get_many keys/s" in headline and "N = 2,000" in headline
+    # the index headline is the product-level one (issue 9): BlockStore rows come before the micro-benchmarks
+    assert headline.index("BlockStore open + first get") < headline.index("ART ÷ RocksDB (lsm), get_many keys/s")
+    assert "lookup through the store" in headline and "Open vs bytes stored" in headline
     assert "Crash campaign" in headline and "**0 violations**" in headline
     assert "Cross-identity bytes served, naive vs guarded" in headline
-    for anchor in ("art-targets", "keys", "walpub", "tiers", "identity", "objectstore", "copy", "kv-codecs", "layerwise"):
+    for anchor in ("product", "art-targets", "keys", "walpub", "tiers", "identity", "objectstore", "copy", "kv-codecs", "layerwise"):
         assert f"](#{anchor})" in headline and f'<a id="{anchor}"></a>' in report, anchor
     # dedicated sections, not the generic dump
     for heading in ("## ART targets", "### Numba compile", "### Snapshot and reopen", "### Publish throughput",
                     "### Write amplification: walpub vs RocksDB", "### Recovery after SIGKILL", "### Crash campaign",
                     "### Hit ratio per tier", "### Restore latency", "### Collision workload", "### Cost of the guard",
-                    "### PUT / GET throughput", "### Bootstrap: manifests", "### int8 inside the model"):
+                    "### PUT / GET throughput", "### Bootstrap: manifests", "### int8 inside the model",
+                    "## Index through the product", "### Open + first get vs blocks stored",
+                    "### Open + first get vs bytes stored", "### Lookup through the store",
+                    "### Memory per resident block"):
         assert heading in report, heading
     for g in ("keys", "art-compile", "walpub-publish", "walpub-campaign", "tiers-mooncake", "identity", "objectstore",
-              "copy", "kv-codecs", "layerwise"):
+              "copy", "kv-codecs", "layerwise", "product-build", "product-open", "product-open-bytes"):
         assert f"## Group `{g}`" not in report, g
     art = report[report.index("## ART targets"):report.index("### Numba compile")]
     assert "get_many ≥ 5 M keys/s" in art and "memory ≤ 2× the raw key + value bytes" in art
@@ -76,7 +83,7 @@ def test_studies_pipeline_smoke(tmp_path):
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "mooncake-latency.png" in plots and "index-get-p50_us.png" in plots
     assert "index-write-amplification.png" in plots and "index-bytes-on-disk.png" in plots
-    assert "walpub-publish.png" in plots and "layerwise-efficiency.png" in plots
+    assert "walpub-publish.png" in plots and "layerwise-efficiency.png" in plots and "product-open.png" in plots
     assert ("ttft.png" in plots) == ("ttft" in groups)
     for name in plots:
         assert f"plots/{name}" in report
@@ -125,10 +132,10 @@ def test_report_renders_groups_absent_from_the_run(tmp_path):
         src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "smoke"}}, "benchmarks": benchmarks}))
         report = write_report(src, tmp_path / "out").read_text()
         assert "## Headline figures" in report
-        for g in ("walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft"):
+        for g in ("product-open", "walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft"):
             assert f"{DASH} (group `{g}` has no results in this run)" in report, g
             assert g in EXPECTED_GROUPS
         assert "Not in this run" in report and "`walpub-publish`" in report
-        for heading in ("## ART targets", "## walpub", "## Tiers", "## Identity", "## L2 object store", "## Copy",
+        for heading in ("## Index through the product", "## ART targets", "## walpub", "## Tiers", "## Identity", "## L2 object store", "## Copy",
                         "## Codecs on model KV", "## Layerwise"):
             assert heading not in report, heading
