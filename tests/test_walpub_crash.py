@@ -174,12 +174,15 @@ def test_every_crash_state_with_the_real_art_index(name):
 
 
 @pytest.mark.parametrize("label", ["index_snapshot", "index_dir"])
-def test_planted_bug_in_the_art_snapshot_is_caught(label):
+def test_art_snapshot_fsyncs_bound_open_time_not_correctness(label):
+    """Without them a power loss leaves a torn or stale snapshot: the index is
+    derived state, so the open discards or catches it up from the WAL and every
+    invariant still holds (docs/WALPUB.md: they are kept so that an open after a
+    power loss costs the tail, not a rebuild)."""
     art = dict(index="art", checkpoint_records=3)
     r = explore(functools.partial(wl_compact, **art), volume_kwargs={**KW, **art}, disabled_fsyncs=(label,),
-                max_states_per_point=24,
-                idempotence_every=4, continue_every=0, stop_after=1)
-    assert not r.ok, f"removing the {label} fsync went unnoticed"
+                max_states_per_point=24, idempotence_every=4, continue_every=0)
+    assert r.ok, "\n".join(map(str, r.violations[:10]))
 
 
 def test_crash_during_recovery_converges():

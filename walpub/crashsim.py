@@ -784,7 +784,7 @@ def check_recovered(vol, sim: SimFileSystem, root: str = ROOT_PATH) -> list[Viol
     v: list[Violation] = []
     live = set(vol.keys())
     for key, val in vol._records():
-        length = unpack_index_value(val)[0]
+        length = unpack_index_value(key, val)[0]
         path = f"{root}/{object_relpath(key)}"
         if not sim.exists(path) or sim.file_size(path) != length:
             v.append(Violation("3-no-dangling-index", f"index entry {key.hex()} has no intact object"))

@@ -243,7 +243,12 @@ class OsFileSystem(FileSystem):
     def try_lock(self, path: str) -> int | None:
         # flock locks belong to the open file description, so a second open in
         # the same process is refused too (POSIX fcntl locks would not be).
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # A directory is locked through an O_DIRECTORY descriptor: unlike a lock
+        # file, nobody can unlink it from under the holder (a tmp cleaner).
+        if os.path.isdir(path):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,7 +2,8 @@
 
 Layout::
 
-    LOCK                    flock'ed by the one writer (VolumeLockedError otherwise)
+    (the root itself)       flock'ed by the one writer (VolumeLockedError otherwise): a
+                            directory cannot be unlinked from under its holder
     objects/ab/<hex>.blk    one object per key; ab = last key byte in hex
     tmp/                    in-flight object writes and compaction output
     wal/<id>.log            WAL segments (walpub.wal)
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import index_backends
+from index_backends.errors import IndexBackendError, IndexLockedError, UnknownBackendError
 from index_backends.protocol import ResidencyIndex
 from walpub import wal as _wal
 from walpub.errors import (
@@ -45,8 +47,12 @@ from walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
 
 MAX_OBJECT_BYTES = 1 << 30
 # The residency record, the index value of every live key (docs/INDEXES.md):
-# object length, CRC32C, WAL seq of its PUT, flags (bit 0: L2 holds a copy).
-INDEX_VALUE = struct.Struct("<QIQB")
+# object length, CRC32C, WAL seq of its PUT, flags (bit 0: L2 holds a copy),
+# then a CRC32C over the walpub key and those fields: a damaged record (or a
+# record under a damaged key) is recognised as index damage, never taken for a
+# damaged object.
+INDEX_VALUE = struct.Struct("<QIQBI")
+_RECORD_HEAD = struct.Struct("<QIQB")
 FLAG_IN_L2 = 1
 # The volume's summary, stored in the index under META_KEY in the same atomic
 # write_batch as the records it describes: applied seq, live records, live
@@ -110,17 +116,25 @@ def crash_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pack_index_value(rec: PutRecord, flags: int = 0) -> bytes:
-    return INDEX_VALUE.pack(rec.length, rec.crc, rec.seq, flags)
+class DamagedRecordError(Exception):
+    """An index record fails its own CRC (or has the wrong size): the index is
+    damaged, not the object.  Internal: the volume rebuilds the index from the WAL."""
 
 
-def unpack_index_value(value: bytes) -> tuple[int, int, int]:
-    """(length, crc32c, seq) from an index value walpub wrote."""
-    return INDEX_VALUE.unpack(value)[:3]
+def pack_index_value(key: bytes, rec: PutRecord, flags: int = 0) -> bytes:
+    head = _RECORD_HEAD.pack(rec.length, rec.crc, rec.seq, flags)
+    return head + struct.pack("<I", crc32c(key + head))
 
 
-def record_flags(value: bytes) -> int:
-    return INDEX_VALUE.unpack(value)[3]
+def unpack_index_value(key: bytes, value: bytes) -> tuple[int, int, int, int]:
+    """(length, crc32c, seq, flags) of ``key``'s record; DamagedRecordError when
+    the record does not verify against its key."""
+    if len(value) != INDEX_VALUE.size:
+        raise DamagedRecordError(f"record of {key.hex()} has {len(value)} bytes")
+    length, crc, seq, flags, check = INDEX_VALUE.unpack(value)
+    if crc32c(key + value[:_RECORD_HEAD.size]) != check:
+        raise DamagedRecordError(f"record of {key.hex()} fails its CRC")
+    return length, crc, seq, flags
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,8 @@ class RecoveryReport:
     wal_junk_removed: int
     orphans_removed: int
     index_mode: str                             # "rebuild" | "catch_up" | "reconcile"
+    stray: list[str] = field(default_factory=list)  # entries skipped, not ours (e.g. directories in tmp/)
+    index_reset: str | None = None              # the index's files were damaged: discarded, rebuilt from the WAL
 
 
 @dataclass
@@ -152,6 +168,7 @@ class VolumeStats:
     frames: int            # WAL frames written
     compactions: int
     checkpoints: int       # index flushes that bound the WAL tail an open replays
+    index_repairs: int     # index rebuilt from the WAL after a damaged record was met
     orphans_collected: int
     wal_rotations: int
     fsyncs: dict[str, int] = field(default_factory=dict)
@@ -250,8 +267,13 @@ class Volume:
         self._subdirs: set[str] = set()     # objects/<ab> known durable
         self._unlinked_subdirs: set[str] = set()  # objects/<ab> with an unlink since open
         self._orphans_possible = False      # a publish failed after its renames
+        self._stray: list[str] = []         # entries recovery skipped (directories where files belong)
+        self._repair_due = False            # a damaged index record was met while applying
+        self.last_repair: str | None = None  # why the index was last rebuilt while open
+        self.index_reset: str | None = None  # why the index files were discarded at open
         self._n = dict(publishes=0, publish_noops=0, deletes=0, evictions=0, corrupt_reads=0,
-                       commits=0, frames=0, compactions=0, checkpoints=0, orphans_collected=0)
+                       commits=0, frames=0, compactions=0, checkpoints=0, orphans_collected=0,
+                       index_repairs=0)
 
         self._lock_handle = self._take_lock()
         try:
@@ -260,8 +282,7 @@ class Volume:
                 path = index_path
                 if path is None and index not in ("flat", "sorted"):
                     path = f"{self.root}/index-{index}"
-                opts = {"io": self.io, "log": False} if index == "art" else {}
-                self.index: ResidencyIndex = index_backends.open(index, path, **opts)
+                self.index: ResidencyIndex = self._open_index(index, path)
             else:
                 self._owns_index = False
                 self.index = index
@@ -278,6 +299,31 @@ class Volume:
             self.io.unlock(self._lock_handle)
             raise
 
+    def _open_index(self, name: str, path: str | None) -> ResidencyIndex:
+        """Open the named index; if its files are damaged (any typed backend
+        error but "locked"), remove them and start empty: the index is derived
+        state, and recovery rebuilds it from the WAL (``index_reset``)."""
+        opts = {"io": self.io, "log": False} if name == "art" else {}
+        try:
+            return index_backends.open(name, path, **opts)
+        except (IndexLockedError, UnknownBackendError):
+            raise
+        except IndexBackendError as exc:
+            if path is None:
+                raise
+            self.index_reset = f"{type(exc).__name__}: {exc}"
+            self._remove_files(path)
+            return index_backends.open(name, path, **opts)
+
+    def _remove_files(self, path: str) -> None:
+        """Unlink every file under ``path`` (directories are left, empty)."""
+        for name in self.io.listdir(path):
+            p = f"{path}/{name}"
+            if self.io.isdir(p):
+                self._remove_files(p)
+            else:
+                self.io.unlink(p)
+
     @classmethod
     def open(cls, root: str, **kwargs) -> "Volume":
         """Open (creating if needed) and recover the volume at ``root``."""
@@ -286,7 +332,7 @@ class Volume:
     # ------------------------------------------------------------------ opening
     def _take_lock(self) -> int:
         self._ensure_dir(self.root, parent_sync=True)
-        handle = self.io.try_lock(f"{self.root}/LOCK")
+        handle = self.io.try_lock(self.root)
         if handle is None:
             raise VolumeLockedError(f"volume {self.root} is locked by another writer")
         return handle
@@ -336,11 +382,18 @@ class Volume:
 
         tmp_removed = 0
         for name in io.listdir(self._tmp):
+            if io.isdir(f"{self._tmp}/{name}"):
+                self._stray.append(f"tmp/{name}")  # not ours: skipped, counted, never fatal
+                continue
             io.unlink(f"{self._tmp}/{name}")
             tmp_removed += 1
         crash_point("recover.tmp_cleared")
         ids, junk = _wal.list_segments(io, self._waldir)
-        for name in junk:
+        for name in list(junk):
+            if io.isdir(f"{self._waldir}/{name}"):
+                self._stray.append(f"wal/{name}")
+                junk.remove(name)
+                continue
             io.unlink(f"{self._waldir}/{name}")
         if ids:
             fd = io.open_append(f"{self._waldir}/{_wal.segment_name(ids[-1])}")
@@ -365,8 +418,13 @@ class Volume:
         self._last_seq = self._durable_seq = max(r.last_seq, since if catch_up else 0)
         if catch_up:
             mode = "catch_up"
-            dropped = self._catch_up(r, meta, verify)
-        else:
+            try:
+                dropped = self._catch_up(r, meta, verify)
+            except DamagedRecordError:
+                catch_up = False
+                if not r.complete:
+                    r = _wal.replay(io, self._waldir, truncate=self.truncate_torn_tail)
+        if not catch_up:
             mode = "rebuild" if not self.index.persistent else "reconcile"
             dropped = self._rebuild(r, verify)
         crash_point("recover.index_done")
@@ -380,7 +438,7 @@ class Volume:
             segments=r.segments, last_seq=self._durable_seq, live=self._live_count,
             truncated=r.truncated, discarded_segments=r.discarded_segments, dropped=dropped,
             tmp_removed=tmp_removed, wal_junk_removed=len(junk), orphans_removed=orphans,
-            index_mode=mode,
+            index_mode=mode, stray=list(self._stray), index_reset=self.index_reset,
         )
 
     def _catch_up(self, r: _wal.ReplayResult, meta: tuple, verify: str) -> list[tuple[bytes, str]]:
@@ -392,10 +450,10 @@ class Volume:
         p = self._prefix
         keys = list(final)
         before = self.index.get_many([p + k for k in keys]) if keys else []
-        for v in before:
+        for k, v in zip(keys, before):
             if v is not None:
                 live -= 1
-                used -= unpack_index_value(v)[0]
+                used -= unpack_index_value(k, v)[0]  # DamagedRecordError: _recover reconciles
         dropped = self._verify_records([rec for rec in final.values() if rec is not None], verify)
         for key, _why in dropped:
             final[key] = None
@@ -420,7 +478,7 @@ class Volume:
             del r.live[key]
         p = self._prefix
         stale = [k[len(p):] for k, _ in self.index.scan_prefix(p)
-                 if len(k) > len(p) and k[len(p):] not in r.live]
+                 if len(p) < len(k) <= len(p) + MAX_KEY_BYTES and k[len(p):] not in r.live]
         self._live_count = len(r.live)
         self._used = sum(rec.length for rec in r.live.values())
         self._wal_records = r.records
@@ -462,7 +520,7 @@ class Volume:
         """Records, deletions and the summary in one atomic index write."""
         p = self._prefix
         keys = [p + rec.key for rec in puts] + [self._meta_key]
-        vals = [pack_index_value(rec, (flags or {}).get(rec.key, 0)) for rec in puts]
+        vals = [pack_index_value(rec.key, rec, (flags or {}).get(rec.key, 0)) for rec in puts]
         vals.append(META_VALUE.pack(self._durable_seq, self._live_count, self._used, self._wal_records))
         self.index.write_batch(keys, vals, [p + k for k in deletes], self._durable_seq)
 
@@ -499,6 +557,10 @@ class Volume:
             # could claim that no orphan exists.
             self.io.fsync_dir(path, "recover_sync")
             for name in self.io.listdir(path):
+                if self.io.isdir(f"{path}/{name}"):
+                    if f"objects/{sub}/{name}" not in self._stray:
+                        self._stray.append(f"objects/{sub}/{name}")
+                    continue
                 key = _key_from_name(sub, name)
                 if key is not None and self.contains(key):
                     continue
@@ -530,7 +592,11 @@ class Volume:
         for key, value in self._records():
             if byte_budget is not None and read >= byte_budget:
                 break
-            length, _crc, _seq = unpack_index_value(value)
+            try:
+                length = unpack_index_value(key, value)[0]
+            except DamagedRecordError:
+                self.repair_index("scrub found a damaged record")
+                continue
             read += length
             checked += 1
             try:
@@ -713,6 +779,8 @@ class Volume:
         with self._cond:
             try:
                 self._apply(batch)
+                if self._repair_due:  # still the writer: nothing commits meanwhile
+                    self._rebuild_index("a record replaced by this batch was damaged")
             except BaseException as exc:
                 # The frames are durable but the index (or the maps) may hold only
                 # part of the batch: refuse further work; reopening recovers.
@@ -742,8 +810,11 @@ class Volume:
         puts, dels = [], []
         for rec, old in zip(batch, olds):
             if old is not None:
+                try:
+                    self._used -= unpack_index_value(rec.key, old)[0]
+                except DamagedRecordError:
+                    self._repair_due = True  # the leader rebuilds the index right after this batch
                 self._live_count -= 1
-                self._used -= unpack_index_value(old)[0]
                 self._lru.pop(rec.key, None)
             if isinstance(rec, PutRecord):
                 puts.append(rec)
@@ -767,6 +838,36 @@ class Volume:
         self.index.flush()
         self._since_checkpoint = 0
         self._n["checkpoints"] += 1
+
+    def repair_index(self, why: str) -> None:
+        """Rebuild the index from the WAL (the records it derives from): a record
+        that fails its own CRC means the index is damaged, and the intact objects
+        it describes must not be judged by it.  Takes the writer role (commits
+        wait, bounded) like compaction."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        with self._cond:
+            while self._syncing:
+                self._wait(deadline, "WAL writer for an index repair")
+            self._check_usable()
+            self._syncing = True
+            try:
+                self._rebuild_index(why)
+            except BaseException as exc:
+                self._fail(exc, "rebuilding a damaged index failed")
+            finally:
+                self._syncing = False
+                self._cond.notify_all()
+
+    def _rebuild_index(self, why: str) -> None:
+        """(lock held, writer role held) Replay the whole WAL and make the index
+        exactly its live set: stray and damaged records go, every live record is
+        rewritten.  No object is read."""
+        r = _wal.replay(self.io, self._waldir, truncate=False)
+        assert r.last_seq == self._durable_seq, (r.last_seq, self._durable_seq)
+        self._rebuild(r, "none")
+        self._repair_due = False
+        self._n["index_repairs"] += 1
+        self.last_repair = why
 
     def _wait(self, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
@@ -829,6 +930,13 @@ class Volume:
         changed): the read is retried once with it (a second change is reported
         as a miss).  Only a failure against an unchanged entry is corruption."""
         check_key(key)
+        try:
+            return self._read(key)
+        except DamagedRecordError as exc:
+            self.repair_index(str(exc))  # derived state is never trusted over the object
+            return self._read(key)
+
+    def _read(self, key: bytes) -> bytes:
         with self._cond:
             self._check_usable()
             value = self.index.get(self._prefix + key)
@@ -836,7 +944,7 @@ class Volume:
                 raise ObjectNotFoundError(key)
             self._touch(key)
         for attempt in range(2):
-            length, crc, seq = unpack_index_value(value)
+            length, crc, seq, _flags = unpack_index_value(key, value)
             try:
                 data = self.io.read_file(f"{self.root}/{object_relpath(key)}")
             except FileNotFoundError:
@@ -849,7 +957,7 @@ class Volume:
                 now = self.index.get(self._prefix + key)
             if now is None:
                 raise ObjectNotFoundError(key) from None  # deleted meanwhile
-            if unpack_index_value(now)[2] == seq:
+            if unpack_index_value(key, now)[2] == seq:
                 break  # the same PUT: the object itself is bad
             if attempt == 1:
                 raise ObjectNotFoundError(key) from None  # replaced twice during one read
@@ -918,12 +1026,19 @@ class Volume:
 
     def info(self, key: bytes) -> PutRecord | None:
         """The live PUT record of ``key`` (length, crc, seq) or None."""
-        with self._cond:
-            value = self.index.get(self._prefix + check_key(key))
-        if value is None:
-            return None
-        length, crc, seq = unpack_index_value(value)
-        return PutRecord(seq, key, length, crc)
+        for attempt in range(2):
+            with self._cond:
+                value = self.index.get(self._prefix + check_key(key))
+            if value is None:
+                return None
+            try:
+                length, crc, seq, _flags = unpack_index_value(key, value)
+            except DamagedRecordError as exc:
+                if attempt:
+                    raise VolumeFailedError(f"index still damaged after a rebuild: {exc}") from exc
+                self.repair_index(str(exc))
+                continue
+            return PutRecord(seq, key, length, crc)
 
     def set_flags(self, keys: list[bytes], flag: int) -> int:
         """OR ``flag`` into the records of the live ``keys`` (e.g. FLAG_IN_L2);
@@ -934,11 +1049,16 @@ class Volume:
             values = self.index.get_many([p + k for k in keys]) if keys else []
             puts, flags = [], {}
             for k, v in zip(keys, values):
-                if v is None or record_flags(v) & flag:
+                if v is None:
                     continue
-                length, crc, seq = unpack_index_value(v)
+                try:
+                    length, crc, seq, old = unpack_index_value(k, v)
+                except DamagedRecordError:
+                    continue  # a hint: the next read of the key repairs the index
+                if old & flag:
+                    continue
                 puts.append(PutRecord(seq, k, length, crc))
-                flags[k] = record_flags(v) | flag
+                flags[k] = old | flag
             if puts:
                 self._write_batch(puts, [], flags)
             return len(puts)
@@ -947,7 +1067,10 @@ class Volume:
         """The record's flags, or None if ``key`` is not live."""
         with self._cond:
             value = self.index.get(self._prefix + check_key(key))
-        return None if value is None else record_flags(value)
+        try:
+            return None if value is None else unpack_index_value(key, value)[3]
+        except DamagedRecordError:
+            return 0  # a hint only
 
     @property
     def index_prefix(self) -> bytes:
@@ -991,8 +1114,8 @@ class Volume:
             if rec.key in self._lru or rec.key in self._busy:
                 continue
             value = self.index.get(p + rec.key)
-            if value is None or unpack_index_value(value)[2] != rec.seq:
-                continue  # deleted or replaced since
+            if value is None or _seq_or_none(rec.key, value) != rec.seq:
+                continue  # deleted, replaced since, or a damaged record (not evicted on a guess)
             victims.append(rec.key)
             excess -= rec.length
             if excess <= 0:
@@ -1003,10 +1126,10 @@ class Volume:
             if key in self._busy:
                 continue
             value = self.index.get(p + key)
-            if value is None:
+            if value is None or _seq_or_none(key, value) is None:
                 continue
             victims.append(key)
-            excess -= unpack_index_value(value)[0]
+            excess -= unpack_index_value(key, value)[0]
         return victims
 
     def evict_to(self, budget_bytes: int) -> list[bytes]:
@@ -1068,9 +1191,17 @@ class Volume:
                 p = self._prefix
                 live = [PutRecord(seq, k[len(p):], length, crc)
                         for k, v in self.index.scan_prefix(p) if len(k) <= len(p) + MAX_KEY_BYTES
-                        for length, crc, seq in (unpack_index_value(v),)]
+                        for length, crc, seq, _flags in (unpack_index_value(k[len(p):], v),)]
+            except DamagedRecordError:
+                # Never compact from a damaged index: the WAL would lose records.
+                self._syncing = False
+                self._cond.notify_all()
+                live = None
             except BaseException as exc:
                 self._fail(exc, "reading the index for compaction failed")
+        if live is None:
+            self.repair_index("compaction found a damaged record")
+            return False
         try:
             crash_point("compact.begin")
             self._writer.seal()
@@ -1136,6 +1267,13 @@ class Volume:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _seq_or_none(key: bytes, value: bytes) -> int | None:
+    try:
+        return unpack_index_value(key, value)[2]
+    except DamagedRecordError:
+        return None
 
 
 def _key_from_name(sub: str, name: str) -> bytes | None:
