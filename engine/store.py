@@ -40,6 +40,8 @@ from __future__ import annotations
 import fcntl
 import functools
 import logging
+import math
+import numbers
 import os
 import queue
 import threading
@@ -67,6 +69,7 @@ from engine.errors import (
     EnvelopeError,
     IdentityMismatchError,
     InvalidIdentityError,
+    InvalidPayloadError,
     InvalidTokensError,
     LossyCodecError,
     ObjectStoreAuthError,
@@ -183,6 +186,8 @@ def _block_arrays(ident: CacheIdentity, blocks: Any) -> list[np.ndarray]:
 
     Accepts one array/tensor ``[n, *block_shape]`` or a sequence of per-block
     ones; everything is checked here, before anything is written."""
+    if _is_torch(blocks):
+        _check_tensor_kind(ident, blocks)
     if isinstance(blocks, np.ndarray) or _is_torch(blocks):
         if len(blocks.shape) != 1 + len(ident.block_shape):
             raise ShapeMismatchError(
@@ -200,25 +205,58 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _one_block(ident: CacheIdentity, b: Any) -> np.ndarray:
-    if _is_torch(b):
-        import torch
+def _check_tensor_kind(ident: CacheIdentity, b: Any) -> None:
+    """InvalidPayloadError for a torch object that is not a dense tensor with data."""
+    import torch
 
+    if not isinstance(b, torch.Tensor):
+        raise DTypeMismatchError(f"blocks must be numpy arrays or torch tensors, got {type(b).__name__}")
+    if b.is_quantized:
+        raise InvalidPayloadError(f"a quantized tensor ({b.dtype}) is not KV of kv_dtype {ident.kv_dtype}; "
+                                  "store the dequantized tensor, or use kv_quant for lossy blocks")
+    if b.layout != torch.strided or getattr(b, "is_nested", False):
+        raise InvalidPayloadError(f"a block must be a dense (strided) tensor, got layout {b.layout}")
+    if b.device.type == "meta":
+        raise InvalidPayloadError("a meta tensor has no data to store")
+
+
+def _torch_block(ident: CacheIdentity, b: Any) -> np.ndarray:
+    """A torch tensor's bytes as a numpy array; typed errors for what has no bytes
+    to read (meta), is not a dense array (sparse, nested), or is quantized."""
+    import torch
+
+    _check_tensor_kind(ident, b)
+    if b.is_complex():
+        raise DTypeMismatchError(f"block dtype {b.dtype} does not match kv_dtype {ident.kv_dtype}")
+    try:
         b = b.detach()
         if b.device.type != "cpu":
             b = b.cpu()
+        b = b.resolve_conj().resolve_neg()
         if b.dtype == torch.bfloat16:
             if ident.kv_dtype != "bfloat16":
                 raise DTypeMismatchError(f"block is bfloat16, identity kv_dtype is {ident.kv_dtype}")
             b = b.contiguous().view(torch.int16)
-        b = b.contiguous().numpy()
+        return b.contiguous().numpy()
+    except QuiverError:
+        raise
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        raise InvalidPayloadError(f"cannot read the tensor's bytes ({b.dtype} on {b.device}): {exc}") from exc
+
+
+def _one_block(ident: CacheIdentity, b: Any) -> np.ndarray:
+    if _is_torch(b):
+        b = _torch_block(ident, b)
     elif not isinstance(b, np.ndarray):
         raise DTypeMismatchError(f"a block must be a numpy array or torch tensor, got {type(b).__name__}")
     if b.dtype not in CARRIERS[ident.kv_dtype]:
         raise DTypeMismatchError(f"block dtype {b.dtype} does not match kv_dtype {ident.kv_dtype}")
     if tuple(b.shape) != ident.block_shape:
         raise ShapeMismatchError(f"block shape {tuple(b.shape)} != identity block shape {ident.block_shape}")
-    return np.ascontiguousarray(b)
+    b = np.ascontiguousarray(b)
+    if ident.kv_quant is not None:  # int8 has no code for NaN/Inf: refused before anything is written
+        quant.check_finite(b, ident.kv_dtype)
+    return b
 
 
 def naive_chain_keys(block_tokens: int, token_ids: Any, n_blocks: int | None = None) -> list[bytes]:
@@ -401,7 +439,9 @@ class BlockStore:
 
     # ------------------------------------------------------------------ opening
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, "STORE.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        # The store directory itself is locked: a lock file could be unlinked by
+        # a cleaner of stale files while we run, and a second writer get in.
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

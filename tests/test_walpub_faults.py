@@ -144,3 +144,21 @@ def test_stray_directories_are_skipped_and_counted(tmp_path, where):
         assert v.read(K(1)) == data(1)
         assert any(s.endswith("lost+found") for s in v.last_recovery.stray)
     assert os.path.isdir(stray)
+
+
+def test_unlinked_files_cannot_let_a_second_store_in(tmp_path):
+    """Finding 7 through the store: its lock file (STORE.lock) and the volume's
+    could be unlinked by a cleaner; a second process then opened the store and
+    its acknowledged puts were silently lost.  Directories are locked now."""
+    from engine import BlockStore
+
+    path = str(tmp_path / "store")
+    with BlockStore.open(path, index="flat"):
+        for dirpath, _dirs, files in os.walk(path):
+            for name in files:
+                if name.endswith(".lock") or name == "LOCK":
+                    os.unlink(os.path.join(dirpath, name))
+        child = f"from engine import BlockStore\nBlockStore.open({path!r}, index='flat')\n"
+        run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert run.returncode != 0 and "StoreLockedError" in run.stderr, run.stderr[-1500:]
