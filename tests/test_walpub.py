@@ -237,7 +237,9 @@ def test_torn_tail_is_truncated_and_later_appends_survive(tmp_path):
         assert sorted(v.keys()) == [K(1), K(2)] and v.last_recovery.truncated == []
 
 
-def test_bad_frame_in_middle_segment_discards_later_segments(tmp_path):
+def test_bad_frame_in_a_sealed_segment_costs_only_its_record(tmp_path):
+    """Media damage at the end of a sealed segment: that segment is cut at the
+    bad frame and the later segments are replayed (they used to be discarded)."""
     root = str(tmp_path)
     with Volume(root, segment_bytes=256) as v:
         for i in range(12):
@@ -250,11 +252,31 @@ def test_bad_frame_in_middle_segment_discards_later_segments(tmp_path):
     open(p, "wb").write(raw)
     with Volume(root, segment_bytes=256) as v:
         r = v.last_recovery
-        assert r.truncated and r.truncated[0][0] == 1
-        assert len(r.discarded_segments) == len(segs) - 1
-        assert seg_files(root) == segs[:1]
-        assert 0 < len(v) < 12            # a prefix of the history survives
-        assert r.orphans_removed == 12 - len(v)
+        assert r.truncated and r.truncated[0][0] == 1 and r.discarded_segments == []
+        assert seg_files(root) == segs
+        assert len(v) == 11 and r.orphans_removed == 1     # the one record in the bad frame
+        assert all(v.read(K(i)) == data(i) for i in range(12) if K(i) in v)
+
+
+def test_bad_frame_in_the_middle_is_skipped(tmp_path):
+    """Finding 5 (issue 13): one bad frame used to cut the log there and collect
+    every later, intact object as an orphan.  Replay now resyncs past it."""
+    root = str(tmp_path)
+    with Volume(root) as v:
+        for i in range(30):
+            v.publish(K(i), data(i))
+    p = os.path.join(root, "wal", seg_files(root)[0])
+    raw = bytearray(open(p, "rb").read())
+    raw[300] ^= 0x01
+    open(p, "wb").write(raw)
+    with Volume(root) as v:
+        r = v.last_recovery
+        assert len(r.damaged) == 1 and not r.truncated
+        assert len(v) == 29 and r.orphans_removed == 1
+        assert all(v.read(K(i)) == data(i) for i in range(30) if K(i) in v)
+        v.publish(K(99), data(99))
+    with Volume(root) as v:                          # the damaged region stays skipped, appends survive
+        assert len(v) == 30 and v.read(K(99)) == data(99)
 
 
 # ----------------------------------------------------------------- eviction, rotation, compaction

@@ -153,6 +153,7 @@ class RecoveryReport:
     index_mode: str                             # "rebuild" | "catch_up" | "reconcile"
     stray: list[str] = field(default_factory=list)  # entries skipped, not ours (e.g. directories in tmp/)
     index_reset: str | None = None              # the index's files were damaged: discarded, rebuilt from the WAL
+    damaged: list[tuple[int, int, int, str]] = field(default_factory=list)  # WAL regions skipped (seg, start, end, why)
 
 
 @dataclass
@@ -431,14 +432,14 @@ class Volume:
         self._open_seq = self._durable_seq
 
         orphans = 0
-        if not clean or r.truncated:  # a crash (or a cut log) may have left objects no record names
+        if not clean or r.truncated or r.damaged:  # a crash (or a damaged log) may have left objects no record names
             orphans = self._collect_orphans()
         crash_point("recover.orphans_removed")
         return RecoveryReport(
             segments=r.segments, last_seq=self._durable_seq, live=self._live_count,
             truncated=r.truncated, discarded_segments=r.discarded_segments, dropped=dropped,
             tmp_removed=tmp_removed, wal_junk_removed=len(junk), orphans_removed=orphans,
-            index_mode=mode, stray=list(self._stray), index_reset=self.index_reset,
+            index_mode=mode, stray=list(self._stray), index_reset=self.index_reset, damaged=list(r.damaged),
         )
 
     def _catch_up(self, r: _wal.ReplayResult, meta: tuple, verify: str) -> list[tuple[bytes, str]]:

@@ -16,10 +16,12 @@ Records (payloads)::
                               the whole live set as of base_seq
 
 Segments are ``wal/<id>.log`` with ``<id>`` a 16-digit decimal, replayed in id
-order.  Replay stops at the first frame that is torn, oversized, of unknown type,
-fails its CRC, is malformed, or goes backwards in seq; that segment is truncated
-there (and fsynced) and any later segment removed, so that new appends never land
-behind garbage (where a later replay would never reach them).
+order.  A frame that is torn, oversized, of unknown type, fails its CRC, is
+malformed, or goes backwards in seq ends a valid run.  If a valid frame follows
+in the segment, the bad bytes are a damaged region: skipped (``resync``), and
+only the records in it are lost.  If nothing valid follows, it is the torn
+tail: the segment is truncated there (and fsynced), so that new appends never
+land behind garbage (where a later replay would never reach them).
 """
 
 from __future__ import annotations
@@ -105,10 +107,10 @@ def _decode_payload(typ: int, p: bytes) -> Record | None:
     return None
 
 
-def iter_frames(buf: bytes) -> Iterator[Record]:
-    """Yield the records of a segment one at a time; the generator's return
-    value is (end of the valid prefix, why it stopped or None)."""
-    pos, end, prev_seq = 0, len(buf), 0
+def iter_frames(buf: bytes, pos: int = 0, prev_seq: int = 0) -> Iterator[Record]:
+    """Yield the records of a segment from ``pos`` one at a time; the generator's
+    return value is (end of the valid run, why it stopped or None)."""
+    end = len(buf)
     while pos < end:  # bounded: pos grows by >= HEADER.size per iteration
         if end - pos < HEADER.size:
             return pos, "torn header"
@@ -145,6 +147,58 @@ def decode_frames(buf: bytes) -> tuple[list[Record], int, str | None]:
             return out, valid, why
 
 
+def resync(buf: bytes, start: int, prev_seq: int) -> int | None:
+    """The first offset past ``start`` where a whole, CRC-valid, well-formed frame
+    with a seq above ``prev_seq`` begins, or None.  As LevelDB's log reader skips
+    a damaged block and goes on, replay skips a damaged region: one bad byte
+    costs the records of the frames it hits, not the rest of the log.  A torn
+    tail (nothing valid after it) is still cut.  O(bytes) with cheap checks
+    first; runs only when a frame is bad."""
+    end = len(buf)
+    for q in range(start + 1, end - HEADER.size + 1):
+        typ = buf[q + 8]
+        if typ not in (T_PUT, T_DELETE, T_RESET):
+            continue
+        length = int.from_bytes(buf[q:q + 4], "little")
+        if length > MAX_PAYLOAD or q + HEADER.size + length > end:
+            continue
+        body = buf[q + 8:q + HEADER.size + length]
+        if crc32c(body) != int.from_bytes(buf[q + 4:q + 8], "little"):
+            continue
+        rec = _decode_payload(typ, body[1:])
+        if rec is not None and (isinstance(rec, ResetRecord) or rec.seq > prev_seq):
+            return q
+    return None
+
+
+def scan_segment(buf: bytes) -> tuple[list[Record], int, str | None, list[tuple[int, int, str]]]:
+    """(records, end of the last valid run, why that run stopped or None,
+    damaged regions skipped as (start, end, why)).  A bad frame followed by a
+    valid one is a damaged region, skipped; one followed by nothing valid is
+    the torn tail, where the caller cuts the segment."""
+    out: list[Record] = []
+    damaged: list[tuple[int, int, str]] = []
+    pos, prev = 0, 0
+    while True:
+        frames = iter_frames(buf, pos, prev)
+        while True:
+            try:
+                rec = next(frames)
+            except StopIteration as stop:
+                valid, why = stop.value
+                break
+            out.append(rec)
+            if not isinstance(rec, ResetRecord):
+                prev = rec.seq
+        if why is None:
+            return out, valid, None, damaged
+        nxt = resync(buf, valid, prev)
+        if nxt is None:
+            return out, valid, why, damaged
+        damaged.append((valid, nxt, why))
+        pos = nxt
+
+
 def segment_name(seg_id: int) -> str:
     assert 0 < seg_id < 10**16
     return f"{seg_id:016d}.log"
@@ -177,6 +231,8 @@ class ReplayResult:
     last_segment_size: int = 0
     truncated: list[tuple[int, int, str]] = field(default_factory=list)  # (seg, offset, why)
     discarded_segments: list[int] = field(default_factory=list)
+    damaged: list[tuple[int, int, int, str]] = field(default_factory=list)  # (seg, start, end, why) skipped
+    deleted: set[bytes] = field(default_factory=set)  # keys whose last record read is a DELETE
 
 
 def first_record(io: FileSystem, path: str) -> Record | None:
@@ -222,7 +278,8 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
         seg = ids[i]
         path = f"{wal_dir}/{segment_name(seg)}"
         buf = io.read_file(path)
-        recs, valid, why = decode_frames(buf)
+        recs, valid, why, damaged = scan_segment(buf)
+        r.damaged += [(seg, a, b, w) for a, b, w in damaged]
         for rec in recs:
             r.records += 1
             if isinstance(rec, ResetRecord):
@@ -236,8 +293,10 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
             if isinstance(rec, PutRecord):
                 r.live.pop(rec.key, None)  # keep dict order = seq order
                 r.live[rec.key] = rec
+                r.deleted.discard(rec.key)
             else:
                 r.live.pop(rec.key, None)
+                r.deleted.add(rec.key)
             r.last_seq = max(r.last_seq, rec.seq)
             if rec.seq > since_seq:
                 r.tail.append(rec)
@@ -254,14 +313,11 @@ def replay(io: FileSystem, wal_dir: str, *, since_seq: int = 0, truncate: bool =
             io.fsync(fd, "truncate")
         finally:
             io.close(fd)
-        later = ids[i + 1 :]
-        for dead in later:
-            io.unlink(f"{wal_dir}/{segment_name(dead)}")
-        r.discarded_segments = later
-        r.segments = ids[: i + 1]
-        if later:
-            io.fsync_dir(wal_dir, "truncate")
-        break
+        if i == len(ids) - 1:
+            break
+        # A bad end of a sealed segment is media damage (the protocol fsyncs a
+        # segment before the next gets a frame): the later segments are the
+        # log's continuation, so they are kept and replayed.
     return r
 
 
