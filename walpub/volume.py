@@ -154,6 +154,7 @@ class RecoveryReport:
     stray: list[str] = field(default_factory=list)  # entries skipped, not ours (e.g. directories in tmp/)
     index_reset: str | None = None              # the index's files were damaged: discarded, rebuilt from the WAL
     damaged: list[tuple[int, int, int, str]] = field(default_factory=list)  # WAL regions skipped (seg, start, end, why)
+    adopted: int = 0                            # orphans kept after WAL damage: they verified as their key's
 
 
 @dataclass
@@ -224,6 +225,7 @@ class Volume:
         max_pending_frames: int = 8192,
         wait_timeout_s: float = 60.0,
         observer=None,
+        adopt=None,
     ):
         assert verify_on_recover in VERIFY_MODES, verify_on_recover
         assert max_group_frames >= 1 and max_pending_frames >= max_group_frames
@@ -241,6 +243,10 @@ class Volume:
         self._meta_key = index_prefix + META_KEY
         self._segment_bytes = segment_bytes
         self.observer = observer
+        # adopt(key, bytes) -> bool: the caller's check that an object no surviving
+        # WAL record names is intact and really ``key``'s (its own self-verifying
+        # format); such objects are adopted after WAL damage instead of collected.
+        self._adopt = adopt
         self._objects = f"{self.root}/objects"
         self._tmp = f"{self.root}/tmp"
         self._waldir = f"{self.root}/wal"
@@ -429,17 +435,23 @@ class Volume:
             mode = "rebuild" if not self.index.persistent else "reconcile"
             dropped = self._rebuild(r, verify)
         crash_point("recover.index_done")
-        self._open_seq = self._durable_seq
 
-        orphans = 0
+        orphans = adopted = 0
         if not clean or r.truncated or r.damaged:  # a crash (or a damaged log) may have left objects no record names
-            orphans = self._collect_orphans()
+            keep = None
+            if (r.truncated or r.damaged) and self._adopt is not None:
+                if not r.complete:  # adoption must know every surviving DELETE
+                    r = _wal.replay(io, self._waldir, truncate=self.truncate_torn_tail)
+                keep = r.deleted
+            orphans, adopted = self._collect_orphans(never_adopt=keep)
         crash_point("recover.orphans_removed")
+        self._open_seq = self._durable_seq  # records up to here: evicted before any used since open
         return RecoveryReport(
             segments=r.segments, last_seq=self._durable_seq, live=self._live_count,
             truncated=r.truncated, discarded_segments=r.discarded_segments, dropped=dropped,
             tmp_removed=tmp_removed, wal_junk_removed=len(junk), orphans_removed=orphans,
             index_mode=mode, stray=list(self._stray), index_reset=self.index_reset, damaged=list(r.damaged),
+            adopted=adopted,
         )
 
     def _catch_up(self, r: _wal.ReplayResult, meta: tuple, verify: str) -> list[tuple[bytes, str]]:
@@ -541,12 +553,18 @@ class Volume:
         return None
 
     # ------------------------------------------------------------------ garbage
-    def _collect_orphans(self) -> int:
+    def _collect_orphans(self, never_adopt: set[bytes] | None = None) -> tuple[int, int]:
         """Unlink objects no live record names (a crash between an object's
         rename and its WAL commit, or between a DELETE and its unlink).  Lists
         names only; run at open after an unclean shutdown, and by ``gc()``.
-        Each candidate is claimed first, so a publish of the same key waits."""
+        Each candidate is claimed first, so a publish of the same key waits.
+
+        ``never_adopt`` (recovery after WAL damage, with an ``adopt`` check):
+        an orphan whose key has no surviving DELETE and that the check accepts
+        is adopted -- a new PUT record names it -- instead of collected: the
+        damage cost the record, not the block.  (removed, adopted)"""
         removed = 0
+        adopt: list[PutRecord] = []
         for sub in sorted(self.io.listdir(self._objects)):
             path = f"{self._objects}/{sub}"
             if not (len(sub) == 2 and self.io.isdir(path)):
@@ -565,6 +583,11 @@ class Volume:
                 key = _key_from_name(sub, name)
                 if key is not None and self.contains(key):
                     continue
+                if never_adopt is not None and key is not None and key not in never_adopt:
+                    data = self.io.read_file(f"{path}/{name}")
+                    if self._adopt(key, data):
+                        adopt.append(PutRecord(0, key, len(data), crc32c(data)))
+                        continue
                 claimed = [key] if key is None else self._claim([key])
                 try:
                     if key is None or not self.contains(key):
@@ -577,13 +600,25 @@ class Volume:
                         self._release(claimed)
         with self._cond:
             self._n["orphans_collected"] += removed
-        return removed
+        if adopt:  # recovery only: single-threaded, the writer is ours
+            recs = []
+            for rec in adopt:
+                self._last_seq += 1
+                recs.append(PutRecord(self._last_seq, rec.key, rec.length, rec.crc))
+            self._writer.append(b"".join(_wal.encode(x) for x in recs))
+            self._durable_seq = self._last_seq
+            self._wal_records += len(recs)
+            self._live_count += len(recs)
+            self._used += sum(x.length for x in recs)
+            self._write_batch(recs, [])
+            self.index.flush()
+        return removed, len(adopt)
 
     def gc(self) -> int:
         """Remove orphan objects now; how many.  O(objects) names listed, none read."""
         with self._cond:
             self._check_usable()
-        return self._collect_orphans()
+        return self._collect_orphans()[0]
 
     def scrub(self, byte_budget: int | None = None) -> tuple[int, int]:
         """Read and verify (length + CRC32C) live objects, dropping any that fail,
