@@ -971,6 +971,32 @@ class Volume:
         except DamagedRecordError as exc:
             self.repair_index(str(exc))  # derived state is never trusted over the object
             return self._read(key)
+        except ObjectNotFoundError:
+            if not self._unnamed_object(key):
+                raise
+        # An object on disk that no index record names, and no publish of it in
+        # flight: a record lost to index damage (a flipped key), or an orphan.
+        # The WAL decides: rebuild the index from it and look again; still
+        # absent, the object is an orphan and goes.
+        self.repair_index(f"object {key.hex()} exists but the index has no record of it")
+        try:
+            return self._read(key)
+        except ObjectNotFoundError:
+            claimed = self._claim([key])
+            try:
+                if self._unnamed_object(key):
+                    self._unlink_object(key)
+            finally:
+                self._release(claimed)
+            raise
+
+    def _unnamed_object(self, key: bytes) -> bool:
+        """True if ``key``'s object file exists, the index has no record of it
+        and no operation on it is in flight."""
+        with self._cond:
+            if key in self._busy or self.index.get(self._prefix + key) is not None:
+                return False
+        return self.io.exists(f"{self.root}/{object_relpath(key)}")
 
     def _read(self, key: bytes) -> bytes:
         with self._cond:
