@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import importlib
 
-from index_backends.errors import IndexBackendError, UnknownBackendError
+from index_backends.errors import (
+    IndexBackendError,
+    IndexClosedError,
+    IndexCorruptError,
+    IndexLockedError,
+    InvalidKeyError,
+    UnknownBackendError,
+)
 from index_backends.protocol import IndexStats, ResidencyIndex
 
 # name -> "module:Class"; imported lazily so a missing optional dependency of one
@@ -52,4 +59,15 @@ def open(name: str, path=None, **opts) -> ResidencyIndex:  # noqa: A001 - mirror
     return _load(name)(path, **opts)
 
 
-__all__ = ["IndexStats", "ResidencyIndex", "IndexBackendError", "UnknownBackendError", "open", "available"]
+__all__ = [
+    "IndexStats",
+    "ResidencyIndex",
+    "IndexBackendError",
+    "IndexCorruptError",
+    "IndexLockedError",
+    "IndexClosedError",
+    "InvalidKeyError",
+    "UnknownBackendError",
+    "open",
+    "available",
+]

@@ -48,7 +48,13 @@ from index_backends._common import (
     check_seq,
     check_value,
 )
-from index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
+from index_backends.errors import (
+    IndexBackendError,
+    IndexClosedError,
+    IndexCorruptError,
+    IndexLockedError,
+    InvalidKeyError,
+)
 from index_backends.protocol import IndexStats
 
 SNAP_NAME = "art.snap"
@@ -74,8 +80,9 @@ _VOFF_MASK = kern.VOFF_MASK
 SPILL_BYTES = 4 << 20  # bound on the unflushed log buffer held in memory
 
 
-class ArtCorruptError(IndexBackendError):
-    """The snapshot fails its magic, version or CRC32C check."""
+class ArtCorruptError(IndexCorruptError):
+    """art.snap (or a log frame) is damaged: short, bad magic/version/CRC32C,
+    wrong length, header and body disagree.  An IndexCorruptError: rebuild."""
 
 
 class ValueTooLargeError(IndexBackendError, ValueError):
@@ -296,7 +303,8 @@ class ArtIndex:
         if crc32c.crc32c(head[:-4]) != head_crc:
             raise ArtCorruptError(f"{self._snap_path}: header CRC mismatch")
         if len(data) != _SNAP.size + words * 8 + kbytes + vbytes:
-            raise ArtCorruptError(f"{self._snap_path}: truncated body ({len(data)} bytes)")
+            raise ArtCorruptError(f"{self._snap_path}: {len(data)} bytes, its header says "
+                                  f"{_SNAP.size + words * 8 + kbytes + vbytes} (truncated or overwritten)")
         body = memoryview(data)[_SNAP.size :]
         if crc32c.crc32c(body) != body_crc:
             raise ArtCorruptError(f"{self._snap_path}: body CRC mismatch")

@@ -19,3 +19,10 @@ class IndexClosedError(IndexBackendError):
 
 class IndexLockedError(IndexBackendError):
     """Another process holds the index's files open for writing."""
+
+
+class IndexCorruptError(IndexBackendError):
+    """This index's files are damaged (truncated, bit-flipped, a file its own
+    metadata names is missing, ...).  The index is derived state: delete its
+    files and rebuild it from the source of truth (walpub's WAL and objects).
+    Raised by the open or by whichever call first meets the damage."""

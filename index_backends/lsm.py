@@ -28,6 +28,13 @@ Options (see docs/INDEXES.md for why):
 bytes_written is RocksDB's own accounting: the sum of the ``rocksdb.wal.bytes``,
 ``rocksdb.flush.write.bytes`` and ``rocksdb.compact.write.bytes`` tickers
 (statistics are per process handle: they restart at zero on reopen).
+
+Errors: rocksdict raises RocksDB's failures as a bare ``Exception`` carrying
+``Status::ToString()``; ``_rocks_error`` types them by the status code prefix
+(table ``_ROCKS_STATUS``), so no RocksIndex method lets a bare Exception out.
+What RocksDB cannot see is not caught: a MANIFEST cut short looks like a torn
+tail to RocksDB, which then opens an older version of the tree (and deletes
+the SST files it no longer names) without an error.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from index_backends._common import (
     prefix_successor,
     require_dir,
 )
-from index_backends.errors import IndexClosedError, IndexLockedError
+from index_backends.errors import IndexBackendError, IndexClosedError, IndexCorruptError, IndexLockedError
 from index_backends.protocol import IndexStats
 
 _U64 = struct.Struct("<Q")
@@ -70,6 +77,53 @@ _COMPRESSION = {
 }
 # longest_prefix probes the chain in multi-get batches of this many keys.
 _PROBE_BATCH = 32
+
+# rocksdict raises every RocksDB failure as a bare Exception whose message is
+# Status::ToString(): a fixed code string ("IO error: ", "Corruption: ",
+# "Invalid argument: ", "Not implemented: ", "Resource busy: ", ...), for some
+# codes a fixed subcode string, then free text.  Type is unavailable, so the
+# code (+ subcode / RocksDB's own fixed context) prefix is what we classify on;
+# first match wins, anything else is IndexBackendError.  Observed here
+# (rocksdict 0.3.29):
+#   second open, other process  "IO error: While lock file: <dir>/LOCK: Resource temporarily unavailable"
+#   second open, this process   "IO error: lock hold by current process, acquire time <t> acquiring
+#                                thread <tid>: <dir>/LOCK: No locks available"
+#   bytes flipped in an SST     "Corruption: block checksum mismatch: stored(context removed) = ..., computed
+#                                = ..., type = 4  in <dir>/000009.sst offset 0 size 4058" (get, or the
+#                                iterator's status() after a scan stopped early)
+#   an SST truncated            "Corruption: Sst file size mismatch: <dir>/000009.sst. Expected 166026,
+#                                actual size 83013  The file <dir>/MANIFEST-000005 may be corrupted."
+#   an SST deleted              "Corruption: Corruption: IO error: No such file or directory: While open a
+#                                file for random read: <dir>/000009.sst: ..."
+#   CURRENT truncated           "Corruption: CURRENT file does not end with newline"
+#   CURRENT deleted, WAL kept   "Corruption: While creating a new Db, wal_dir contains existing log file: ..."
+#   the MANIFEST deleted        "IO error: No such file or directory: While opening a file for sequentially
+#                                reading: <dir>/MANIFEST-000005: No such file or directory"
+# (kPathNotFound: a file the DB's own metadata names is gone -- damage, since
+# the directory itself is created before the open).
+_ROCKS_STATUS: tuple[tuple[str, type[IndexBackendError]], ...] = (
+    ("IO error: While lock file: ", IndexLockedError),
+    ("IO error: lock hold by current process", IndexLockedError),
+    ("IO error: No such file or directory", IndexCorruptError),
+    ("Corruption: ", IndexCorruptError),
+)
+
+
+def _rocks_error(exc: BaseException) -> IndexBackendError:
+    """The typed error for an exception rocksdict raised (raise it ``from exc``)."""
+    msg = str(exc)
+    for prefix, cls in _ROCKS_STATUS:
+        if msg.startswith(prefix):
+            return cls(f"RocksDB: {msg}")
+    return IndexBackendError(f"RocksDB: {type(exc).__name__}: {msg}")
+
+
+def _u64(raw: bytes | None, what: str) -> int:
+    if raw is None:
+        return 0
+    if len(raw) != _U64.size:
+        raise IndexCorruptError(f"RocksDB meta {what!r} is {len(raw)} bytes, not {_U64.size}")
+    return _U64.unpack(raw)[0]
 
 
 def _options(*, block_cache: rd.Cache | None, bloom_bits: int, prefix_len: int, compression: str) -> rd.Options:
@@ -112,30 +166,38 @@ class RocksIndex:
             raise ValueError("prefix_len, bloom_bits must be >= 0 and block_cache_bytes > 0")
         self._prefix_len = prefix_len
         self._lock = DirLock(self.path)
+        db = None
         try:
-            self._cache = rd.Cache(block_cache_bytes)
-            self._opts = _options(block_cache=self._cache, bloom_bits=bloom_bits, prefix_len=prefix_len, compression=compression)
-            self._opts.set_max_background_jobs(2)  # the study machine has 2 cores
-            self._opts.set_keep_log_file_num(2)  # bound RocksDB's info LOG files
-            self._opts.enable_statistics()
-            meta_opts = _options(block_cache=None, bloom_bits=0, prefix_len=0, compression="none")
             try:
-                self._db = rd.Rdict(self.path, self._opts, column_families={"meta": meta_opts})
+                self._cache = rd.Cache(block_cache_bytes)
+                self._opts = _options(block_cache=self._cache, bloom_bits=bloom_bits, prefix_len=prefix_len,
+                                      compression=compression)
+                self._opts.set_max_background_jobs(2)  # the study machine has 2 cores
+                self._opts.set_keep_log_file_num(2)  # bound RocksDB's info LOG files
+                self._opts.enable_statistics()
+                meta_opts = _options(block_cache=None, bloom_bits=0, prefix_len=0, compression="none")
+                db = rd.Rdict(self.path, self._opts, column_families={"meta": meta_opts})
+                self._wo = rd.WriteOptions()
+                self._wo.sync = sync
+                self._wo.disable_wal = False
+                db.set_write_options(self._wo)
+                self._meta = db.get_column_family("meta")
+                self._meta_cf = db.get_column_family_handle("meta")
+                raw = self._meta.get(_COUNT_KEY)
             except Exception as exc:  # rocksdict raises a bare Exception
-                if "lock" in str(exc).lower():
-                    raise IndexLockedError(f"RocksDB at {self.path!r} is locked: {exc}") from None
-                raise
+                raise _rocks_error(exc) from exc
+            self._count = _u64(raw, "count")
         except BaseException:
+            if db is not None:
+                self.__dict__.pop("_meta", None)
+                self.__dict__.pop("_meta_cf", None)
+                try:
+                    db.close()
+                except Exception:  # noqa: BLE001 - the open's own error is the one to report
+                    pass
             self._lock.release()
             raise
-        self._wo = rd.WriteOptions()
-        self._wo.sync = sync
-        self._wo.disable_wal = False
-        self._db.set_write_options(self._wo)
-        self._meta = self._db.get_column_family("meta")
-        self._meta_cf = self._db.get_column_family_handle("meta")
-        raw = self._meta.get(_COUNT_KEY)
-        self._count = 0 if raw is None else _U64.unpack(raw)[0]
+        self._db = db
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------
@@ -147,17 +209,27 @@ class RocksIndex:
 
     def _commit(self, batch: rd.WriteBatch, new_count: int) -> None:
         """Write ``batch`` plus the updated record count atomically."""
-        if new_count != self._count:
-            batch.put(_COUNT_KEY, _U64.pack(new_count), self._meta_cf)
-        self._db.write(batch, self._wo)
+        try:
+            if new_count != self._count:
+                batch.put(_COUNT_KEY, _U64.pack(new_count), self._meta_cf)
+            self._db.write(batch, self._wo)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
         self._count = new_count
+
+    def _get(self, db: rd.Rdict, key_or_keys):
+        """``db.get`` (one key or a list), typed."""
+        try:
+            return db.get(key_or_keys)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
 
     # -- protocol -------------------------------------------------------------
 
     def put(self, key: bytes, value: bytes) -> None:
         db = self._live()
         key, value = check_key(key), check_value(value)
-        new = db.get(key) is None
+        new = self._get(db, key) is None
         batch = rd.WriteBatch(raw_mode=True)
         batch.put(key, value)
         self._commit(batch, self._count + new)
@@ -168,7 +240,7 @@ class RocksIndex:
         if not ks:
             return
         distinct = list(dict.fromkeys(ks))
-        new = sum(1 for v in db.get(distinct) if v is None)
+        new = sum(1 for v in self._get(db, distinct) if v is None)
         batch = rd.WriteBatch(raw_mode=True)
         for k, v in zip(ks, vs):
             batch.put(k, v)
@@ -179,7 +251,7 @@ class RocksIndex:
         ks, vs, ds, seq = check_batch(keys, values, deletes, applied_seq)
         # Exact count: a key is live after the batch iff it is put and not deleted.
         touched = list(dict.fromkeys(ks + ds))
-        was = dict(zip(touched, (v is not None for v in db.get(touched)))) if touched else {}
+        was = dict(zip(touched, (v is not None for v in self._get(db, touched)))) if touched else {}
         dead = set(ds)
         new_count = self._count + sum((k not in dead) - was[k] for k in touched)
         batch = rd.WriteBatch(raw_mode=True)
@@ -191,17 +263,22 @@ class RocksIndex:
         self._commit(batch, new_count)
 
     def get(self, key: bytes) -> bytes | None:
-        return self._live().get(check_key(key))
+        db = self._live()
+        key = check_key(key)
+        try:
+            return db.get(key)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         db = self._live()
         ks = check_keys(keys)
-        return db.get(ks) if ks else []
+        return self._get(db, ks) if ks else []
 
     def delete(self, key: bytes) -> bool:
         db = self._live()
         key = check_key(key)
-        if db.get(key) is None:
+        if self._get(db, key) is None:
             return False
         batch = rd.WriteBatch(raw_mode=True)
         batch.delete(key)
@@ -223,8 +300,9 @@ class RocksIndex:
             # prefix-bloom seeks would skip files, so ask for a total-order seek.
             ro.set_total_order_seek(True)
         out: list[tuple[bytes, bytes]] = []
-        it = db.iter(ro)
+        it = None
         try:
+            it = db.iter(ro)
             it.seek(prefix if after is None else after)
             if after is not None and it.valid() and it.key() == after:
                 it.next()
@@ -234,6 +312,11 @@ class RocksIndex:
                     break
                 out.append((k, it.value()))
                 it.next()
+            # An iterator that meets a bad block just stops being valid: only
+            # status() says whether the scan ended or failed.
+            it.status()
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
         finally:
             del it  # a live iterator would keep the DB's lock past close()
         return out
@@ -243,7 +326,7 @@ class RocksIndex:
         ks = check_keys(chain)
         for start in range(0, len(ks), _PROBE_BATCH):
             part = ks[start : start + _PROBE_BATCH]
-            miss = first_miss(db.get(part))
+            miss = first_miss(self._get(db, part))
             if miss < len(part):
                 return start + miss
         return len(ks)
@@ -253,22 +336,33 @@ class RocksIndex:
         return self._count
 
     def flush(self) -> None:
-        self._live().flush_wal(True)
+        db = self._live()
+        try:
+            db.flush_wal(True)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
 
     def flush_memtables(self) -> None:
         """Write the memtables out as SST files (not needed for durability, which
         the synced WAL gives; used by tests and studies to measure the SST side)."""
         db = self._live()
-        db.flush(True)
-        self._meta.flush(True)
+        try:
+            db.flush(True)
+            self._meta.flush(True)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
 
     def close(self) -> None:
         if self._closed:
             return
         try:
-            self._db.flush_wal(True)
-            del self._meta, self._meta_cf
-            self._db.close()
+            try:
+                self._db.flush_wal(True)
+            finally:
+                del self._meta, self._meta_cf
+                self._db.close()
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
         finally:
             self._closed = True
             self._lock.release()
@@ -276,9 +370,21 @@ class RocksIndex:
     def tickers(self) -> dict[str, int]:
         """Every RocksDB ticker (COUNT statistics) of this handle."""
         self._live()
-        return {m.group(1): int(m.group(2)) for m in _TICKER_RE.finditer(self._opts.get_statistics())}
+        try:
+            text = self._opts.get_statistics()
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
+        return {m.group(1): int(m.group(2)) for m in _TICKER_RE.finditer(text)}
 
     def stats(self) -> IndexStats:
+        try:
+            return self._stats()
+        except IndexBackendError:
+            raise
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
+
+    def _stats(self) -> IndexStats:
         db = self._live()
         tickers = self.tickers()
         wal_bytes = sum(
@@ -310,11 +416,18 @@ class RocksIndex:
 
     def get_applied_seq(self) -> int:
         self._live()
-        raw = self._meta.get(_SEQ_KEY)
-        return 0 if raw is None else _U64.unpack(raw)[0]
+        try:
+            raw = self._meta.get(_SEQ_KEY)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc
+        return _u64(raw, "applied_seq")
 
     def set_applied_seq(self, seq: int) -> None:
         self._live()
-        batch = rd.WriteBatch(raw_mode=True)
-        batch.put(_SEQ_KEY, _U64.pack(check_seq(seq)), self._meta_cf)
-        self._db.write(batch, self._wo)
+        packed = _U64.pack(check_seq(seq))
+        try:
+            batch = rd.WriteBatch(raw_mode=True)
+            batch.put(_SEQ_KEY, packed, self._meta_cf)
+            self._db.write(batch, self._wo)
+        except Exception as exc:
+            raise _rocks_error(exc) from exc

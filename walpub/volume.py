@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import index_backends
-from index_backends.errors import IndexBackendError, IndexLockedError, UnknownBackendError
+from index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError, UnknownBackendError
 from index_backends.protocol import ResidencyIndex
 from walpub import wal as _wal
 from walpub.errors import (
@@ -289,6 +289,7 @@ class Volume:
                 path = index_path
                 if path is None and index not in ("flat", "sorted"):
                     path = f"{self.root}/index-{index}"
+                self._index_name, self._index_path = index, path
                 self.index: ResidencyIndex = self._open_index(index, path)
             else:
                 self._owns_index = False
@@ -814,7 +815,11 @@ class Volume:
         crash_point("commit.wal_synced")
         with self._cond:
             try:
-                self._apply(batch)
+                try:
+                    self._apply(batch)
+                except IndexCorruptError as exc:  # the batch is durable in the WAL: the rebuild applies it
+                    self._durable_seq = batch[-1].seq
+                    self._rebuild_index(f"applying a batch: {exc}")
                 if self._repair_due:  # still the writer: nothing commits meanwhile
                     self._rebuild_index("a record replaced by this batch was damaged")
             except BaseException as exc:
@@ -897,10 +902,24 @@ class Volume:
     def _rebuild_index(self, why: str) -> None:
         """(lock held, writer role held) Replay the whole WAL and make the index
         exactly its live set: stray and damaged records go, every live record is
-        rewritten.  No object is read."""
+        rewritten.  No object is read.  If the index's own files are damaged
+        (IndexCorruptError from any call), they are discarded first and the
+        index starts empty -- possible only for an index opened by name."""
         r = _wal.replay(self.io, self._waldir, truncate=False)
         assert r.last_seq == self._durable_seq, (r.last_seq, self._durable_seq)
-        self._rebuild(r, "none")
+        try:
+            self._rebuild(r, "none")
+        except IndexCorruptError as exc:
+            if not self._owns_index or self._index_path is None:
+                raise
+            try:
+                self.index.close()
+            except IndexBackendError:
+                pass
+            self._remove_files(self._index_path)
+            self.index_reset = f"{type(exc).__name__}: {exc}"
+            self.index = self._open_index(self._index_name, self._index_path)
+            self._rebuild(r, "none")
         self._repair_due = False
         self._n["index_repairs"] += 1
         self.last_repair = why
@@ -968,7 +987,7 @@ class Volume:
         check_key(key)
         try:
             return self._read(key)
-        except DamagedRecordError as exc:
+        except (DamagedRecordError, IndexCorruptError) as exc:
             self.repair_index(str(exc))  # derived state is never trusted over the object
             return self._read(key)
         except ObjectNotFoundError:
@@ -1056,27 +1075,35 @@ class Volume:
         with self._cond:
             self._unlinked_subdirs.add(rel.split("/")[1])
 
+    def _ask_index(self, question):
+        """``question()`` under the lock; if the index's files turn out damaged
+        (IndexCorruptError), the index is rebuilt from the WAL and asked again."""
+        for attempt in range(2):
+            try:
+                with self._cond:
+                    self._check_usable()
+                    return question()
+            except IndexCorruptError as exc:
+                if attempt:
+                    raise VolumeFailedError(f"index still damaged after a rebuild: {exc}") from exc
+                self.repair_index(str(exc))
+
     def contains(self, key: bytes) -> bool:
-        with self._cond:
-            self._check_usable()
-            return self.index.get(self._prefix + check_key(key)) is not None
+        k = self._prefix + check_key(key)
+        return self._ask_index(lambda: self.index.get(k) is not None)
 
     __contains__ = contains
 
     def contains_many(self, keys: list[bytes]) -> list[bool]:
         """Membership of each key, one index call."""
-        p = self._prefix
-        with self._cond:
-            self._check_usable()
-            return [v is not None for v in self.index.get_many([p + check_key(k) for k in keys])]
+        ks = [self._prefix + check_key(k) for k in keys]
+        return self._ask_index(lambda: [v is not None for v in self.index.get_many(ks)])
 
     def longest_prefix(self, keys: list[bytes]) -> int:
         """How many leading ``keys`` are live (stops at the first miss): the
         index's own longest_prefix, one call."""
-        p = self._prefix
-        with self._cond:
-            self._check_usable()
-            return self.index.longest_prefix([p + k for k in keys] if p else keys)
+        ks = [self._prefix + k for k in keys] if self._prefix else keys
+        return self._ask_index(lambda: self.index.longest_prefix(ks))
 
     def __len__(self) -> int:
         with self._cond:
