@@ -40,6 +40,12 @@ class DTypeMismatchError(QuiverError, TypeError):
     """A payload's dtype does not match the identity's kv dtype."""
 
 
+class InvalidPayloadError(QuiverError, ValueError):
+    """A payload cannot be stored as KV: a meta, sparse or quantized torch tensor,
+    a tensor whose bytes cannot be read on the CPU, or NaN/Inf in a block of a
+    lossy int8 (``kv_quant``) identity, which no scale can represent."""
+
+
 class BlockTableError(QuiverError, ValueError):
     """A block table names a block outside the engine's cache, or names one twice for a scatter."""
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.codecs import CODEC_INT8, LossyCodecError
-from engine.errors import CorruptEnvelopeError, DTypeMismatchError, ShapeMismatchError
+from engine.errors import CorruptEnvelopeError, DTypeMismatchError, InvalidPayloadError, ShapeMismatchError
 
 #: The ``CacheIdentity.kv_quant`` value of blocks stored with this codec.
 KV_QUANT_INT8 = "int8-channel"
@@ -75,13 +75,30 @@ def from_float32_into(x: np.ndarray, dst: np.ndarray, dtype: str) -> None:
     dst[:] = out.reshape(-1).view(np.uint8)
 
 
+def check_finite(arr: np.ndarray, dtype: str) -> None:
+    """InvalidPayloadError if the payload (carried dtype) holds NaN or +-Inf.
+
+    BlockStore.put calls this for every block of a lossy identity before
+    anything is written; :func:`quantize` checks again (defence in depth)."""
+    if dtype == "bfloat16":  # exponent bits all ones: Inf or NaN
+        bad = np.any((arr.view(np.uint16) & 0x7F80) == 0x7F80)
+    elif dtype in FLOAT_DTYPES:
+        bad = not np.all(np.isfinite(arr))
+    else:
+        raise DTypeMismatchError(f"int8 codec quantizes float16/bfloat16/float32, not {dtype}")
+    if bad:
+        raise InvalidPayloadError("int8 codec: payload holds NaN or Inf, which no scale can represent")
+
+
 def quantize(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values ``[L,2,T,H,D]``, float32 scales ``[L,2,H,D]``) of a payload."""
+    """(int8 values ``[L,2,T,H,D]``, float32 scales ``[L,2,H,D]``) of a payload.
+
+    InvalidPayloadError (a ValueError) if it holds NaN or Inf."""
     scales_shape(arr.shape)
     x = to_float32(arr, dtype)
     amax = np.max(np.abs(x), axis=2)
     if not np.all(np.isfinite(amax)):
-        raise ValueError("int8 codec: payload holds NaN or Inf, which no scale can represent")
+        raise InvalidPayloadError("int8 codec: payload holds NaN or Inf, which no scale can represent")
     scales = (amax / np.float32(QMAX)).astype(np.float32)
     safe = np.where(scales > 0, scales, np.float32(1))[:, :, None]
     q = np.clip(np.rint(x / safe), -QMAX, QMAX).astype(np.int8)
@@ -132,6 +149,7 @@ __all__ = [
     "QMAX",
     "scales_shape",
     "body_nbytes",
+    "check_finite",
     "quantize",
     "dequantize",
     "encode_body",

@@ -307,6 +307,127 @@ def _guard_codec(buf, ident: CacheIdentity) -> None:
         raise IdentityMismatchError(f"stored block {h.key[:8].hex()} refused: {exc}") from exc
 
 
+# --------------------------------------------------------------------------- options
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def _is_seconds(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not _is_bool(x) and math.isfinite(x)
+
+
+#: s3_options values this layer type-checks (tier.s3.S3ObjectStore's keywords);
+#: a keyword S3ObjectStore accepts that is not listed here passes unchecked.
+_S3_OPTION_TYPES: dict[str, tuple[str, Any]] = {
+    "endpoint_url": ("a non-empty str or None", lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "profile": ("a non-empty str or None", lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "region": ("a non-empty str or None", lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "multipart_threshold": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "part_size": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "max_pool_connections": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "create_bucket": ("a bool", _is_bool),
+}
+
+
+def _s3_option_names() -> set[str]:
+    """The keyword arguments tier.s3.S3ObjectStore accepts (read from its signature)."""
+    import inspect
+
+    from tier.s3 import S3ObjectStore
+
+    params = inspect.signature(S3ObjectStore.__init__).parameters.values()
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {
+        "self", "bucket", "prefix"}
+
+
+def _check_path(path: Any) -> str:
+    """The store's absolute path; StoreConfigError for None, non-paths, "" and existing non-directories."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise StoreConfigError(f"path must be a str or os.PathLike naming a directory, got {path!r}")
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        raise StoreConfigError(f"path must be a str path (not bytes), got {p!r}")
+    if not p.strip():
+        raise StoreConfigError("path is empty: name the store's directory (\".\" for the current one)")
+    if "\0" in p:
+        raise StoreConfigError(f"path {p!r} contains a NUL byte")
+    p = os.path.abspath(p)
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise StoreConfigError(f"path {p} exists and is not a directory")
+    return p
+
+
+def _check_open_options(o: dict) -> None:
+    """Validate BlockStore.open's options before anything is created or locked.
+
+    Every bad value is a StoreConfigError naming the option: wrong types (a
+    bool where an int is expected, a str for a size), negative or non-finite
+    sizes and timeouts, unknown names, and s3_options that S3ObjectStore does
+    not accept (or that are given without an s3:// object store)."""
+    def bad(name: str, want: str) -> StoreConfigError:
+        return StoreConfigError(f"{name} must be {want}, got {o[name]!r}")
+
+    if o["index"] is not None and not (isinstance(o["index"], str) and o["index"]):
+        raise bad("index", "a backend name (str) or None")
+    spec = o["object_store"]
+    if spec is not None:
+        if not isinstance(spec, (str, os.PathLike)) or not isinstance(os.fspath(spec), str) or not os.fspath(spec):
+            raise bad("object_store", 'None, a directory path or "s3://bucket/prefix"')
+    if not _is_int(o["ram_bytes"]) or o["ram_bytes"] < 0:
+        raise bad("ram_bytes", "an int >= 0")
+    if o["ram_slot_bytes"] is not None and (not _is_int(o["ram_slot_bytes"]) or o["ram_slot_bytes"] <= 0):
+        raise bad("ram_slot_bytes", "a positive int or None")
+    if not isinstance(o["ram_policy"], str):
+        raise bad("ram_policy", "a policy name (str)")
+    d = o["disk_bytes"]
+    if not (d is None or (isinstance(d, str) and d == "auto") or (_is_int(d) and d > 0)):
+        raise bad("disk_bytes", 'a positive int, None or "auto" (both: the default budget)')
+    if not isinstance(o["l2_mode"], str) or o["l2_mode"] not in L2_MODES:
+        raise bad("l2_mode", f"one of {L2_MODES}")
+    names = sorted(codecs.CODEC_IDS) + sorted(codecs.LOSSY_CODEC_IDS)
+    if not isinstance(o["codec"], str) or o["codec"] not in names:
+        raise bad("codec", f"one of {names}")
+    for name in ("l2_queue_max", "manifest_batch"):
+        if not _is_int(o[name]) or o[name] < 1:
+            raise bad(name, "an int >= 1")
+    if not _is_seconds(o["l2_enqueue_timeout_s"]) or o["l2_enqueue_timeout_s"] < 0:
+        raise bad("l2_enqueue_timeout_s", "a finite number of seconds >= 0")
+    if not _is_seconds(o["l2_retry_interval_s"]) or o["l2_retry_interval_s"] <= 0:
+        raise bad("l2_retry_interval_s", "a finite number of seconds > 0")
+    for name in ("bootstrap", "naive"):
+        if not _is_bool(o[name]):
+            raise bad(name, "a bool")
+    if o["guard"] is not None and not _is_bool(o["guard"]):
+        raise bad("guard", "a bool or None")
+    opts = o["s3_options"]
+    if opts is None:
+        return
+    if not isinstance(opts, dict):
+        raise bad("s3_options", "a dict or None")
+    if not opts:
+        return
+    if not (isinstance(spec, str) and spec.startswith("s3://")):
+        raise StoreConfigError(f"s3_options {sorted(map(str, opts))} given without an s3:// object_store")
+    accepted = _s3_option_names()
+    unknown = sorted(str(k) for k in opts if not isinstance(k, str) or k not in accepted)
+    if unknown:
+        raise StoreConfigError(f"unknown s3_options {unknown}; accepted: {sorted(accepted)}")
+    for name, value in opts.items():
+        want, ok = _S3_OPTION_TYPES.get(name, (None, None))
+        if ok is not None and not ok(value):
+            raise StoreConfigError(f"s3_options[{name!r}] must be {want}, got {value!r}")
+    retry = opts.get("retry")
+    if retry is not None:
+        from tier.s3 import RetryPolicy
+
+        if not isinstance(retry, RetryPolicy):
+            raise StoreConfigError(f"s3_options['retry'] must be a tier.s3.RetryPolicy or None, got {retry!r}")
+
+
 # --------------------------------------------------------------------------- the store
 class BlockStore:
     """A tiered, content-addressed KV block store.  Thread-safe; one per process per path.
@@ -323,7 +444,7 @@ class BlockStore:
         ram_bytes: int = 256 * MiB,
         ram_slot_bytes: int | None = None,
         ram_policy: str = "lru",
-        disk_bytes: int | None = None,
+        disk_bytes: int | str | None = None,
         l2_mode: str = "sync",
         l2_queue_max: int = 256,
         l2_enqueue_timeout_s: float = 1.0,
@@ -345,7 +466,12 @@ class BlockStore:
                       ``s3_options`` such as endpoint_url/profile/create_bucket).
         ram_bytes:    L0 arena size (0 = no L0); ``ram_slot_bytes`` defaults to the
                       envelope bound of the first identity stored.
-        disk_bytes:   L1 capacity (None = unbounded); LRU eviction beyond it.
+        disk_bytes:   L1 capacity; LRU eviction beyond it (before a put that would cross
+                      it, and at open).  None or "auto" (default): half of what the
+                      volume could hold at open, i.e. tier.disk.DEFAULT_DISK_FRACTION x
+                      (free space of the file system + bytes already in L1).
+        Every option is validated before anything is created: a bad value is a
+        StoreConfigError (docs/STORE.md, "Options are validated up front").
         codec:        envelope codec of exact identities: "none" (default), "lz4",
                       "zstd"; "int8" makes a lossy-only store.  An identity with
                       kv_quant="int8-channel" is always stored with the lossy int8
@@ -368,16 +494,27 @@ class BlockStore:
     def __init__(self, path, *, index, object_store, ram_bytes, ram_slot_bytes, ram_policy, disk_bytes,
                  l2_mode, l2_queue_max, l2_enqueue_timeout_s, l2_retry_interval_s, manifest_batch,
                  bootstrap, codec, guard, naive, s3_options) -> None:
-        if l2_mode not in L2_MODES:
-            raise StoreConfigError(f"l2_mode must be one of {L2_MODES}, got {l2_mode!r}")
-        if codec not in codecs.CODEC_IDS and codec not in codecs.LOSSY_CODEC_IDS:
-            raise StoreConfigError(
-                f"codec must be one of {sorted(codecs.CODEC_IDS) + sorted(codecs.LOSSY_CODEC_IDS)}, got {codec!r}")
-        if ram_bytes < 0 or (disk_bytes is not None and disk_bytes <= 0) or l2_queue_max < 1 or manifest_batch < 1:
-            raise StoreConfigError("ram_bytes >= 0, disk_bytes > 0 or None, l2_queue_max >= 1, manifest_batch >= 1")
+        # Everything is checked before the directory is created or locked: a bad call writes nothing.
+        opts = dict(index=index, object_store=object_store, ram_bytes=ram_bytes, ram_slot_bytes=ram_slot_bytes,
+                    ram_policy=ram_policy, disk_bytes=disk_bytes, l2_mode=l2_mode, l2_queue_max=l2_queue_max,
+                    l2_enqueue_timeout_s=l2_enqueue_timeout_s, l2_retry_interval_s=l2_retry_interval_s,
+                    manifest_batch=manifest_batch, bootstrap=bootstrap, codec=codec, guard=guard, naive=naive,
+                    s3_options=s3_options)
+        path = _check_path(path)
+        _check_open_options(opts)
+        if disk_bytes is None:  # the default budget (tier.disk.auto_budget, docs/STORE.md)
+            from tier.disk import AUTO
+
+            disk_bytes = AUTO
+        elif not isinstance(disk_bytes, str):
+            disk_bytes = int(disk_bytes)  # numpy ints are ints here, never floats or bools
+        ram_bytes, l2_queue_max, manifest_batch = int(ram_bytes), int(l2_queue_max), int(manifest_batch)
+        ram_slot_bytes = None if ram_slot_bytes is None else int(ram_slot_bytes)
+        l2_enqueue_timeout_s, l2_retry_interval_s = float(l2_enqueue_timeout_s), float(l2_retry_interval_s)
+        bootstrap = bool(bootstrap)
         if index is None:
             index = "art" if "art" in index_backends.available() else "flat"
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = path
         self.index = index
         self.codec = codec
         self.naive = bool(naive)
@@ -434,19 +571,28 @@ class BlockStore:
         try:
             self._open_tiers(index, object_store, disk_bytes, s3_options or {}, bootstrap)
         except BaseException:
-            self._release_everything()
+            try:
+                self._release_everything()  # always unlocks, whatever else fails
+            except QuiverError as exc:  # the open's own error is the one to raise
+                logging.getLogger("engine.store").warning("cleaning up a failed open of %s: %s", self.path, exc)
             raise
 
     # ------------------------------------------------------------------ opening
     def _take_lock(self) -> None:
         # The store directory itself is locked: a lock file could be unlinked by
         # a cleaner of stale files while we run, and a second writer get in.
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreIOError(f"cannot open the store directory {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(f"store {self.path} is open in another process (or handle)") from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreIOError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         self._lock_fd = fd
 
     def _open_tiers(self, index: str, object_store, disk_bytes, s3_options: dict, bootstrap: bool) -> None:
@@ -455,26 +601,38 @@ class BlockStore:
         with _translated("ram_policy"):
             make_policy(self._ram_policy, 1)  # an unknown name fails at open, not at the first put
         with _translated(f"opening disk tier {self.path}/l1"):
-            self._disk = DiskTier(os.path.join(self.path, "l1"), disk_bytes, index=index)
+            self._disk = DiskTier(os.path.join(self.path, "l1"), disk_bytes, index=index, adopt=self._adoptable)
         if object_store is not None:
             from tier.objectstore import open_object_store
 
-            with _translated("opening object store"):
-                self._l2 = open_object_store(object_store, **s3_options)
+            with _translated("opening object store"):  # no request yet: a config error fails here
+                self._l2 = open_object_store(object_store, check=False, **s3_options)
+            self._l2_bootstrap = bootstrap
+            self._l2_probe_lock = threading.Lock()
+            self._l2_probe_stop = threading.Event()
+            self._n.update(l2_attach_failures=0)
+            # While L2 does not answer, calls to it fail fast; the trials that
+            # find it back are made by our prober thread, never by a caller.
+            self._l2.breaker.caller_trials = False
+            self._l2.breaker.on_open = self._l2_wake_prober
             self._load_pending()
-            if bootstrap:
-                t0 = time.perf_counter()
-                with _translated("reading L2 manifests"):
-                    known = self._l2.read_manifests()
-                self._l2_known.update(known)
-                self.bootstrap_s = time.perf_counter() - t0
-                self._n["bootstrap_keys"] = len(known)
+            self._l2_attach(self._l2, at_open=True)  # bounded; down -> open on L0/L1, attach later
             if self.l2_mode == "background":
                 self._queue = queue.Queue(maxsize=self._l2_queue_max)
                 self._worker = threading.Thread(target=self._l2_worker, name="quiver-l2", daemon=True)
                 self._worker.start()
         if self._ram_bytes > 0 and self._ram_slot is not None:
             self._make_ram(self._ram_slot)
+
+    def _adoptable(self, skey: bytes, data: bytes) -> bool:
+        """walpub's check for an object that lost its WAL record to damage: a
+        whole envelope whose CRC32C verifies and whose header names this key
+        (and, unless naive, this identity namespace).  Then it is kept."""
+        try:
+            h, _body = _envelope._verified(data, allow_lossy=True)
+        except (EnvelopeError, ValueError):
+            return False
+        return len(skey) == 48 and h.key == skey[16:] and (self.naive or h.fingerprint[:16] == skey[:16])
 
     def _make_ram(self, slot_bytes: int) -> None:
         from tier.ram import RamTier
@@ -539,13 +697,18 @@ class BlockStore:
             return self._ram is not None and self._ram.contains(skey)
 
     def _l2_head(self, skey: bytes) -> bool:
-        """Ask L2 for ``skey`` (False without L2, on a miss, or when L2 fails)."""
+        """Ask L2 for ``skey`` (False without L2, on a miss, or when L2 fails).
+
+        Bounded by L2_LOOKUP_TIMEOUT_S; while L2's circuit breaker is open the
+        call is refused without a request (microseconds), and counted as an error."""
         if self._l2 is None:
             return False
+        from tier.objectstore import deadline
+
         with self._lock:
             self._n["l2_heads"] += 1
         try:
-            with _translated("L2 head"):
+            with _translated("L2 head"), deadline(self.L2_LOOKUP_TIMEOUT_S):
                 size = self._l2.head(skey)
         except (ObjectStoreUnreachableError, ObjectStoreAuthError, ObjectStoreRequestError):
             with self._lock:
@@ -701,6 +864,128 @@ class BlockStore:
                 except (TierFullError, TierReservationError):  # every slot held by in-flight puts
                     self._n["l0_busy"] += 1
 
+    # ------------------------------------------------------------------ L2 availability
+    # L2's circuit breaker (tier.objectstore.CircuitBreaker, fed by the S3 retry
+    # loop) makes calls fail fast while L2 does not answer.  Its half-open trials
+    # are made here, by a prober thread that exists only while L2 is down (or not
+    # yet attached): callers are never the trial, so none of them waits on a hung
+    # L2 once the breaker is open.  "Attached" = L2 answered once and, with
+    # bootstrap, its manifests were read; open attaches when L2 answers within
+    # the probe budget, else the prober does it later.  docs/STORE.md, "L2 down".
+
+    #: Budget of the L2 HEAD one lookup may make (advisory: a miss when it runs out).
+    L2_LOOKUP_TIMEOUT_S = 1.0
+    #: Budget of the manifest read that bootstraps the L2 key set at attach.
+    L2_BOOTSTRAP_TIMEOUT_S = 20.0
+    _l2_attached = False
+    _l2_bootstrap = True
+    _l2_prober: threading.Thread | None = None
+    _l2_close_by: float | None = None
+
+    def _l2_attach(self, l2, at_open: bool = False) -> bool:
+        """Probe L2 (bounded by the breaker's probe budget) and, the first time
+        it answers, read its manifests.  True when attached.  At open an auth,
+        config or request error still fails the open (L2 answered: it is
+        misconfigured, not down); "not answering" never does: the breaker is
+        tripped (one WARNING), the store runs on L0/L1 and the prober retries."""
+        from tier.objectstore import deadline
+
+        try:
+            with _translated("L2 probe"), deadline(l2.breaker.policy.probe_timeout_s):
+                l2.probe()
+            if not self._l2_attached:
+                if self._l2_bootstrap:
+                    t0 = time.perf_counter()
+                    with _translated("reading L2 manifests"), deadline(self.L2_BOOTSTRAP_TIMEOUT_S):
+                        known = l2.read_manifests()
+                    with self._lock:
+                        self._l2_known.update(known)
+                        self._n["bootstrap_keys"] = len(known)
+                    self.bootstrap_s = time.perf_counter() - t0
+                self._l2_attached = True
+                if not at_open:
+                    logging.getLogger("engine.store").info("%r: L2 attached (%d keys from its manifests)",
+                                                           self, self._n["bootstrap_keys"])
+            return True
+        except ObjectStoreUnreachableError as exc:
+            reason = exc
+        except QuiverError as exc:
+            if at_open:
+                raise
+            reason = exc
+        except Exception as exc:  # noqa: BLE001 - the prober must survive anything (e.g. closed under it)
+            if at_open:
+                raise
+            reason = exc
+        if self._l2_probe_stop.is_set():  # closing: L2 may have been closed under the prober
+            return False
+        with self._lock:
+            self._n["l2_attach_failures"] += 1
+        l2.breaker.trip(f"{type(reason).__name__}: {reason}")  # the one WARNING of this outage
+        if at_open:
+            logging.getLogger("engine.store").info(
+                "%s opened on its local tiers: L2 is not answering; puts journal what L2 is owed, "
+                "L2 is attached when a probe succeeds", self.path)
+            self._l2_wake_prober()
+        return False
+
+    def _l2_wake_prober(self) -> None:
+        """L2's breaker opened (or L2 is not attached): make sure the prober runs."""
+        lock = getattr(self, "_l2_probe_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if self._closing or self._l2_probe_stop.is_set() or self._l2_prober is not None:
+                return
+            self._l2_prober = threading.Thread(target=self._l2_probe_loop, args=(self._l2,),
+                                               name="quiver-l2-probe", daemon=True)
+            self._l2_prober.start()
+
+    def _l2_probe_loop(self, l2) -> None:
+        """Wait out the breaker's cool-down, probe (and attach), until L2 answers."""
+        breaker, stop = l2.breaker, self._l2_probe_stop
+        done = False
+        try:
+            while not done and not stop.wait(max(breaker.retry_in(), 0.001)):
+                ok = self._l2_attach(l2)
+                with self._l2_probe_lock:  # decided under the lock _l2_wake_prober takes
+                    if ok and self._l2_attached and breaker.state == breaker.CLOSED:
+                        self._l2_prober = None
+                        done = True
+        finally:
+            if not done:
+                with self._l2_probe_lock:
+                    if self._l2_prober is threading.current_thread():
+                        self._l2_prober = None
+
+    def _l2_stop_prober(self) -> None:
+        """At close: stop the prober (its probe is bounded; waited for within close's budget)."""
+        stop = getattr(self, "_l2_probe_stop", None)
+        if stop is None:
+            return
+        with self._l2_probe_lock:
+            stop.set()
+            prober = self._l2_prober
+        if prober is not None:
+            prober.join(timeout=self._l2_left(5.0))
+
+    def _l2_left(self, default: float) -> float:
+        """Seconds left of close's L2 budget (``default`` outside close)."""
+        if self._l2_close_by is None:
+            return default
+        return max(0.05, self._l2_close_by - time.monotonic())
+
+    def l2_health(self) -> dict:
+        """L2's availability: configured, attached (answered once; manifests read),
+        the circuit breaker's state and counters."""
+        l2 = self._l2
+        if l2 is None:
+            return {"configured": False}
+        br = l2.breaker
+        return {"configured": True, "attached": self._l2_attached, "breaker": br.state,
+                "outages": br.counts["outages"], "refused": br.counts["refused"],
+                "failures": br.counts["failures"], "last_failure": br.last_failure}
+
     # ------------------------------------------------------------------ L2 publish
     def _l2_publish_sync(self, todo: list[tuple[bytes, Any]]) -> None:
         for i, (sk, env) in enumerate(todo):
@@ -788,8 +1073,10 @@ class BlockStore:
             try:
                 sk = q.get(timeout=self._retry_interval)
             except queue.Empty:
-                self._retry_pending(limit=64)
-                self._maybe_write_manifest(force=True)
+                if not self._stop.is_set():
+                    if not self._l2_worker_step(lambda: (self._retry_pending(limit=64),
+                                                         self._maybe_write_manifest(force=True))):
+                        return
                 continue
             if sk is None:
                 q.task_done()
@@ -798,12 +1085,26 @@ class BlockStore:
                 if self._stop.is_set():  # closing: not published now, kept on the pending list
                     with self._lock:
                         self._retry[sk] = None
-                else:
-                    self._publish_local(sk)
+                elif not self._l2_worker_step(lambda: self._publish_local(sk)):
+                    return
             finally:
                 q.task_done()
-            if q.empty():
-                self._maybe_write_manifest(force=False)
+            if q.empty() and not self._stop.is_set():
+                if not self._l2_worker_step(lambda: self._maybe_write_manifest(force=False)):
+                    return
+
+    def _l2_worker_step(self, fn) -> bool:
+        """Run one step of the worker; False when the store was closed under it
+        (close's budget ran out while this step waited on L2: the tiers are gone,
+        the step's keys are in PENDING_L2).  Anything else unexpected is logged,
+        never the end of the worker."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive one bad step
+            if self._closed:
+                return False
+            logging.getLogger("engine.store").warning("L2 worker step failed: %r", exc)
+        return not self._closed
 
     def _retry_pending(self, limit: int | None = None) -> int:
         """Publish keys whose L2 publish failed or was deferred, reading them from L0/L1.
@@ -820,7 +1121,10 @@ class BlockStore:
                     self._owed.pop(sk, None)
                     self._n["l2_known"] += 1
             keys = [sk for sk, k in zip(keys, known) if not k]
+        breaker = self._l2.breaker
         for sk in keys:
+            if breaker.state != breaker.CLOSED:
+                break  # L2 is down (refused without a request): not even read back from L1
             outcome = self._publish_local(sk)
             if outcome == "failed":
                 break  # the store is still failing: try again later
@@ -853,14 +1157,18 @@ class BlockStore:
     def _flush_l2(self, timeout_s: float | None) -> int:
         if self._l2 is None:
             return 0
-        if self._queue is not None:
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while self._queue.unfinished_tasks:
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                time.sleep(0.005)
-        left = self._retry_pending()
-        self._maybe_write_manifest(force=True)
+        from tier.objectstore import deadline as l2_deadline
+
+        # One budget for all of it: the queue wait, every retried publish and the
+        # manifest (each L2 try's timeouts are sized to what is left).
+        with l2_deadline(timeout_s) as end:
+            if self._queue is not None:
+                while self._queue.unfinished_tasks:
+                    if end is not None and time.monotonic() >= end:
+                        break
+                    time.sleep(0.005)
+            left = self._retry_pending()
+            self._maybe_write_manifest(force=True)
         with self._lock:
             return left + (self._queue.unfinished_tasks if self._queue is not None else 0)
 
@@ -1096,6 +1404,10 @@ class BlockStore:
                 self._ops_cv.wait()
         try:
             if self._l2 is not None:
+                # l2_timeout_s bounds all of close's L2 work: this flush, then the
+                # worker's and the prober's last calls (_release_everything).
+                if l2_timeout_s is not None:
+                    self._l2_close_by = time.monotonic() + max(0.0, l2_timeout_s)
                 try:
                     self._flush_l2(timeout_s=l2_timeout_s)
                 except QuiverError:
@@ -1105,28 +1417,44 @@ class BlockStore:
             self._release_everything()
 
     def _release_everything(self) -> None:
-        if self._worker is not None:
-            self._stop.set()
+        """Stop the L2 worker and close L2, then close L1, then unlock.  L1 is
+        closed whatever the L2 part raised, and the store's lock is released
+        whatever anything raised (a full disk failing the ART snapshot at close
+        must not leave the store unopenable by this process).  Only typed errors
+        come out: an untyped one becomes StoreIOError, its cause chained."""
+        try:
             try:
-                self._queue.put(None, timeout=self._enqueue_timeout)
-            except queue.Full:
-                pass  # the worker sees _stop after its current item
-            self._worker.join(timeout=30)
-            self._worker = None
-        if self._l2 is not None:
-            self._save_pending()
-            self._l2.close()
-            self._l2 = None
-        if self._disk is not None:
-            try:
-                with _translated("closing disk tier"):
-                    self._disk.close()
+                if self._worker is not None:
+                    self._stop.set()
+                    try:
+                        self._queue.put(None, timeout=max(0.0, min(self._enqueue_timeout, self._l2_left(30.0))))
+                    except queue.Full:
+                        pass  # the worker sees _stop after its current item
+                    # Bounded by close's budget: a worker stuck in an L2 try (bounded
+                    # itself) is left to finish on its own; its key stays owed.
+                    self._worker.join(timeout=self._l2_left(30.0))
+                    self._worker = None
+                if self._l2 is not None:
+                    self._l2_stop_prober()
+                    self._save_pending()
+                    self._l2.close()
+                    self._l2 = None
             finally:
-                self._disk = None
-        self._ram = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+                if self._disk is not None:
+                    try:
+                        with _translated("closing disk tier"):
+                            self._disk.close()
+                    finally:
+                        self._disk = None
+                self._ram = None
+        except QuiverError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - typed on the way out, cause chained
+            raise StoreIOError(f"closing {self.path}: {exc!r}") from exc
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def __enter__(self) -> "BlockStore":
         return self

@@ -2,7 +2,7 @@
 
     python tests/store_child.py put   PATH L2SPEC SEED N   -> puts N blocks, prints JSON, exits
     python tests/store_child.py get   PATH L2SPEC SEED N   -> lookup + get, compares, prints JSON
-    python tests/store_child.py race  PATH L2SPEC SEED N START_AT -> waits until START_AT (epoch s), puts
+    python tests/store_child.py race  PATH L2SPEC SEED N -> opens, prints "ready", waits for a line on stdin, puts
     python tests/store_child.py hold  PATH                 -> opens the store, prints "ready", waits for stdin EOF
 
 L2SPEC is a directory, "s3://bucket/prefix" (AWS settings from the environment:
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,6 +41,37 @@ def make_case(seed: int, n: int, ident: CacheIdentity | None = None):
     return ident, tokens, blocks
 
 
+def race(paths: list[str], spec: str, seed: int, n: int, env: dict | None = None, timeout: float = 120) -> list[dict]:
+    """Run one ``race`` child per path and release them together (parent side).
+
+    The barrier is a pipe, not a clock: each child opens its store and says
+    "ready"; once every child has, each is sent "go".  Returns their JSON results."""
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "race", p, spec, str(seed), str(n)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for p in paths]
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                p.kill()
+                raise AssertionError(f"race child did not open: {line!r} {p.communicate()[1][-2000:]}")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise AssertionError(err[-2000:])
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        return outs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _open(path: str, spec: str) -> BlockStore:
     return BlockStore.open(path, object_store=None if spec == "-" else spec, ram_bytes=1 << 20)
 
@@ -54,15 +85,14 @@ def main(argv: list[str]) -> int:
         return 0
     spec, seed, n = argv[2], int(argv[3]), int(argv[4])
     ident, tokens, blocks = make_case(seed, n)
-    if op == "race":
-        start_at = float(argv[5])
+    if op == "race":  # a pipe barrier: the parent releases every child once all have opened
         with _open(path, spec) as store:
-            late = time.time() > start_at
-            time.sleep(max(0.0, start_at - time.time()))
+            print("ready", flush=True)
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit("race: the parent closed the barrier without 'go'")
             store.put(ident, tokens, blocks)
             st = store.stats()
-        print(json.dumps({"published": st["l2_published"], "existing": st["l2_existing"], "late": late}),
-              flush=True)
+        print(json.dumps({"published": st["l2_published"], "existing": st["l2_existing"]}), flush=True)
         return 0
     with _open(path, spec) as store:
         if op == "put":

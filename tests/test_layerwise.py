@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import time
 
 import crc32c
 import numpy as np
@@ -133,7 +132,13 @@ def test_loader_refuses_objects_without_layer_crcs(tmp_path):
 
 
 def test_fetches_overlap_consumption_and_stay_bounded(stored):
-    """With depth 2, layers i+1, i+2 are fetched while i is consumed, and never more."""
+    """With depth 2, layers i+1, i+2 are fetched while i is consumed, and never more.
+
+    An ordering by events, not a wall-clock bound: while the consumer holds
+    layer i it waits until every fetch of layers i+1 and i+2 has finished.  A
+    loader that fetched only after the consumer moved on (serial, depth 0)
+    never sets those events, and the wait fails (its timeout only detects the
+    hang; nothing is asserted about how fast anything ran)."""
     store, keys, want, blocks = stored
     lock = threading.Lock()
     header_len = header_size(5, True)
@@ -142,28 +147,33 @@ def test_fetches_overlap_consumption_and_stay_bounded(stored):
         h = decode_header(store.get_range(k, 0, header_len))
         for i in range(5):
             layer_of[(k, h.layer_body_range(i)[0])] = i
-    fetched_at: dict[int, float] = {}
+    fetched = {i: set() for i in range(5)}           # keys whose layer i has been fetched
+    layer_done = {i: threading.Event() for i in range(5)}
     consumed: list[int] = []
     max_ahead = [0]
 
-    def slow_get_range(key, start, length):
-        data = store.get_range(key, start, length)
+    def get_range(key, start, length):
         if start:  # a layer, not a header
-            time.sleep(0.03)
             i = layer_of[(key, start)]
-            with lock:
-                fetched_at[i] = time.perf_counter()
+            with lock:  # a fetch of layer i may start only while layer i - depth - 1 or later is consumed
                 ahead = i - (consumed[-1] if consumed else -1)
                 max_ahead[0] = max(max_ahead[0], ahead)
+        data = store.get_range(key, start, length)
+        if start:
+            with lock:
+                fetched[i].add(key)
+                if len(fetched[i]) == len(keys):
+                    layer_done[i].set()
         return data
 
-    t0 = time.perf_counter()
-    for i in LayerwiseLoader(slow_get_range, keys, want, depth=2):
-        time.sleep(0.03)  # the consumer's per-layer compute
+    overlapped = []  # (layer consumed, layer whose fetches all finished during that consumption)
+    for i in LayerwiseLoader(get_range, keys, want, depth=2):
+        for j in (i + 1, i + 2):
+            if j < 5:
+                assert layer_done[j].wait(timeout=60), f"layer {j} was not fetched while layer {i} was consumed"
+                overlapped.append((i, j))
         with lock:
             consumed.append(i)
-    overlapped = time.perf_counter() - t0
     assert consumed == list(range(5))
+    assert overlapped == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (2, 4), (3, 4)]
     assert max_ahead[0] <= 3  # a fetch of layer j starts only once j <= consumed + depth + 1
-    serial_floor = 5 * (0.03 + 0.03)  # ideal overlapped: 6 * 0.03
-    assert overlapped < serial_floor * 0.85, (overlapped, serial_floor)

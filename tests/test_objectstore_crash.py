@@ -40,8 +40,9 @@ LABELS = ("l2_layout", "l2_object", "l2_parent", "l2_dir", "l2_manifest", "l2_ma
 
 
 def K(shard: int, i: int) -> bytes:
-    """A 32-byte key in shard directory blocks/<shard:02x>/."""
-    return bytes([shard, i]) + bytes(30)
+    """A 32-byte key in shard directory blocks/<shard:02x>/ (object names are
+    sharded on the key's last byte: tier.objectstore.object_name)."""
+    return bytes([i]) + bytes(30) + bytes([shard])
 
 
 def D(key: bytes) -> bytes:

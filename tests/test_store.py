@@ -35,7 +35,7 @@ from tier.objectstore import LocalDirObjectStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from store_child import make_case, make_ident  # noqa: E402
+from store_child import make_case, make_ident, race  # noqa: E402
 
 CHILD = os.path.join(HERE, "store_child.py")
 SMALL = dict(ram_bytes=1 << 20, index="flat")
@@ -332,15 +332,7 @@ def test_found_by_key_without_manifest(tmp_path):
 
 def test_two_processes_publish_the_same_blocks_at_once(tmp_path):
     l2 = str(tmp_path / "l2")
-    start = f"{time.time() + 5:.3f}"  # both have opened their stores by then
-    procs = [subprocess.Popen([sys.executable, CHILD, "race", str(tmp_path / d), l2, "14", "3", start],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in "ab"]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err[-2000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    assert not any(o["late"] for o in outs), outs
+    outs = race([str(tmp_path / d) for d in "ab"], l2, 14, 3)  # released together once both have opened
     assert sum(o["published"] for o in outs) == 3  # each object created exactly once
     assert sum(o["existing"] for o in outs) == 3   # the loser saw "exists": success
     ident, tokens, blocks = make_case(14, 3)
@@ -460,10 +452,15 @@ def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
         assert store.get(ident, tokens, 5).tobytes() == blocks.tobytes()
 
 
-def test_failed_encode_aborts_the_reserved_slots_and_writes_nothing(tmp_path):
+def test_failed_encode_aborts_the_reserved_slots_and_writes_nothing(tmp_path, monkeypatch):
+    from engine import quant
+
     ident = make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(23, 3, ident)
     blocks[2, 0, 0, 0, 0, 0] = np.inf  # int8 has no scale for it: the third encode fails
+    # put refuses NaN/Inf up front (tests/test_store_faults.py); without that check
+    # the encode itself fails, after the first envelopes took L0 slots:
+    monkeypatch.setattr(quant, "check_finite", lambda arr, dtype: None)
     with BlockStore.open(tmp_path / "s", **SMALL) as store:
         with pytest.raises(ValueError, match="NaN or Inf"):
             store.put(ident, tokens, blocks)
@@ -620,8 +617,9 @@ def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, mon
 
 
 def test_blocks_durable_before_a_failed_eviction_are_still_found(tmp_path, monkeypatch):
-    """DiskTier.put_many publishes, then evicts: when the eviction fails, the put raises but
-    its blocks are durable in L1, and lookup reports them (no under-count until a reopen)."""
+    """DiskTier.put_many evicts (if the batch would cross the budget), publishes, then evicts
+    again: when that last eviction fails, the put raises but its blocks are durable in L1,
+    and lookup reports them (no under-count until a reopen)."""
     from engine.errors import StoreIOError
     from engine.store import envelope_bound
     from walpub.errors import VolumeIOError
@@ -629,7 +627,12 @@ def test_blocks_durable_before_a_failed_eviction_are_still_found(tmp_path, monke
     ident, tokens, blocks = make_case(51, 3)
     per = envelope_bound(ident, "none")
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0, disk_bytes=2 * per) as store:
+        real_evict, calls = store._disk.volume.evict_to, []
+
         def failing(budget):
+            calls.append(budget)
+            if len(calls) == 1:  # before the publish: nothing to evict yet
+                return real_evict(budget)
             raise VolumeIOError("eviction failed (injected)")
 
         monkeypatch.setattr(store._disk.volume, "evict_to", failing)

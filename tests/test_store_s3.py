@@ -25,7 +25,7 @@ from engine.errors import ObjectStoreUnreachableError
 from engine.keys import chain_keys
 from engine.store import BlockStore
 from s3servers import FaultProxy
-from store_child import make_case
+from store_child import make_case, race
 from tier.s3 import RetryPolicy
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store_child.py")
@@ -59,15 +59,8 @@ def test_reuse_across_processes(s3_server, s3_prefix, tmp_path):
 
 def test_two_processes_publish_the_same_blocks_at_once(s3_server, s3_prefix, tmp_path):
     spec, env = f"s3://{BUCKET}/{s3_prefix}", _child_env(s3_server)
-    start = f"{time.time() + 5:.3f}"
-    procs = [subprocess.Popen([sys.executable, CHILD, "race", str(tmp_path / d), spec, "32", "3", start],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for d in "ab"]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-        outs.append(json.loads(out.splitlines()[-1]))
-    assert not any(o["late"] for o in outs), outs
+    # A pipe barrier: both children are released together once both have opened (no start time).
+    outs = race([str(tmp_path / d) for d in "ab"], spec, 32, 3, env=env)
     assert sum(o["published"] for o in outs) == 3 and sum(o["existing"] for o in outs) == 3
     assert len(_bucket_keys(s3_server, s3_prefix)) == 3
 

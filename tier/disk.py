@@ -3,11 +3,19 @@
 Every block is a walpub object: ``put`` publishes it (object fsynced and named
 before a WAL PUT record points at it; durable when ``put`` returns), ``get``
 reads it back verified against the length and CRC32C of that record.  The
-volume is opened *without* its own capacity, and this tier evicts after each
-publish with ``Volume.evict_to(capacity_bytes)``: blocks not used since open first
-(oldest first), then least recently used (reads and repeated puts refresh), all victims behind one WAL fsync of DELETE
-records, and the evicted keys come back to the caller.  The volume's residency
-index is the one map of what this tier holds: membership and lookups ask it.
+volume is opened *without* its own capacity; this tier keeps it within
+``capacity_bytes`` with ``Volume.evict_to``: blocks not used since open first
+(oldest first), then least recently used (reads and repeated puts refresh), all
+victims behind one WAL fsync of DELETE records, and the evicted keys come back
+to the caller.  Eviction runs *before* a publish that would cross the budget
+(so a full disk is not asked for the new bytes first), again after it (other
+writers, a batch larger than the budget), and at open when the volume holds
+more than a (smaller) budget.  The volume's residency index is the one map of
+what this tier holds: membership and lookups ask it.
+
+``capacity_bytes=AUTO`` ("auto", what BlockStore uses by default) is
+DEFAULT_DISK_FRACTION of (free space of the file system at open + the bytes this
+volume already holds), see :func:`auto_budget` and docs/STORE.md.
 
 walpub's errors become tier errors (tier/errors.py) with the walpub error as
 ``__cause__``: a locked volume is TierLockedError, a block that fails its CRC
@@ -18,6 +26,9 @@ miss), a failed fsync or I/O call is TierIOError.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import shutil
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -60,9 +71,44 @@ _TRANSLATE = (
 )
 
 
+#: The default budget (capacity_bytes=AUTO): this fraction of what the volume
+#: could ever hold at open (free space + its own bytes).  Half, because the
+#: volume's payload bytes are not all it takes: file-system blocks round every
+#: object up, the WAL and the index snapshot grow beside it, and the disk is
+#: usually shared (other stores, logs, the engine's own files).
+DEFAULT_DISK_FRACTION = 0.5
+AUTO = "auto"
+
+log = logging.getLogger("tier.disk")
+
+
+def auto_budget(path: str, used_bytes: int, fraction: float = DEFAULT_DISK_FRACTION) -> int:
+    """The default byte budget of a volume at ``path`` holding ``used_bytes``:
+    ``fraction * (free + used_bytes)``, never above ``free + used_bytes``, at least 1."""
+    free = shutil.disk_usage(path).free
+    return max(1, min(free + used_bytes, int(fraction * (free + used_bytes))))
+
+
+_MEMORY_INDEXES = ("flat", "sorted")  # backends that keep nothing on disk
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` or an error it was raised from is ENOSPC / EDQUOT."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
-    """Re-raise walpub's typed errors as the tier's, chaining the original."""
+    """Re-raise walpub's typed errors as the tier's, chaining the original.
+
+    A raw OSError that reaches this layer (e.g. ENOSPC writing the ART index
+    snapshot at close) is a TierIOError too: nothing leaves the tier untyped."""
     try:
         yield
     except tuple(w for w, _ in _TRANSLATE) as exc:
@@ -70,6 +116,8 @@ def _translated(what: str) -> Iterator[None]:
             if isinstance(exc, walpub_type):
                 raise tier_type(f"disk tier {what}: {exc}") from exc
         raise  # unreachable: every caught type is in the table
+    except OSError as exc:
+        raise TierIOError(f"disk tier {what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -95,16 +143,93 @@ class DiskStats:
 class DiskTier:
     """L1: a byte-bounded, crash-consistent block store on local disk."""
 
-    def __init__(self, path: str, capacity_bytes: int | None, index: str = "flat", **volume_opts) -> None:
-        if capacity_bytes is not None and not (isinstance(capacity_bytes, int) and capacity_bytes > 0):
-            raise TierConfigError(f"capacity_bytes must be a positive int or None, got {capacity_bytes!r}")
+    def __init__(self, path: str, capacity_bytes: int | str | None, index: str = "flat", **volume_opts) -> None:
+        """``capacity_bytes``: a positive int, None (unbounded), or AUTO (see auto_budget).
+
+        A volume holding more than the budget is evicted down to it here, so a
+        reopen with a smaller budget frees the space at once.  On a disk too
+        full for a persistent index's own writes at open (the ART catch-up
+        snapshot), the volume is opened with an in-memory index instead (rebuilt
+        from the WAL; ``degraded`` says why), evicted to the budget, and, once
+        that freed space, reopened with the real index.  If the eviction itself
+        fails (no room even for the WAL's DELETE records), the volume is reopened
+        without it and still serves reads; the next put tries again."""
+        auto = capacity_bytes == AUTO if isinstance(capacity_bytes, str) else False
+        if not auto and capacity_bytes is not None and not (
+                isinstance(capacity_bytes, int) and not isinstance(capacity_bytes, bool) and capacity_bytes > 0):
+            raise TierConfigError(f"capacity_bytes must be a positive int, None or {AUTO!r}, got {capacity_bytes!r}")
         self.path = str(path)
-        self.capacity_bytes = capacity_bytes
-        with _translated(f"open {self.path}"):
-            self.volume = Volume(self.path, index=index, capacity_bytes=None, **volume_opts)
         self._stats_lock = threading.Lock()
         self._n = dict(hits=0, misses=0, inserts=0, refreshes=0, evictions=0, deletes=0, corrupt_reads=0,
                        bytes_in=0, bytes_out=0, bytes_evicted=0)
+        self._index, self._volume_opts = index, volume_opts
+        self.auto_budget = auto
+        self.capacity_bytes: int | None = None
+        #: Why the volume runs on an in-memory stand-in index (None: it does not).
+        self.degraded: str | None = None
+        try:
+            self._open_volume(index)
+        except TierIOError as exc:
+            if not _disk_full(exc) or index in _MEMORY_INDEXES:
+                raise
+            self.degraded = f"the disk is full: index {index!r} cannot be written at open ({exc})"
+            log.warning("disk tier %s: %s; opening with an in-memory index", self.path, self.degraded)
+            self._open_volume("flat")
+        try:
+            self.capacity_bytes = auto_budget(self.path, self.volume.used_bytes) if auto else capacity_bytes
+        except OSError as exc:
+            self.close()
+            raise TierIOError(f"disk tier open {self.path}: cannot measure free space: {exc}") from exc
+        if self.capacity_bytes is None or self.volume.used_bytes <= self.capacity_bytes:
+            return
+        try:
+            self.evict_to(self.capacity_bytes)
+        except TierIOError as exc:  # e.g. ENOSPC appending the DELETE records
+            if not self._evict_stepwise(index, exc):
+                return
+        if self.degraded:  # space was freed: back to the real index
+            try:
+                self._reopen_volume(index)
+                self.degraded = None
+            except TierIOError as exc:
+                log.warning("disk tier %s: index %r still cannot be opened (%s)", self.path, index, exc)
+                self._reopen_volume("flat")
+
+    def _evict_stepwise(self, index: str, first: BaseException) -> bool:
+        """After one eviction at open failed on a full disk (the failed WAL append
+        poisons the volume): reopen, then evict in growing steps, each one WAL
+        commit of a few DELETE records -- the first needs only a few bytes of
+        disk, and each frees objects for the next.  False if a step fails too
+        (the volume is reopened once more and serves reads)."""
+        log.warning("disk tier %s: evicting to the budget at open failed (%s); retrying in small steps",
+                    self.path, first)
+        self._reopen_volume("flat" if self.degraded else index)
+        step = 1
+        try:
+            while self.volume.used_bytes > self.capacity_bytes:
+                before = self.volume.used_bytes
+                if not self.evict_to(max(self.capacity_bytes, before - step)):
+                    break
+                step *= 4
+            return True
+        except TierIOError as exc:
+            log.warning("disk tier %s: evicting at open failed again (%s); reopened without it, "
+                        "reads are served and the next put evicts first", self.path, exc)
+            self._reopen_volume("flat" if self.degraded else index)
+            return False
+
+    def _open_volume(self, index: str) -> None:
+        with _translated(f"open {self.path}"):
+            self.volume = Volume(self.path, index=index, capacity_bytes=None, **self._volume_opts)
+
+    def _reopen_volume(self, index: str) -> None:
+        """Close the volume and open it again: recovery cuts a torn WAL tail."""
+        try:
+            with _translated("close"):
+                self.volume.close()
+        except TierIOError as exc:  # walpub releases LOCK whatever close raises
+            log.warning("disk tier %s: closing the volume to reopen it: %s", self.path, exc)
+        self._open_volume(index)
 
     @property
     def last_recovery(self):
@@ -125,13 +250,15 @@ class DiskTier:
         if self.capacity_bytes is not None:
             for _, mv in items:
                 if mv.nbytes > self.capacity_bytes:
+                    how = " (the default: DEFAULT_DISK_FRACTION of the free space at open)" if self.auto_budget else ""
                     raise TierObjectTooLargeError(
-                        f"a block of {mv.nbytes} bytes exceeds the disk tier's budget of {self.capacity_bytes}")
+                        f"a block of {mv.nbytes} bytes exceeds the disk tier's budget of {self.capacity_bytes}{how}")
         if not items:
             return []
+        evicted = self._evict_for(items)
         with _translated("put"):
             created = self.volume.publish_many(items)
-            evicted = self._evict()
+            evicted += self._evict()
         new = [mv.nbytes for (_, mv), c in zip(items, created) if c]
         self._count(inserts=len(new), bytes_in=sum(new), refreshes=len({k for k, _ in items}) - len(new))
         return evicted
@@ -145,6 +272,24 @@ class DiskTier:
         if self.capacity_bytes is None or self.volume.used_bytes <= self.capacity_bytes:
             return []
         return self.evict_to(self.capacity_bytes)
+
+    def _evict_for(self, items: list[tuple[bytes, memoryview]]) -> list[bytes]:
+        """Before a publish: evict so that the batch's new bytes fit the budget.
+
+        Only keys not stored yet count (a present key is a refresh, no bytes).
+        Evicting first means a disk filled up to the budget is not asked for
+        the new bytes before the old ones are gone."""
+        if self.capacity_bytes is None:
+            return []
+        new: dict[bytes, int] = {}
+        for k, mv in items:
+            new.setdefault(k, mv.nbytes)
+        with _translated("put"):
+            held = self.volume.contains_many(list(new))
+        incoming = sum(n for (k, n), h in zip(new.items(), held) if not h)
+        if not incoming or self.volume.used_bytes + incoming <= self.capacity_bytes:
+            return []
+        return self.evict_to(max(0, self.capacity_bytes - incoming))
 
     def evict_to(self, budget_bytes: int) -> list[bytes]:
         """Evict least recently used blocks until at most ``budget_bytes`` are used.

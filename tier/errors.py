@@ -60,6 +60,14 @@ class ObjectStoreUnreachableError(ObjectStoreError):
         self.elapsed_s = elapsed_s
 
 
+class ObjectStoreUnavailableError(ObjectStoreUnreachableError):
+    """The object store's circuit breaker is open: recent tries failed in a row,
+    so this call was refused at once, without a request (``attempts`` is 0).
+
+    Raised until a probe finds the store answering again (half-open after a
+    cool-down: docs/OBJECTSTORE.md, "Circuit breaker")."""
+
+
 class ObjectCorruptError(ObjectStoreError):
     """An object's bytes fail their length or CRC32C check, on every try.
 

@@ -16,8 +16,20 @@ What it does promise:
 
 Object names (relative to the store's root or S3 prefix), one naming for both:
 
-    blocks/<hex[:2]>/<hex>          one object per key (hex = key.hex())
+    blocks/<hex[-2:]>/<hex>         one object per key (hex = key.hex()), sharded
+                                    on the key's last byte (spread across prefixes)
     manifests/<time_ns>-<rand>.qvm  a batch of published keys (format below)
+
+Blocks published before the tail sharding live under the legacy name
+``blocks/<hex[:2]>/<hex>`` (the first byte: the identity namespace's, so one
+model's blocks all shared one prefix).  Reads fall back to it (a HEAD/GET miss
+under the new name tries the legacy one) while ``legacy_names`` is true;
+publishes use the new name only; ``migrate_legacy_layout`` moves old objects.
+
+Time: every call runs inside the caller's budget when one is set with
+``deadline(timeout_s)`` (thread-local, nests to the tighter), and a
+:class:`CircuitBreaker` per store makes calls fail fast while the store does
+not answer (S3: docs/OBJECTSTORE.md, "Deadlines and the circuit breaker").
 
 ``LocalDirObjectStore`` is the embedded default: no server, the same atomic
 publish discipline as walpub (tmp + fsync, then a no-overwrite link into place,
@@ -30,13 +42,17 @@ details and what was verified against which server.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import struct
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import crc32c
 
@@ -48,6 +64,7 @@ from tier.errors import (
     ObjectStoreClosedError,
     ObjectStoreConfigError,
     ObjectStoreIOError,
+    ObjectStoreUnavailableError,
 )
 from walpub.io import FileSystem, OsFileSystem
 
@@ -76,13 +93,31 @@ def check_key(key: bytes) -> bytes:
 
 
 def object_name(key: bytes) -> str:
-    """The object's name under the store's root/prefix: ``blocks/ab/abcd...``."""
+    """The object's name under the store's root/prefix: ``blocks/<last byte>/<hex>``.
+
+    Sharded on the key's tail, as walpub shards its objects: a store key starts
+    with the identity namespace, so its first byte is one value per model."""
+    h = check_key(key).hex()
+    return f"{BLOCKS_DIR}{h[-2:]}/{h}"
+
+
+def legacy_object_name(key: bytes) -> str:
+    """The name a block had before the tail sharding: ``blocks/<first byte>/<hex>``."""
     h = check_key(key).hex()
     return f"{BLOCKS_DIR}{h[:2]}/{h}"
 
 
+def object_names(key: bytes, legacy: bool = True) -> list[str]:
+    """The names a read tries, in order: the current one, then the legacy one
+    (when ``legacy`` and it differs)."""
+    new = object_name(key)
+    old = legacy_object_name(key)
+    return [new, old] if legacy and old != new else [new]
+
+
 def key_from_name(name: str) -> bytes | None:
-    """Inverse of object_name for a name relative to the root; None if it is not one."""
+    """Inverse of object_name (or legacy_object_name) for a name relative to the
+    root; None if it is not one."""
     parts = name.split("/")
     if len(parts) != 3 or parts[0] + "/" != BLOCKS_DIR:
         return None
@@ -90,9 +125,222 @@ def key_from_name(name: str) -> bytes | None:
         key = bytes.fromhex(parts[2])
     except ValueError:
         return None
-    if not 0 < len(key) <= MAX_KEY_BYTES or parts[1] != parts[2][:2] or key.hex() != parts[2]:
+    if not 0 < len(key) <= MAX_KEY_BYTES or key.hex() != parts[2]:
+        return None
+    if parts[1] != parts[2][-2:] and parts[1] != parts[2][:2]:
         return None
     return key
+
+
+# --- the caller's time budget -----------------------------------------------------------
+
+_budget = threading.local()
+
+
+@contextmanager
+def deadline(timeout_s: float | None) -> Iterator[float | None]:
+    """Bound every object-store call this thread makes inside the block.
+
+    The calls end (typed, ObjectStoreUnreachableError) by ``now + timeout_s``:
+    no try starts after it, and each try's socket timeouts are sized to what is
+    left (S3).  Nested budgets take the tighter; None adds no bound.  Yields the
+    absolute deadline (time.monotonic), or None."""
+    prev = getattr(_budget, "at", None)
+    if timeout_s is None:
+        yield prev
+        return
+    at = time.monotonic() + max(0.0, float(timeout_s))
+    if prev is not None:
+        at = min(at, prev)
+    _budget.at = at
+    try:
+        yield at
+    finally:
+        _budget.at = prev
+
+
+def current_deadline() -> float | None:
+    """This thread's budget set by ``deadline`` (absolute, time.monotonic), or None."""
+    return getattr(_budget, "at", None)
+
+
+# --- circuit breaker -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When the circuit breaker opens and when it probes again.
+
+    ``failures`` consecutive failed tries (connection errors, timeouts, 5xx:
+    the retryable kinds, counted across all operations and threads) open it;
+    while open every call is refused at once (ObjectStoreUnavailableError).
+    After ``cooldown_s`` it is half-open: one try -- a probe -- is let through;
+    its success closes the breaker, its failure opens it again for twice the
+    previous cool-down (at most ``max_cooldown_s``).  ``probe_timeout_s`` is the
+    budget of one probe (BlockStore also uses it for the L2 check at open)."""
+
+    failures: int = 3
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 30.0
+    probe_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        ok = (isinstance(self.failures, int) and self.failures >= 1
+              and all(isinstance(v, (int, float)) and v > 0 for v in
+                      (self.cooldown_s, self.max_cooldown_s, self.probe_timeout_s))
+              and self.max_cooldown_s >= self.cooldown_s)
+        if not ok:
+            raise ObjectStoreConfigError(f"bad breaker policy {self}")
+
+
+class CircuitBreaker:
+    """Closed -> open after ``policy.failures`` consecutive failed tries ->
+    half-open after the cool-down (one trial try) -> closed on its success.
+
+    Thread-safe.  Time comes from ``clock`` (time.monotonic by default;
+    injectable, so the transitions are tested without waiting).  Logging: one
+    WARNING when an outage begins (closed -> open), INFO when it ends, DEBUG
+    for everything in between.  ``caller_trials=False`` reserves the half-open
+    trial for ``acquire(probe=True)`` (a prober thread), so ordinary callers
+    never wait on a trial: they are refused until a probe succeeds.
+    ``on_open`` (if set) is called, outside the lock, on each move to open."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+    def __init__(self, policy: BreakerPolicy | None = None, *, name: str = "object store",
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None) -> None:
+        self.policy = policy or BreakerPolicy()
+        self.name = name
+        self.caller_trials = True
+        self.on_open: Callable[[], None] | None = None
+        self._clock = clock
+        self._log = logger or logging.getLogger("tier.objectstore")
+        self._lock = threading.Lock()
+        self._state = self.CLOSED
+        self._fails = 0
+        self._opened_at = 0.0
+        self._outage_began = 0.0
+        self._cooldown = self.policy.cooldown_s
+        self._trial = False
+        self.last_failure = ""
+        self.history: deque[str] = deque([self.CLOSED], maxlen=64)  # states entered, in order
+        self.counts = dict(opened=0, half_opened=0, closed=0, refused=0, failures=0, outages=0)
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self.state!r})"
+
+    # --- state ---------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        with self._lock:
+            self._advance()
+            return self._state
+
+    def retry_in(self) -> float:
+        """Seconds until a probe may run (0 when half-open or closed)."""
+        with self._lock:
+            self._advance()
+            if self._state != self.OPEN:
+                return 0.0
+            return max(0.0, self._opened_at + self._cooldown - self._clock())
+
+    def _enter(self, state: str) -> None:
+        self._state = state
+        self.history.append(state)
+        self.counts[{"open": "opened", "half-open": "half_opened", "closed": "closed"}[state]] += 1
+
+    def _advance(self) -> None:
+        if self._state == self.OPEN and self._clock() >= self._opened_at + self._cooldown:
+            self._enter(self.HALF_OPEN)
+            self._trial = False
+
+    # --- calls -----------------------------------------------------------------------
+    def acquire(self, probe: bool = False) -> str | None:
+        """May a try start now?  "pass" (closed), "trial" (the one half-open
+        try: end it with success/failure/end_trial), or None: refused."""
+        with self._lock:
+            self._advance()
+            if self._state == self.CLOSED:
+                return "pass"
+            if self._state == self.HALF_OPEN and not self._trial and (probe or self.caller_trials):
+                self._trial = True
+                return "trial"
+            self.counts["refused"] += 1
+            return None
+
+    def refusal(self, what: str) -> ObjectStoreUnavailableError:
+        """The typed error a refused call raises."""
+        with self._lock:
+            left = max(0.0, self._opened_at + self._cooldown - self._clock()) if self._state == self.OPEN else 0.0
+            last = self.last_failure
+        return ObjectStoreUnavailableError(
+            f"{what}: {self.name} is not answering (circuit breaker {self._state}, last failure: "
+            f"{last or '?'}); refused without a request, next probe in {left:.1f}s",
+            attempts=0, elapsed_s=0.0,
+        )
+
+    def end_trial(self) -> None:
+        """A trial try ended without a verdict (e.g. an error not about reachability)."""
+        with self._lock:
+            self._trial = False
+
+    def success(self) -> None:
+        """A try got an answer from the store (any answer: 200, 404, 412, 403...)."""
+        with self._lock:
+            self._fails = 0
+            self._trial = False
+            if self._state == self.CLOSED:
+                return
+            down = self._clock() - self._outage_began
+            self._enter(self.CLOSED)
+            self._cooldown = self.policy.cooldown_s
+        self._log.info("%s answers again after %.1fs; circuit breaker closed", self.name, down)
+
+    def failure(self, detail: str) -> None:
+        """A try failed in a way that says the store is not answering."""
+        opened = False
+        with self._lock:
+            self._fails += 1
+            self.counts["failures"] += 1
+            self.last_failure = detail
+            self._trial = False
+            if self._state == self.HALF_OPEN:
+                self._reopen()
+                opened = True
+                self._log.debug("%s: probe failed (%s); next probe in %.1fs", self.name, detail, self._cooldown)
+            elif self._state == self.CLOSED and self._fails >= self.policy.failures:
+                opened = self._open_outage(f"{self._fails} consecutive failed tries (last: {detail})")
+        if opened and self.on_open is not None:
+            self.on_open()
+
+    def trip(self, detail: str) -> None:
+        """Open now, whatever the count (e.g. the store did not answer its check at open)."""
+        opened = False
+        with self._lock:
+            self._trial = False
+            self.last_failure = detail or self.last_failure
+            if self._state == self.CLOSED:
+                opened = self._open_outage(detail)
+            elif self._state == self.HALF_OPEN:
+                self._reopen()
+                opened = True
+        if opened and self.on_open is not None:
+            self.on_open()
+
+    def _open_outage(self, detail: str) -> bool:
+        self._outage_began = self._opened_at = self._clock()
+        self._cooldown = self.policy.cooldown_s
+        self._enter(self.OPEN)
+        self.counts["outages"] += 1
+        self._log.warning("%s is not answering: %s; calls fail fast (circuit breaker open), "
+                          "probing again every %.0f-%.0fs", self.name, detail,
+                          self.policy.cooldown_s, self.policy.max_cooldown_s)
+        return True
+
+    def _reopen(self) -> None:
+        self._cooldown = min(self._cooldown * 2, self.policy.max_cooldown_s)
+        self._opened_at = self._clock()
+        self._enter(self.OPEN)
 
 
 def check_range(start: int, length: int) -> None:
@@ -149,36 +397,98 @@ class ObjectStore(ABC):
     """
 
     _closed = False
+    #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss.
+    #: Set False once migrate_legacy_layout has run: a miss then costs one request.
+    legacy_names = True
+    _breaker: CircuitBreaker | None = None
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """This store's circuit breaker (S3 feeds it; a local directory never trips it)."""
+        if self._breaker is None:
+            self._breaker = CircuitBreaker(name=repr(self))
+        return self._breaker
+
+    def _names(self, key: bytes) -> list[str]:
+        return object_names(key, self.legacy_names)
 
     # --- objects --------------------------------------------------------------
     def put(self, key: bytes, data: bytes) -> bool:
         """Publish ``data`` under ``key`` durably; True if this call created it,
-        False if the key already existed (first writer wins: both are success)."""
+        False if the key already existed (first writer wins: both are success).
+        Always under the current name (object_name), never the legacy one."""
         return self._put_named(object_name(key), data)
 
     def get(self, key: bytes) -> bytes | None:
         """The object's verified bytes, or None if there is no such object."""
-        return self._get_named(object_name(key))
+        for name in self._names(key):
+            data = self._get_named(name)
+            if data is not None:
+                return data
+        return None
 
-    @abstractmethod
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
         """Exactly ``length`` bytes from ``start`` (None if no such object).
 
         A range past the object's end is InvalidRangeError.  The length is
         checked, the CRC32C (which covers the whole object) cannot be: a ranged
         reader relies on the envelope's header CRC above this layer."""
+        check_range(start, length)
+        for name in self._names(key):
+            data = self._get_range_named(name, start, length)
+            if data is not None:
+                return data
+        return None
 
-    @abstractmethod
     def head(self, key: bytes) -> int | None:
         """The object's size in bytes, or None if there is no such object."""
+        for name in self._names(key):
+            size = self._head_named(name)
+            if size is not None:
+                return size
+        return None
 
     def delete(self, key: bytes) -> None:
-        """Remove the object; deleting a missing key is not an error."""
-        self._delete_named(object_name(key))
+        """Remove the object (under every name it may have); a missing key is not an error."""
+        for name in object_names(key, legacy=True):
+            self._delete_named(name)
 
-    @abstractmethod
     def list_keys(self) -> Iterator[bytes]:
         """Every stored key (a full listing: for audits and tests, not bootstrap)."""
+        seen: set[bytes] = set()
+        for name in self._list_named(BLOCKS_DIR):
+            key = key_from_name(name)
+            if key is not None and key not in seen:
+                seen.add(key)
+                yield key
+
+    def probe(self) -> None:
+        """One cheap request that proves the store answers (raises if it does not).
+
+        Passes the circuit breaker when it is half-open: this is the trial."""
+        self._check_open()
+
+    def migrate_legacy_layout(self) -> int:
+        """Move every block stored under its legacy name to its current name
+        (copy, verified, then delete the old object); returns how many moved.
+
+        Safe while other processes read and publish: a reader finds the block
+        under one name or the other at every moment (the copy exists before the
+        old name goes), and a publisher racing the copy wins or loses the
+        conditional create with the same bytes.  Idempotent: rerun after a crash."""
+        self._check_open()
+        moved = 0
+        for name in self._list_named(BLOCKS_DIR):
+            key = key_from_name(name)
+            if key is None or name != legacy_object_name(key) or name == object_name(key):
+                continue
+            data = self._get_named(name)
+            if data is None:  # deleted meanwhile
+                continue
+            self._put_named(object_name(key), data)
+            self._delete_named(name)
+            moved += 1
+        return moved
 
     def close(self) -> None:
         """Release connections; later calls raise ObjectStoreClosedError."""
@@ -245,7 +555,15 @@ class ObjectStore(ABC):
                 self._delete_named(name)
         return len(read)
 
-    # --- primitives the manifest code is written over -----------------------------
+    # --- primitives the rest is written over ------------------------------------------
+    @abstractmethod
+    def _head_named(self, name: str) -> int | None:
+        """The size of an object by its relative name, or None if missing."""
+
+    @abstractmethod
+    def _get_range_named(self, name: str, start: int, length: int) -> bytes | None:
+        """A range of an object by its relative name (range already checked)."""
+
     @abstractmethod
     def _put_named(self, name: str, data: bytes) -> bool:
         """Publish an object by its relative name (first writer wins)."""
@@ -344,22 +662,25 @@ class LocalDirObjectStore(ObjectStore):
                 self._io.fsync_dir(os.path.dirname(d), "l2_layout")
 
     # --- objects --------------------------------------------------------------
-    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
-        check_range(start, length)
+    def probe(self) -> None:
         self._check_open()
-        path = self._path(object_name(key))
-        with _fs_errors(f"ranged read of {object_name(key)}", self.root):
+        if not self._io.isdir(os.path.join(self.root, "blocks")):
+            raise ObjectStoreIOError(f"object store directory {self.root} is gone")
+
+    def _get_range_named(self, name: str, start: int, length: int) -> bytes | None:
+        self._check_open()
+        path = self._path(name)
+        with _fs_errors(f"ranged read of {name}", self.root):
             try:
                 size, data = self._read_range(path, start, length)
             except FileNotFoundError:
                 return None
         if data is None:
             raise InvalidRangeError(
-                f"range [{start}, {start + length}) is past the end of "
-                f"{object_name(key)} ({size} bytes)"
+                f"range [{start}, {start + length}) is past the end of {name} ({size} bytes)"
             )
         if len(data) != length:  # the file shrank under us: never a short read as data
-            raise ObjectCorruptError(f"{object_name(key)}: short read {len(data)} of {length}")
+            raise ObjectCorruptError(f"{name}: short read {len(data)} of {length}")
         return data
 
     def _read_range(self, path: str, start: int, length: int) -> tuple[int, bytes | None]:
@@ -377,21 +698,14 @@ class LocalDirObjectStore(ObjectStore):
             return size, None
         return size, self._io.read_head(path, start + length)[start:]
 
-    def head(self, key: bytes) -> int | None:
+    def _head_named(self, name: str) -> int | None:
         self._check_open()
-        with _fs_errors(f"stat of {object_name(key)}", self.root):
+        with _fs_errors(f"stat of {name}", self.root):
             try:
-                size = self._io.file_size(self._path(object_name(key)))
+                size = self._io.file_size(self._path(name))
             except FileNotFoundError:
                 return None
         return max(size - _TRAILER.size, 0)
-
-    def list_keys(self) -> Iterator[bytes]:
-        self._check_open()
-        for name in self._list_named(BLOCKS_DIR):
-            key = key_from_name(name)
-            if key is not None:
-                yield key
 
     # --- primitives -------------------------------------------------------------
     def _path(self, name: str) -> str:
@@ -515,12 +829,14 @@ class LocalDirObjectStore(ObjectStore):
 
 def open_object_store(
     spec: str | os.PathLike[str] | None, *, default_dir: str | os.PathLike[str] | None = None,
-    **s3_options: object,
+    check: bool = True, **s3_options: object,
 ) -> ObjectStore:
     """Open the store a spec names: None (``default_dir``), a directory, or s3://bucket/prefix.
 
     ``s3_options`` go to :class:`tier.s3.S3ObjectStore` (endpoint_url, profile,
-    region, retry, ...); credentials always come from the standard AWS chain.
+    region, retry, breaker, ...); credentials always come from the standard AWS
+    chain.  ``check=False`` makes no request (S3: the bucket is checked by the
+    first ``probe()``), so a store that does not answer cannot stall the open.
     """
     if spec is None:
         if default_dir is None:
@@ -534,6 +850,7 @@ def open_object_store(
         from tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
 
         bucket, _, prefix = spec[len("s3://") :].partition("/")
+        s3_options.setdefault("check_bucket", check)
         return S3ObjectStore(bucket, prefix, **s3_options)  # type: ignore[arg-type]
     if "://" in spec:
         raise ObjectStoreConfigError(f"unsupported object store scheme in {spec.split('://')[0]!r}")

@@ -11,9 +11,15 @@ Why each choice (docs/OBJECTSTORE.md has more):
   and that CRC, and retries a short or damaged body.  No S3 server we tested
   verifies ``x-amz-checksum-*``, so botocore's flexible checksums are off.
 - Retries are ours, not botocore's (botocore's are disabled): at most
-  ``RetryPolicy.max_tries`` tries and no new try after ``total_s``; exponential
-  backoff with jitter.  Each try is bounded by the connect and read timeouts,
-  so the worst case is ``total_s + connect_timeout_s + read_timeout_s``.
+  ``RetryPolicy.max_tries`` tries, all within ``total_s`` or the caller's
+  budget (``tier.objectstore.deadline``), whichever ends first; exponential
+  backoff with jitter.  Each try's socket timeouts are sized to the time left
+  (``try_timeouts``), so no try outlives the deadline; a silent server costs
+  at most the budget.  Retries log at DEBUG.
+- A circuit breaker (``tier.objectstore.CircuitBreaker``) counts failed tries
+  that say the server is not answering (connection errors, timeouts); once
+  open, operations are refused at once (``ObjectStoreUnavailableError``) until
+  a probe (half-open, after a cool-down) gets an answer.
 - Configuration is the standard AWS chain (env vars, AWS_ENDPOINT_URL,
   profiles, config files, instance roles); nothing here reads secrets itself.
   Credentials never appear in reprs, logs or messages: errors are built from
@@ -28,8 +34,9 @@ import logging
 import os
 import random
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -49,11 +56,10 @@ from tier.errors import (
     ObjectStoreUnreachableError,
 )
 from tier.objectstore import (
-    BLOCKS_DIR,
+    BreakerPolicy,
+    CircuitBreaker,
     ObjectStore,
-    check_range,
-    key_from_name,
-    object_name,
+    current_deadline,
 )
 
 log = logging.getLogger("tier.s3")
@@ -94,6 +100,41 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
+#: No try starts with less than this left: its timeouts could not be met.
+MIN_TRY_S = 0.05
+# Socket timeouts shorter than the policy's come from this ladder (0.05 s x 2^k),
+# so a handful of clients serve every budget (one botocore client per pair).
+_LADDER = tuple(MIN_TRY_S * 2**k for k in range(16))
+
+
+def _floor_step(x: float) -> float:
+    """The largest ladder value <= x (0.0 when x < MIN_TRY_S)."""
+    best = 0.0
+    for v in _LADDER:
+        if v > x:
+            break
+        best = v
+    return best
+
+
+def try_timeouts(policy: RetryPolicy, remaining_s: float) -> tuple[float, float] | None:
+    """(connect, read) socket timeouts of a try that must end within ``remaining_s``.
+
+    The policy's own when they fit; otherwise shrunk (from a fixed ladder) so
+    that connect + read <= remaining_s -- a try can never outlive the deadline,
+    even against a server that accepts and never answers.  A quarter of the
+    time goes to connect (a connection that succeeds is fast), the rest to the
+    wait for the answer.  None when too little is left to try at all."""
+    c, r = policy.connect_timeout_s, policy.read_timeout_s
+    if remaining_s >= c + r:
+        return c, r
+    connect = min(c, _floor_step(max(remaining_s / 4, MIN_TRY_S)))
+    read = min(r, _floor_step(remaining_s - connect))
+    if connect <= 0 or read <= 0:
+        return None
+    return connect, read
+
+
 class _Damaged(Exception):
     """A body that failed its length or CRC check on one try (retried)."""
 
@@ -104,6 +145,17 @@ class _Fail:
 
     kind: str  # "retry", "auth", "nobucket", "request"
     detail: str  # error code or exception class: never a message from the server
+
+    @property
+    def silent(self) -> bool:
+        """The server did not answer at all (connection error, timeout, cut body):
+        what the circuit breaker counts.  A 5xx/429 is an answer."""
+        return self.kind == "retry" and not self.detail.startswith("HTTP ")
+
+    @property
+    def timed_out(self) -> bool:
+        """The try waited out a socket timeout (the expensive kind of failure)."""
+        return self.detail in ("ReadTimeoutError", "ConnectTimeoutError")
 
 
 def _status(exc: bex.ClientError) -> int:
@@ -170,6 +222,9 @@ class S3ObjectStore(ObjectStore):
         part_size: int = 16 * MiB,
         create_bucket: bool = False,
         max_pool_connections: int = 16,
+        breaker: BreakerPolicy | None = None,
+        check_bucket: bool = True,
+        legacy_names: bool = True,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ObjectStoreConfigError(f"bad bucket name {bucket!r}")
@@ -180,6 +235,8 @@ class S3ObjectStore(ObjectStore):
         self.retry = retry or RetryPolicy()
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        self.legacy_names = bool(legacy_names)
+        self._create_bucket = create_bucket
         try:
             core = botocore.session.Session(profile=profile)
             scoped = core.get_scoped_config()
@@ -209,11 +266,19 @@ class S3ObjectStore(ObjectStore):
         )
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self.endpoint = _safe_endpoint(self._client.meta.endpoint_url)
-        try:
-            self._check_bucket(create_bucket)
-        except BaseException:
-            self.close()
-            raise
+        # Clients with shorter socket timeouts, for tries that must fit a budget
+        # (try_timeouts); made on first use, one per (connect, read) pair.
+        self._session, self._endpoint_url, self._config = session, endpoint_url, config
+        self._sized: dict[tuple[float, float], object] = {}
+        self._sized_lock = threading.Lock()
+        self._breaker = CircuitBreaker(breaker, name=f"S3 s3://{bucket}/{self.prefix} at {self.endpoint}",
+                                       logger=log)
+        if check_bucket:
+            try:
+                self._check_bucket(create_bucket)
+            except BaseException:
+                self.close()
+                raise
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint={self.endpoint!r})"
@@ -221,65 +286,124 @@ class S3ObjectStore(ObjectStore):
     def close(self) -> None:
         if not self._closed:
             self._client.close()
+            with self._sized_lock:
+                for c in self._sized.values():
+                    c.close()
+                self._sized.clear()
         super().close()
 
+    def probe(self) -> None:
+        """HEAD the bucket (creating it if asked at construction): the breaker's trial."""
+        self._check_bucket(self._create_bucket, probe=True)
+
+    def _client_for(self, sizes: tuple[float, float]):
+        if sizes == (self.retry.connect_timeout_s, self.retry.read_timeout_s):
+            return self._client
+        with self._sized_lock:
+            self._check_open()
+            c = self._sized.get(sizes)
+            if c is None:
+                c = self._session.client("s3", endpoint_url=self._endpoint_url, config=self._config.merge(
+                    Config(connect_timeout=sizes[0], read_timeout=sizes[1])))
+                self._sized[sizes] = c
+            return c
+
     # --- the bounded retry loop ---------------------------------------------------
-    def _call(self, op: str, name: str, attempt_fn: Callable[[], T]) -> T:
-        """Run one try at a time until success, a final answer, or the budget is spent."""
+    def _call(self, op: str, name: str, attempt_fn: Callable[[object], T], probe: bool = False) -> T:
+        """Run one try at a time until success, a final answer, or the budget is spent.
+
+        ``attempt_fn(client)`` makes one request.  The budget is the policy's
+        (max_tries, total_s) and the caller's (``deadline``), whichever ends
+        first; each try's timeouts fit what is left.  The circuit breaker
+        admits or refuses the operation before its first try; a half-open
+        trial makes one try only, and an operation whose try timed out stops
+        retrying once the breaker is open.  ``probe`` marks the breaker's trial
+        (``CircuitBreaker.caller_trials``)."""
         self._check_open()
         policy = self.retry
         start = time.monotonic()
         deadline = start + policy.total_s
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return attempt_fn()
-            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
-                fail = _classify(exc)
-                if fail is None:
-                    raise
-            where = f"{op} s3://{self.bucket}/{self.prefix}{name}"
-            if fail.kind == "auth":
-                raise ObjectStoreAuthError(
-                    f"{where}: refused ({fail.detail}); check the AWS credentials/profile"
-                ) from None
-            if fail.kind == "nobucket":
-                raise ObjectStoreConfigError(f"{where}: bucket does not exist") from None
-            if fail.kind == "request":
-                raise ObjectStoreRequestError(f"{where}: {fail.detail}") from None
-            now = time.monotonic()
-            pause = policy.delay(attempt)
-            if attempt >= policy.max_tries or now + pause >= deadline:
-                elapsed = now - start
-                if fail.kind == "damaged":
-                    raise ObjectCorruptError(
-                        f"{where}: {fail.detail}, on all {attempt} tries; not returned"
-                    ) from None
-                raise ObjectStoreUnreachableError(
-                    f"{where}: no answer after {attempt} tries in {elapsed:.2f}s "
-                    f"(last: {fail.detail})",
-                    attempts=attempt,
-                    elapsed_s=elapsed,
-                ) from None
-            log.warning("%s: try %d failed (%s); retrying in %.3fs", where, attempt, fail.detail, pause)
-            time.sleep(pause)
+        caller = current_deadline()
+        if caller is not None:
+            deadline = min(deadline, caller)
+        where = f"{op} s3://{self.bucket}/{self.prefix}{name}"
+        token = self._breaker.acquire(probe)
+        if token is None:
+            raise self._breaker.refusal(where) from None
+        attempt, fail = 0, None
+        try:
+            while True:
+                sizes = try_timeouts(policy, deadline - time.monotonic())
+                if sizes is None:
+                    raise self._spent(where, attempt, time.monotonic() - start, fail) from None
+                client = self._client_for(sizes)
+                attempt += 1
+                try:
+                    result = attempt_fn(client)
+                except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
+                    fail = _classify(exc)
+                    if fail is None:
+                        raise
+                else:
+                    self._breaker.success()
+                    return result
+                if fail.silent:
+                    self._breaker.failure(f"{op}: {fail.detail}")
+                    # A trial makes one try; and once the breaker is open, another
+                    # timed-out try would only wait out the same silence again.
+                    if token == "trial" or (fail.timed_out and self._breaker.state != CircuitBreaker.CLOSED):
+                        raise self._spent(where, attempt, time.monotonic() - start, fail) from None
+                elif fail.kind != "damaged":
+                    self._breaker.success()  # an answer, even if a refusal
+                self._settle(where, fail)
+                now = time.monotonic()
+                pause = policy.delay(attempt)
+                if attempt >= policy.max_tries or now + pause >= deadline:
+                    raise self._spent(where, attempt, now - start, fail) from None
+                log.debug("%s: try %d failed (%s); retrying in %.3fs", where, attempt, fail.detail, pause)
+                time.sleep(pause)
+        finally:
+            if token == "trial":
+                self._breaker.end_trial()
+
+    @staticmethod
+    def _spent(where: str, attempt: int, elapsed: float, fail: _Fail | None) -> Exception:
+        """The error of an operation whose tries or time ran out."""
+        if fail is not None and fail.kind == "damaged":
+            return ObjectCorruptError(f"{where}: {fail.detail}, on all {attempt} tries; not returned")
+        if fail is None:
+            return ObjectStoreUnreachableError(
+                f"{where}: the caller's time budget was spent before a try", attempts=0, elapsed_s=elapsed)
+        return ObjectStoreUnreachableError(
+            f"{where}: no answer after {attempt} tries in {elapsed:.2f}s (last: {fail.detail})",
+            attempts=attempt, elapsed_s=elapsed,
+        )
+
+    @staticmethod
+    def _settle(where: str, fail: _Fail) -> None:
+        """Raise the final error of a failure retrying cannot fix."""
+        if fail.kind == "auth":
+            raise ObjectStoreAuthError(
+                f"{where}: refused ({fail.detail}); check the AWS credentials/profile"
+            ) from None
+        if fail.kind == "nobucket":
+            raise ObjectStoreConfigError(f"{where}: bucket does not exist") from None
+        if fail.kind == "request":
+            raise ObjectStoreRequestError(f"{where}: {fail.detail}") from None
 
     # --- objects --------------------------------------------------------------------
-    def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
-        check_range(start, length)
-        name = object_name(key)
+    def _get_range_named(self, name: str, start: int, length: int) -> bytes | None:
         if length == 0:
-            size = self.head(key)
+            size = self._head_named(name)
             if size is not None and start > size:
                 raise InvalidRangeError(f"start {start} is past the end of {name} ({size} bytes)")
             return None if size is None else b""
         full = self.prefix + name
         end = start + length - 1
 
-        def attempt() -> bytes | None:
+        def attempt(c) -> bytes | None:
             try:
-                r = self._client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end}")
+                r = c.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end}")
             except bex.ClientError as exc:
                 if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
                     return None
@@ -304,25 +428,9 @@ class S3ObjectStore(ObjectStore):
 
         return self._call("get_range", name, attempt)
 
-    def head(self, key: bytes) -> int | None:
-        name = object_name(key)
+    def _head_named(self, name: str) -> int | None:
         full = self.prefix + name
-
-        def attempt() -> int | None:
-            try:
-                return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
-            except bex.ClientError as exc:
-                if _status(exc) == 404:
-                    return None
-                raise
-
-        return self._call("head", name, attempt)
-
-    def list_keys(self) -> Iterator[bytes]:
-        for name in self._list_named(BLOCKS_DIR):
-            key = key_from_name(name)
-            if key is not None:
-                yield key
+        return self._call("head", name, lambda c: self._head_full(c, full))
 
     # --- primitives -----------------------------------------------------------------
     def _put_named(self, name: str, data: bytes) -> bool:
@@ -334,9 +442,9 @@ class S3ObjectStore(ObjectStore):
         full = self.prefix + name
         md5 = _md5_b64(data)
 
-        def attempt() -> bool:
+        def attempt(c) -> bool:
             try:
-                self._client.put_object(
+                c.put_object(
                     Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
                     ContentMD5=md5, Metadata=meta, ContentType="application/octet-stream",
                 )
@@ -355,11 +463,11 @@ class S3ObjectStore(ObjectStore):
         first: a racing second uploader there overwrites the object with the
         same bytes (content-addressed), which is harmless."""
         full = self.prefix + name
-        if self._call("head", name, lambda: self._head_full(full)) is not None:
+        if self._call("head", name, lambda c: self._head_full(c, full)) is not None:
             return False
         upload_id = self._call(
             "create_multipart", name,
-            lambda: self._client.create_multipart_upload(
+            lambda c: c.create_multipart_upload(
                 Bucket=self.bucket, Key=full, Metadata=meta, ContentType="application/octet-stream"
             )["UploadId"],
         )
@@ -370,8 +478,8 @@ class S3ObjectStore(ObjectStore):
                 chunk = bytes(view[off : off + self.part_size])
                 md5 = _md5_b64(chunk)
 
-                def upload(chunk: bytes = chunk, number: int = number, md5: str = md5) -> str:
-                    return self._client.upload_part(
+                def upload(c, chunk: bytes = chunk, number: int = number, md5: str = md5) -> str:
+                    return c.upload_part(
                         Bucket=self.bucket, Key=full, UploadId=upload_id,
                         PartNumber=number, Body=chunk, ContentMD5=md5,
                     )["ETag"]
@@ -379,11 +487,11 @@ class S3ObjectStore(ObjectStore):
                 parts.append({"ETag": self._call("upload_part", name, upload), "PartNumber": number})
             tries = 0
 
-            def complete() -> bool:
+            def complete(c) -> bool:
                 nonlocal tries
                 tries += 1
                 try:
-                    self._client.complete_multipart_upload(
+                    c.complete_multipart_upload(
                         Bucket=self.bucket, Key=full, UploadId=upload_id,
                         MultipartUpload={"Parts": parts}, IfNoneMatch="*",
                     )
@@ -391,7 +499,7 @@ class S3ObjectStore(ObjectStore):
                     if _status(exc) == 412:
                         return False
                     # An earlier try completed but its answer was lost: the upload is gone.
-                    if _code(exc) == "NoSuchUpload" and tries > 1 and self._head_full(full) is not None:
+                    if _code(exc) == "NoSuchUpload" and tries > 1 and self._head_full(c, full) is not None:
                         return False
                     raise
                 return True
@@ -402,15 +510,22 @@ class S3ObjectStore(ObjectStore):
             raise
 
     def _abort_quietly(self, full: str, upload_id: str) -> None:
-        """One try to abort a failed upload (parts would otherwise cost storage)."""
+        """One try to abort a failed upload (parts would otherwise cost storage),
+        within the caller's budget; skipped while the breaker refuses calls."""
+        caller = current_deadline()
+        left = self.retry.total_s if caller is None else caller - time.monotonic()
+        sizes = try_timeouts(self.retry, left)
+        if sizes is None or self._breaker.state != CircuitBreaker.CLOSED:
+            log.debug("abort of a multipart upload under %s skipped (no time left or store down)", full)
+            return
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            self._client_for(sizes).abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
         except Exception as exc:  # noqa: BLE001 - best effort; the error being raised matters more
             log.warning("abort of a multipart upload under %s failed (%s)", full, type(exc).__name__)
 
-    def _head_full(self, full: str) -> int | None:
+    def _head_full(self, c, full: str) -> int | None:
         try:
-            return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+            return int(c.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
         except bex.ClientError as exc:
             if _status(exc) == 404:
                 return None
@@ -419,9 +534,9 @@ class S3ObjectStore(ObjectStore):
     def _get_named(self, name: str) -> bytes | None:
         full = self.prefix + name
 
-        def attempt() -> bytes | None:
+        def attempt(c) -> bytes | None:
             try:
-                r = self._client.get_object(Bucket=self.bucket, Key=full)
+                r = c.get_object(Bucket=self.bucket, Key=full)
             except bex.ClientError as exc:
                 if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
                     return None
@@ -443,7 +558,7 @@ class S3ObjectStore(ObjectStore):
             kwargs = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call("list", prefix, lambda kw=kwargs: self._client.list_objects_v2(**kw))
+            page = self._call("list", prefix, lambda c, kw=kwargs: c.list_objects_v2(**kw))
             names.extend(obj["Key"][skip:] for obj in page.get("Contents", ()))
             if not page.get("IsTruncated"):
                 return sorted(names)
@@ -451,28 +566,28 @@ class S3ObjectStore(ObjectStore):
 
     def _delete_named(self, name: str) -> None:
         full = self.prefix + name
-        self._call("delete", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+        self._call("delete", name, lambda c: c.delete_object(Bucket=self.bucket, Key=full))
 
-    def _check_bucket(self, create: bool) -> None:
+    def _check_bucket(self, create: bool, probe: bool = False) -> None:
         """Fail at open, not at the first put, if the bucket is missing or refused."""
 
-        def attempt() -> bool:
+        def attempt(c) -> bool:
             try:
-                self._client.head_bucket(Bucket=self.bucket)
+                c.head_bucket(Bucket=self.bucket)
                 return True
             except bex.ClientError as exc:
                 if _status(exc) == 404:
                     return False
                 raise
 
-        if self._call("head_bucket", "", attempt):
+        if self._call("head_bucket", "", attempt, probe=probe):
             return
         if not create:
             raise ObjectStoreConfigError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
 
-        def make() -> None:
+        def make(c) -> None:
             try:
-                self._client.create_bucket(Bucket=self.bucket)
+                c.create_bucket(Bucket=self.bucket)
             except bex.ClientError as exc:
                 if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise

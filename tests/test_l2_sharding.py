@@ -1,0 +1,195 @@
+"""Issue 13, finding 12: L2 object names spread by block, not by model.
+
+A store key is ``identity namespace (16 B) + chain key (32 B)``, so naming a
+block ``blocks/<first byte>/...`` put every block of one model under one prefix
+(S3 throttles per prefix).  Names are now sharded on the key's *last* byte, as
+walpub shards its objects; blocks published under the old (legacy) name are
+still read (a HEAD/GET miss under the new name falls back to the legacy name),
+publishes use the new name only, and ``migrate_legacy_layout`` moves old
+objects.  Run over the local directory store and a real moto server.
+
+Which assertion fails on the code before the fix (commit 9cde9a7):
+test_one_models_blocks_spread_over_many_prefixes: ``prefixes ==
+{tail bytes}`` (all 200 blocks were under one prefix); the others use the new
+names (legacy_object_name, migrate_legacy_layout, legacy_names).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import BUCKET
+from engine.keys import chain_keys
+from engine.store import BlockStore
+from s3servers import LOOPBACK, FaultProxy
+from store_child import make_case
+from tier.objectstore import (
+    BLOCKS_DIR,
+    LocalDirObjectStore,
+    key_from_name,
+    legacy_object_name,
+    object_name,
+    object_names,
+)
+from tier.s3 import RetryPolicy, S3ObjectStore
+
+
+def model_keys(n: int, seed: int = 7) -> list[bytes]:
+    """``n`` store keys of one model: one namespace, random chain keys."""
+    rng = random.Random(seed)
+    ns = bytes(rng.getrandbits(8) for _ in range(16))
+    return [ns + bytes(rng.getrandbits(8) for _ in range(32)) for _ in range(n)]
+
+
+@pytest.fixture
+def creds(moto_server, tmp_path, monkeypatch):
+    path = tmp_path / "credentials"
+    path.write_text(f"[q]\naws_access_key_id = {moto_server.access_key}\n"
+                    f"aws_secret_access_key = {moto_server.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+    return "q"
+
+
+@pytest.fixture(params=["local", "moto"])
+def store(request, tmp_path, s3_prefix):
+    if request.param == "local":
+        s = LocalDirObjectStore(tmp_path / "l2")
+    else:
+        request.getfixturevalue("creds")
+        server = request.getfixturevalue("moto_server")
+        s = S3ObjectStore(BUCKET, s3_prefix, endpoint_url=server.endpoint, profile="q",
+                          retry=RetryPolicy(max_tries=3, total_s=10.0))
+    yield s
+    s.close()
+
+
+def raw_names(s) -> list[str]:
+    """The block objects' names as stored, relative to the store's root/prefix."""
+    if isinstance(s, LocalDirObjectStore):
+        out = []
+        for d, _, files in os.walk(os.path.join(s.root, "blocks")):
+            out += [os.path.relpath(os.path.join(d, f), s.root).replace(os.sep, "/") for f in files]
+        return sorted(out)
+    c = s._client
+    page = c.list_objects_v2(Bucket=s.bucket, Prefix=s.prefix + BLOCKS_DIR)
+    return sorted(o["Key"][len(s.prefix):] for o in page.get("Contents", ()))
+
+
+def put_legacy(s, key: bytes, data: bytes) -> None:
+    """Publish as the code before the tail sharding did (the legacy name)."""
+    assert s._put_named(legacy_object_name(key), data) is True
+
+
+def test_object_names_shard_on_the_key_tail():
+    key = bytes(range(48))
+    h = key.hex()
+    assert object_name(key) == f"blocks/2f/{h}" and legacy_object_name(key) == f"blocks/00/{h}"
+    assert object_names(key) == [f"blocks/2f/{h}", f"blocks/00/{h}"]
+    assert object_names(key, legacy=False) == [f"blocks/2f/{h}"]
+    same = b"\xab" * 32  # first byte == last byte: one name only
+    assert object_names(same) == [object_name(same)] == [legacy_object_name(same)]
+    for name in (object_name(key), legacy_object_name(key)):
+        assert key_from_name(name) == key
+    for junk in (f"blocks/11/{h}", f"blocks/2f/{h}x", "blocks/2f", f"manifests/2f/{h}"):
+        assert key_from_name(junk) is None
+
+
+def test_one_models_blocks_spread_over_many_prefixes(store):
+    keys = model_keys(200)
+    for k in keys:
+        assert store.put(k, b"v" + k) is True
+    names = raw_names(store)
+    assert len(names) == 200
+    prefixes = {n.split("/")[1] for n in names}
+    assert prefixes == {k.hex()[-2:] for k in keys}  # before the fix: {keys[0].hex()[:2]}
+    assert len(prefixes) > 100
+    assert sorted(store.list_keys()) == sorted(keys)
+
+
+def test_legacy_names_are_read_and_publishes_use_the_new_name(store):
+    old, new = model_keys(2, seed=8)
+    data = os.urandom(3000)
+    put_legacy(store, old, data)
+    assert store.head(old) == 3000
+    assert store.get(old) == data
+    assert store.get_range(old, 100, 50) == data[100:150]
+    assert store.get_range(old, 3000, 0) == b""
+    assert list(store.list_keys()) == [old]
+    # publishes: the new name only
+    assert store.put(new, data) is True
+    assert object_name(new) in raw_names(store) and legacy_object_name(new) not in raw_names(store)
+    # without the fallback the legacy object is invisible
+    store.legacy_names = False
+    assert store.head(old) is None and store.get(old) is None and store.get_range(old, 0, 10) is None
+    assert store.get(new) == data
+    store.legacy_names = True
+    # delete removes the key under every name
+    store.delete(old)
+    assert store.head(old) is None and raw_names(store) == [object_name(new)]
+
+
+def test_migrate_legacy_layout(store):
+    keys = model_keys(25, seed=9)
+    legacy = [k for k in keys if legacy_object_name(k) != object_name(k)][:20]
+    rest = [k for k in keys if k not in legacy]
+    for k in legacy:
+        put_legacy(store, k, b"L" + k)
+    for k in rest:
+        store.put(k, b"N" + k)
+    assert store.migrate_legacy_layout() == len(legacy)
+    assert raw_names(store) == sorted(object_name(k) for k in keys)
+    store.legacy_names = False
+    for k in legacy:
+        assert store.get(k) == b"L" + k
+    for k in rest:
+        assert store.get(k) == b"N" + k
+    assert store.migrate_legacy_layout() == 0  # idempotent
+
+
+def test_a_miss_costs_one_head_per_name(moto_server, creds, s3_prefix):
+    proxy = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
+    s = S3ObjectStore(BUCKET, s3_prefix, endpoint_url=proxy.endpoint, profile=creds,
+                      retry=RetryPolicy(max_tries=3, total_s=10.0))
+    try:
+        key = model_keys(1, seed=10)[0]
+        proxy.reset()
+        assert s.head(key) is None
+        assert proxy.count("HEAD") == 2  # new name, then the legacy name
+        s.legacy_names = False
+        assert s.head(key) is None
+        assert proxy.count("HEAD") == 3
+        assert s.put(key, b"x") is True
+        proxy.reset()
+        assert s.head(key) == 1 and proxy.count("HEAD") == 1  # a hit under the new name: one request
+    finally:
+        s.close()
+        proxy.close()
+
+
+def test_block_store_reads_a_store_published_in_the_legacy_layout(tmp_path):
+    """An L2 directory written by the old code (blocks under the legacy names,
+    manifests as before) is read by a new store: lookup, bootstrap and get."""
+    ident, tokens, blocks = make_case(91, 4)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as a:
+        assert a.put(ident, tokens, blocks) == 4
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 4)]
+    for sk in skeys:  # move each object to where the old code put it
+        src, dst = l2 / object_name(sk), l2 / legacy_object_name(sk)
+        if src != dst:
+            dst.parent.mkdir(exist_ok=True)
+            shutil.move(src, dst)
+    assert all(not (l2 / object_name(sk)).exists() or object_name(sk) == legacy_object_name(sk) for sk in skeys)
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as b:
+        assert b.stats()["bootstrap_keys"] == 4
+        assert b.lookup(ident, tokens) == 4
+        assert b.get(ident, tokens, 4).tobytes() == blocks.tobytes()
+        assert b.stats()["l2_hits"] == 4
+    with BlockStore.open(tmp_path / "c", object_store=l2, ram_bytes=0, index="flat", bootstrap=False) as c:
+        assert c.lookup(ident, tokens) == 4  # found by HEAD under the legacy names
+        assert c.get(ident, tokens, 4).tobytes() == blocks.tobytes()
