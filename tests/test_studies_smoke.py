@@ -35,7 +35,8 @@ def test_studies_pipeline_smoke(tmp_path):
     groups = {b["group"] for b in data["benchmarks"]}
     assert {"limits", "index-insert", "index-get", "index-get_many", "index-scan", "index-replica-scan",
             "index-longest-prefix", "index-footprint", "index-reopen", "mooncake",
-            "product-build", "product-open", "product-open-bytes"} <= groups
+            "product-build", "product-open", "product-open-bytes",
+            "faults-index", "faults-wal", "faults-enospc", "faults-l2"} <= groups
 
     out = tmp_path / "out"
     rep = subprocess.run(
@@ -57,7 +58,12 @@ def test_studies_pipeline_smoke(tmp_path):
     assert "lookup through the store" in headline and "Open vs bytes stored" in headline
     assert "Crash campaign" in headline and "**0 violations**" in headline
     assert "Cross-identity bytes served, naive vs guarded" in headline
-    for anchor in ("product", "art-targets", "keys", "walpub", "tiers", "identity", "objectstore", "copy", "kv-codecs", "layerwise"):
+    # the fault study (issue 13): its headline rows carry goals and verdicts
+    assert "Blocks lost to index damage (goal 0" in headline
+    assert "Max acknowledged blocks lost per WAL flip (goal ≤ 1" in headline
+    assert "lookup while L2 hangs, breaker open (goal ≤ 50 ms)" in headline
+    for anchor in ("product", "art-targets", "keys", "walpub", "tiers", "identity", "objectstore", "copy", "kv-codecs", "layerwise",
+                   "faults"):
         assert f"](#{anchor})" in headline and f'<a id="{anchor}"></a>' in report, anchor
     # dedicated sections, not the generic dump
     for heading in ("## ART targets", "### Numba compile", "### Snapshot and reopen", "### Publish throughput",
@@ -66,11 +72,17 @@ def test_studies_pipeline_smoke(tmp_path):
                     "### PUT / GET throughput", "### Bootstrap: manifests", "### int8 inside the model",
                     "## Index through the product", "### Open + first get vs blocks stored",
                     "### Open + first get vs bytes stored", "### Lookup through the store",
-                    "### Memory per resident block"):
+                    "### Memory per resident block", "## Fault study", "### Index corruption campaign (group `faults-index`)",
+                    "### WAL bit flips (group `faults-wal`)", "### Full disk (group `faults-enospc`)",
+                    "### L2 hung: accepts connections, never answers (group `faults-l2`)"):
         assert heading in report, heading
     for g in ("keys", "art-compile", "walpub-publish", "walpub-campaign", "tiers-mooncake", "identity", "objectstore",
-              "copy", "kv-codecs", "layerwise", "product-build", "product-open", "product-open-bytes"):
+              "copy", "kv-codecs", "layerwise", "product-build", "product-open", "product-open-bytes",
+              "faults-index", "faults-wal", "faults-enospc", "faults-l2"):
         assert f"## Group `{g}`" not in report, g
+    faults = report[report.index("## Fault study"):]
+    assert "walpub volume (group `walpub-campaign`, bit-flip part)" in faults  # the campaign's max per flip, quoted
+    assert "(goal ≤ 50 ms)" in faults and "blocks lost (goal 0)" in faults and "untyped (goal 0)" in faults
     art = report[report.index("## ART targets"):report.index("### Numba compile")]
     assert "get_many ≥ 5 M keys/s" in art and "memory ≤ 2× the raw key + value bytes" in art
     assert "the comparison is indicative only" in art  # smoke N is not the targets' 1M
@@ -132,10 +144,11 @@ def test_report_renders_groups_absent_from_the_run(tmp_path):
         src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "smoke"}}, "benchmarks": benchmarks}))
         report = write_report(src, tmp_path / "out").read_text()
         assert "## Headline figures" in report
-        for g in ("product-open", "walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft"):
+        for g in ("product-open", "walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft",
+                  "faults-index", "faults-wal", "faults-l2"):
             assert f"{DASH} (group `{g}` has no results in this run)" in report, g
             assert g in EXPECTED_GROUPS
         assert "Not in this run" in report and "`walpub-publish`" in report
         for heading in ("## Index through the product", "## ART targets", "## walpub", "## Tiers", "## Identity", "## L2 object store", "## Copy",
-                        "## Codecs on model KV", "## Layerwise"):
+                        "## Codecs on model KV", "## Layerwise", "## Fault study"):
             assert heading not in report, heading
