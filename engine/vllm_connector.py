@@ -586,7 +586,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         b = self.base
         self._layout = KVLayout(len(self._kv), b["block_tokens"], b["num_kv_heads"], b["head_dim"],
                                 TORCH_DTYPES[b["kv_dtype"]])
-        self._kind = detect_paged_layout(self._kv, self._layout)  # typed error for an unknown layout
+        # An unknown layout (or a CPU kernel ISA whose packing is unverified) is a typed error here.
+        self._kind = detect_paged_layout(self._kv, self._layout, cpu_isa=self._cpu_isa(names))
         rank = self.pp_rank * b["tp_size"] + self.tp_rank
         path = self.opts.store_path if self.world == 1 else os.path.join(self.opts.store_path, f"rank{rank}")
         self.store = BlockStore.open(path, index=self.opts.index, object_store=self.opts.object_store,
@@ -594,8 +595,24 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                      l2_mode=self.opts.l2_mode, s3_options=self.opts.s3_options or None)
         self._store_thread = StoreThread(self.store, self.events)
         self._server = LookupServer(socket_name(self.opts.store_path, rank), self._lookup_answer)
-        self.events.emit("registered", layers=len(self._kv), layout=self._kind, store=path,
+        self.events.emit("registered", layers=len(self._kv), layout=self._kind, isa=self._cpu_isa(names), store=path,
                          shape=list(self._kv[0].shape), rank=rank)
+
+    def _cpu_isa(self, names: list[str]) -> str | None:
+        """The CPU attention kernel ISA of the layers (it decides how K is packed), or None off CPU."""
+        if self._kv[0].dim() != 4:
+            return None
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        isas = {getattr(getattr(ctx.get(n), "impl", None), "isa", None) or getattr(ctx.get(n), "isa", None)
+                for n in names}
+        isas.discard(None)
+        if len(isas) == 1:
+            return isas.pop()
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # what the backend itself calls
+
+        b = self.base
+        return _get_attn_isa(TORCH_DTYPES[b["kv_dtype"]], b["block_tokens"], b["head_dim"],
+                             getattr(self._vllm_config.cache_config, "cache_dtype", None))
 
     def _ident(self, parts: dict) -> CacheIdentity:
         return request_identity(self.base, parts, num_layers=len(self._kv), tp_rank=self.tp_rank,
