@@ -52,6 +52,7 @@ reads ``0..end`` and scatters ``start..end``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -595,6 +596,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                      l2_mode=self.opts.l2_mode, s3_options=self.opts.s3_options or None)
         self._store_thread = StoreThread(self.store, self.events)
         self._server = LookupServer(socket_name(self.opts.store_path, rank), self._lookup_answer)
+        atexit.register(self._close_worker)  # if vLLM exits without calling shutdown(): drain the saves
         self.events.emit("registered", layers=len(self._kv), layout=self._kind, isa=self._cpu_isa(names), store=path,
                          shape=list(self._kv[0].shape), rank=rank)
 
@@ -723,6 +725,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return None, None
 
     def _close_worker(self) -> None:
+        if self.store is None:
+            return
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -730,9 +734,10 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._store_thread.drain()
             self._store_thread.stop()
             self._store_thread = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        stats = self._tier_hits()
+        self.store.close()
+        self.store = None
+        self.events.emit("closed", loaded_blocks=self.loaded_blocks, tiers=stats)
 
 
 __all__ = [

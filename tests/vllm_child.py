@@ -10,7 +10,9 @@ Starts one ``LLM()`` (CPU backend, bfloat16, block size 32, eager, vLLM's own
 prefix cache off so every reuse is Quiver's), runs each step as its own
 ``generate`` call in order (one request at a time: step i+1 is scheduled after
 step i finished and saved), and writes {"outputs": {name: [token ids]}} to
-``out``.  The connector writes its events (lookups, loads, saves, load errors)
+``out``.  With the connector, a last barrier request (salt
+"quiver-barrier") makes sure every save has reached the store before exit.
+The connector writes its events (lookups, loads, saves, load errors)
 to the ``events_path`` named in its config.
 """
 
@@ -50,6 +52,12 @@ def main(spec_path: str) -> int:
             prompt["cache_salt"] = step["salt"]
         (res,) = llm.generate([prompt], params, use_tqdm=False)
         outputs[step["name"]] = list(res.outputs[0].token_ids)
+    if spec.get("connector") is not None:
+        # Barrier: this request's lookup is answered by the worker's store thread after every save
+        # queued before it (FIFO), so when it returns the steps' blocks are durable -- the worker
+        # may be killed at exit without draining its queue.  Its own salt keeps it apart.
+        barrier = TokensPrompt(prompt_token_ids=list(range(3, 3 + BLOCK_SIZE + 1)), cache_salt="quiver-barrier")
+        llm.generate([barrier], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     with open(spec["out"] + ".tmp", "w") as f:
         json.dump({"outputs": outputs}, f)
     os.replace(spec["out"] + ".tmp", spec["out"])
