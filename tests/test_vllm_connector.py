@@ -179,11 +179,20 @@ def _prompts() -> dict[str, list[int]]:
 PROMPTS = _prompts()
 
 
-class Run:
-    """One finished child: its outputs and the connector's events."""
+def same_request(engine_id: str | None, output_id: str) -> bool:
+    """vLLM's engine-side request id is the RequestOutput's id plus a ``-<random>`` suffix."""
+    return engine_id is not None and (engine_id == output_id or engine_id.startswith(output_id + "-"))
 
-    def __init__(self, outputs: dict, events: list[dict], log: str) -> None:
-        self.outputs, self.events, self.log = outputs, events, log
+
+class Run:
+    """One finished child: its outputs and the connector's events (the child's final barrier
+    request -- see tests/vllm_child.py -- is kept apart: ``barrier_events``)."""
+
+    def __init__(self, result: dict, events: list[dict], log: str) -> None:
+        self.outputs, self.request_ids, self.log = result["outputs"], result["request_ids"], log
+        bid = result.get("barrier_id")
+        self.events = [e for e in events if bid is None or not same_request(e.get("req"), bid)]
+        self.barrier_events = [e for e in events if bid is not None and same_request(e.get("req"), bid)]
 
     def of(self, event: str, role: str | None = None) -> list[dict]:
         return [e for e in self.events if e["event"] == event and (role is None or e["role"] == role)]
@@ -205,12 +214,12 @@ def run_child(py: str, model: str, workdir, name: str, steps: list[dict], connec
     log = r.stdout + r.stderr
     assert r.returncode == 0, f"vLLM child {name} failed (rc {r.returncode}):\n{log[-6000:]}"
     with open(spec["out"]) as f:
-        outputs = json.load(f)["outputs"]
+        result = json.load(f)
     evs = []
     if os.path.exists(events):
         with open(events) as f:
             evs = [json.loads(line) for line in f]
-    return Run(outputs, evs, log)
+    return Run(result, evs, log)
 
 
 def step(name: str, prompt: str | None = None, salt: str | None = None) -> dict:
@@ -237,9 +246,11 @@ def main_run(vllm_python, tiny_model, vdir) -> Run:
     return run_child(vllm_python, tiny_model, vdir, "main", steps, conn)
 
 
-def _lookup(run: Run, i: int) -> dict:
-    looks = run.of("lookup", "scheduler")
-    return looks[i]
+def _lookup(run: Run, name: str) -> dict:
+    """The scheduler's (last) lookup for the request of step ``name``."""
+    looks = [e for e in run.of("lookup", "scheduler") if same_request(e["req"], run.request_ids[name])]
+    assert looks, f"no lookup event for step {name}"
+    return looks[-1]
 
 
 def test_layout_matches_vllm_cpu_kernel(vllm_python):
@@ -256,7 +267,7 @@ def test_layout_matches_vllm_cpu_kernel(vllm_python):
 def test_1_shared_prefix_within_one_server(main_run, baseline):
     reg = main_run.of("registered", "worker")
     assert len(reg) == 1 and reg[0]["layout"] == PAGED_CPU and reg[0]["layers"] == 2
-    first, second = _lookup(main_run, 0), _lookup(main_run, 1)
+    first, second = _lookup(main_run, "A"), _lookup(main_run, "B")
     assert first["stored_blocks"] == 0 and first["external_tokens"] == 0  # A: cold
     assert second["stored_blocks"] == 5 and second["external_tokens"] == 5 * BS  # B: the shared prefix
     loads = main_run.of("load", "worker")
@@ -271,7 +282,7 @@ def test_1_shared_prefix_within_one_server(main_run, baseline):
 
 
 def test_5_two_tenants_share_nothing(main_run, baseline):
-    alice1, alice2, bob = (_lookup(main_run, i) for i in (2, 3, 4))
+    alice1, alice2, bob = (_lookup(main_run, n) for n in ("T-alice", "T-alice-2", "T-bob"))
     assert alice1["stored_blocks"] == 0
     assert alice2["stored_blocks"] == 4 and alice2["external_tokens"] == 4 * BS  # same salt: hit
     assert bob["stored_blocks"] == 0 and bob["external_tokens"] == 0  # same prompt, other salt: nothing
@@ -288,7 +299,7 @@ def restart_run(vllm_python, tiny_model, vdir, main_run) -> Run:
 
 
 def test_2_restart_same_store_dir(restart_run, baseline):
-    look = _lookup(restart_run, 0)
+    look = _lookup(restart_run, "B")
     assert look["stored_blocks"] == 6 and look["external_tokens"] == 6 * BS  # B's 6 blocks, stored by `main`
     (load,) = restart_run.of("load", "worker")
     assert (load["start"], load["end"]) == (0, 6)
@@ -299,7 +310,7 @@ def test_2_restart_same_store_dir(restart_run, baseline):
 def test_3_other_store_dir_same_l2_directory(vllm_python, tiny_model, vdir, main_run, baseline):
     conn = dict(store_path=str(vdir / "S2"), object_store=str(vdir / "D"))
     run = run_child(vllm_python, tiny_model, vdir, "l2dir", [step("B")], conn)
-    look = _lookup(run, 0)
+    look = _lookup(run, "B")
     assert look["stored_blocks"] == 6 and look["external_tokens"] == 6 * BS
     (load,) = run.of("load", "worker")
     assert load["tiers"]["l2_hits"] == 6 and load["tiers"]["l1_hits"] == 0  # what `main` published
@@ -316,10 +327,11 @@ def test_3_other_store_dir_same_s3_bucket(vllm_python, tiny_model, vdir, baselin
                   dict(store_path=str(vdir / "S3"), object_store=l2), env)
     assert w.outputs["A"] == baseline.outputs["A"] and w.of("save", "worker")[0]["new"] == 6
     page = moto_server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{s3_prefix}/blocks/")
-    assert page.get("KeyCount", 0) == 6  # the writer's blocks are in the bucket
+    barrier_blocks = sum(e["new"] for e in w.barrier_events if e["event"] == "save")
+    assert page.get("KeyCount", 0) == 6 + barrier_blocks  # the writer's blocks are in the bucket
     r = run_child(vllm_python, tiny_model, vdir, "s3-reader", [step("B")],
                   dict(store_path=str(vdir / "S4"), object_store=l2), env)
-    look = _lookup(r, 0)
+    look = _lookup(r, "B")
     assert look["stored_blocks"] == 5 and look["external_tokens"] == 5 * BS  # the shared prefix, via S3
     (load,) = r.of("load", "worker")
     assert load["tiers"]["l2_hits"] == 5
@@ -344,7 +356,7 @@ def test_4_corruption_is_reported_and_recomputed(vllm_python, tiny_model, vdir, 
         _flip(p)
     conn = dict(store_path=str(vdir / "S1"), object_store=str(vdir / "D"))
     run = run_child(vllm_python, tiny_model, vdir, "corrupt", [step("B")], conn)
-    look = _lookup(run, 0)
+    look = _lookup(run, "B")
     assert look["external_tokens"] == 6 * BS  # the index still names the blocks ...
     (err,) = run.of("load_error", "worker")  # ... the load finds them damaged and says so
     assert err["error"] in ("ChecksumMismatchError", "EnvelopeError"), err
