@@ -49,7 +49,7 @@ setup-vllm:
 test: $(STAMP) setup-vllm
 	$(PY) -m pytest tests -q -m "not slow"
 
-report: $(STAMP)
+report: $(STAMP) setup-vllm
 	$(PY) -m studies.cli run $(if $(FULL),--full,)
 	$(PY) -m studies.cli report
 

@@ -6,6 +6,9 @@ process started with that venv's python running this file
 (``python studies/bench_vllm.py child SPEC``).  When the venv is missing the
 study is skipped with a loud reason.
 
+Smoke mode skips this study (four engine processes do not fit the smoke
+pipeline's time budget; QUIVER_VLLM_SMOKE=1 runs it anyway at smoke sizes).
+
 Model: a random-weight Llama built from a config in the child (seeded;
 nothing downloaded; ``skip_tokenizer_init``: prompts are token ids).  Quick
 and full: hidden 512, 8 layers, 8 query heads, 4 KV heads, head_dim 64, MLP
@@ -125,6 +128,7 @@ if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "child":
 import pytest  # noqa: E402
 
 from studies.conftest import make_bench_dir  # noqa: E402
+from studies import config as study_config  # noqa: E402
 from studies.config import pick  # noqa: E402
 
 MODEL = pick(
@@ -165,6 +169,11 @@ def _events(path: Path) -> list[dict]:
 def _all_runs() -> dict:
     if "runs" in _STATE:
         return _STATE["runs"]
+    if study_config.SMOKE and not os.environ.get("QUIVER_VLLM_SMOKE"):
+        # Four engine processes take ~3 min even with a tiny model: more than the whole smoke
+        # pipeline's budget (tests/test_studies_smoke.py).  The vLLM tests cover correctness there.
+        pytest.skip("vLLM study skipped in smoke mode (4 vLLM processes, ~3 min); "
+                    "QUIVER_VLLM_SMOKE=1 runs it at smoke sizes")
     if not VLLM_STAMP.exists() and "QUIVER_VLLM_PYTHON" not in os.environ:
         msg = f"!!! vLLM STUDY NOT RUN: {VLLM_STAMP} missing (make setup-vllm) !!!"
         print(msg, file=sys.stderr)
