@@ -418,6 +418,7 @@ class ReqOp:
     load: tuple[int, int] | None   # blocks [start, end) to load from Quiver
     save: tuple[int, int] | None   # prompt blocks [from, to) complete after this step (save 0..to)
     prompt_blocks: int = 0         # full blocks of the whole prompt (the host buffer's capacity)
+    load_fail: bool = False        # report the load's blocks as errors without reading (see update_state_after_alloc)
 
 
 @dataclass
@@ -433,6 +434,7 @@ class _SchedReq:
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0
     pending_load: tuple[int, int] | None = None
+    load_fail: bool = False  # the pending load cannot be served: report its blocks as load errors
     query: tuple[int, int] | None = None  # (local computed tokens, external tokens) of the last query
 
 
@@ -514,10 +516,16 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         st = self._state(request)
         if num_external_tokens <= 0 or st.query is None:
             return
-        local, ext = st.query
-        assert ext == num_external_tokens, (ext, num_external_tokens)
-        assert local % self.block_size == 0 and ext % self.block_size == 0
-        st.pending_load = (local // self.block_size, (local + ext) // self.block_size)
+        local, _asked = st.query
+        bs = self.block_size
+        st.pending_load = (local // bs, -(-(local + num_external_tokens) // bs))
+        st.load_fail = bool(local % bs or num_external_tokens % bs)
+        if st.load_fail:
+            # vLLM trimmed the hit to something not block-aligned, and it now counts those tokens as
+            # computed.  Part of a block cannot be loaded: the worker reports the blocks as load
+            # errors, so vLLM recomputes them instead of attending to stale KV.
+            log_once(f"unaligned external hit ({local} local + {num_external_tokens} external tokens): "
+                     "reported as load errors")
 
     def build_connector_meta(self, scheduler_output) -> QuiverConnectorMetadata:
         meta = QuiverConnectorMetadata(finished=self._finished)
@@ -545,8 +553,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _plan(self, meta: QuiverConnectorMetadata, req_id: str, st: _SchedReq, computed: int, scheduled: int) -> None:
         prompt = st.request.prompt_token_ids
-        load = st.pending_load
-        st.pending_load = None
+        load, load_fail = st.pending_load, st.load_fail
+        st.pending_load, st.load_fail = None, False
         if load is not None:
             st.saved_upto = max(st.saved_upto, load[1])  # those blocks are in Quiver already
         full = len(prompt) // self.block_size
@@ -558,7 +566,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         end = max(load[1] if load else 0, save[1] if save else 0)
         meta.ops.append(ReqOp(req_id=req_id, parts=st.parts, token_ids=list(prompt[: end * self.block_size]),
-                              block_ids=st.block_ids[:end], load=load, save=save, prompt_blocks=full))
+                              block_ids=st.block_ids[:end], load=load, save=save, prompt_blocks=full,
+                              load_fail=load_fail))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self._reqs.pop(request.request_id, None)
@@ -652,6 +661,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             t0 = time.perf_counter()
             buf, _ = self._buf(op, end)
             try:
+                if op.load_fail:
+                    raise ValueError("unaligned external hit: nothing was loaded")
                 ident = self._ident(op.parts)
                 self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf[:end])
                 scatter_paged_any(self._kind, buf[start:end], self._kv, op.block_ids[start:end], self._layout)
