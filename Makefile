@@ -50,8 +50,8 @@ test: $(STAMP) setup-vllm
 	$(PY) -m pytest tests -q -m "not slow"
 
 report: $(STAMP) setup-vllm
-	$(PY) -m studies.cli run $(if $(FULL),--full,)
-	$(PY) -m studies.cli report
+	$(PY) -m quiver.studies.cli run $(if $(FULL),--full,)
+	$(PY) -m quiver.studies.cli report
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_LOG) .pytest_cache .benchmarks

@@ -10,7 +10,7 @@ copy-in/out (:mod:`engine.torch_io`), the layerwise loader
 from their modules, so ``import engine`` does not need torch.
 """
 
-from engine.envelope import (
+from quiver.engine.envelope import (
     EnvelopeHeader,
     decode_block,
     decode_block_into,
@@ -19,7 +19,7 @@ from engine.envelope import (
     uniform_layer_offsets,
     verify_layer,
 )
-from engine.errors import (
+from quiver.engine.errors import (
     BlockNotFoundError,
     BlockTableError,
     ChecksumMismatchError,
@@ -39,9 +39,9 @@ from engine.errors import (
     StoreIOError,
     StoreLockedError,
 )
-from engine.identity import KV_DTYPES, CacheIdentity
-from engine.keys import chain_keys, parent_of, root_key
-from engine.store import BlockStore
+from quiver.engine.identity import KV_DTYPES, CacheIdentity
+from quiver.engine.keys import chain_keys, parent_of, root_key
+from quiver.engine.store import BlockStore
 
 __all__ = [
     "BlockStore",

@@ -32,7 +32,7 @@ import lz4.block
 import numpy as np
 import zstandard
 
-from engine.errors import CorruptEnvelopeError, LossyCodecError, UnknownCodecError  # noqa: F401 (LossyCodecError re-exported)
+from quiver.engine.errors import CorruptEnvelopeError, LossyCodecError, UnknownCodecError  # noqa: F401 (LossyCodecError re-exported)
 
 CODEC_NONE = 0
 CODEC_LZ4 = 1

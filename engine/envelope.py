@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 
-from engine import codecs, quant
-from engine.errors import (
+from quiver.engine import codecs, quant
+from quiver.engine.errors import (
     BadMagicError,
     ChecksumMismatchError,
     CorruptEnvelopeError,

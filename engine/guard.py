@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import envelope as _envelope
-from engine.envelope import EnvelopeHeader, decode_header
-from engine.errors import DTypeMismatchError, IdentityMismatchError, ShapeMismatchError
-from engine.identity import CacheIdentity
+from quiver.engine import envelope as _envelope
+from quiver.engine.envelope import EnvelopeHeader, decode_header
+from quiver.engine.errors import DTypeMismatchError, IdentityMismatchError, ShapeMismatchError
+from quiver.engine.identity import CacheIdentity
 
 #: numpy dtypes that carry each kv dtype (bfloat16 travels as a 2-byte integer view).
 CARRIERS: dict[str, tuple[np.dtype, ...]] = {

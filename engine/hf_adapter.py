@@ -1,7 +1,7 @@
 """HuggingFace transformers adapter: prefill a causal LM through a BlockStore.
 
-    from engine import BlockStore
-    from engine.hf_adapter import HFPrefixCache
+    from quiver.engine import BlockStore
+    from quiver.engine.hf_adapter import HFPrefixCache
 
     with BlockStore.open("./quiver-data") as store:
         hf = HFPrefixCache(model, store, model_name="org/llama-7b", model_revision="0e9e39f",
@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 
-from engine.errors import QuiverError
-from engine.identity import CacheIdentity
-from engine.torch_io import KVLayout, gather_dynamic, scatter_dynamic
+from quiver.engine.errors import QuiverError
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.torch_io import KVLayout, gather_dynamic, scatter_dynamic
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import blake3
 
-from engine.errors import InvalidIdentityError
+from quiver.engine.errors import InvalidIdentityError
 
 # KV element types and their sizes in bytes: the one place the allowed set lives.
 KV_DTYPES: Mapping[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}

@@ -23,8 +23,8 @@ from typing import Any, Iterator, Sequence
 import blake3
 import numpy as np
 
-from engine.errors import InvalidIdentityError, InvalidTokensError
-from engine.identity import CacheIdentity
+from quiver.engine.errors import InvalidIdentityError, InvalidTokensError
+from quiver.engine.identity import CacheIdentity
 
 ROOT_DOMAIN = b"quiver/v1/root"
 TENANT_KEY_CONTEXT = "quiver/v1/tenant-chain-key"

@@ -31,10 +31,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from engine.envelope import EnvelopeHeader, decode_header, encode_block, header_size, uniform_layer_offsets, verify_layer
-from engine.errors import BlockNotFoundError, CorruptEnvelopeError, ShapeMismatchError
-from engine.guard import Expected, check_header, expected_for
-from engine.identity import CacheIdentity
+from quiver.engine.envelope import EnvelopeHeader, decode_header, encode_block, header_size, uniform_layer_offsets, verify_layer
+from quiver.engine.errors import BlockNotFoundError, CorruptEnvelopeError, ShapeMismatchError
+from quiver.engine.guard import Expected, check_header, expected_for
+from quiver.engine.identity import CacheIdentity
 
 #: Upper bounds (TIGER_STYLE: every queue bounded).
 MAX_DEPTH = 64

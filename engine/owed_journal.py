@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import posixpath
 
-from walpub.io import FileSystem, OsFileSystem
+from quiver.walpub.io import FileSystem, OsFileSystem
 
 KEY_BYTES = 48  # a store key: identity namespace (16) + chain key (32)
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.codecs import CODEC_INT8, LossyCodecError
-from engine.errors import CorruptEnvelopeError, DTypeMismatchError, InvalidPayloadError, ShapeMismatchError
+from quiver.engine.codecs import CODEC_INT8, LossyCodecError
+from quiver.engine.errors import CorruptEnvelopeError, DTypeMismatchError, InvalidPayloadError, ShapeMismatchError
 
 #: The ``CacheIdentity.kv_quant`` value of blocks stored with this codec.
 KV_QUANT_INT8 = "int8-channel"

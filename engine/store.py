@@ -52,17 +52,17 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
-import index_backends
-from engine import codecs, quant
-from engine import envelope as _envelope
-from engine.envelope import (
+from quiver import index_backends
+from quiver.engine import codecs, quant
+from quiver.engine import envelope as _envelope
+from quiver.engine.envelope import (
     decode_block_into,
     decode_header,
     envelope_size,
     prepare_envelope,
     uniform_layer_offsets,
 )
-from engine.errors import (
+from quiver.engine.errors import (
     BlockNotFoundError,
     ChecksumMismatchError,
     DTypeMismatchError,
@@ -82,10 +82,10 @@ from engine.errors import (
     StoreIOError,
     StoreLockedError,
 )
-from engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
-from engine.identity import CacheIdentity
-from engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
-from engine.owed_journal import OwedJournal
+from quiver.engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
+from quiver.engine.owed_journal import OwedJournal
 
 TIERS = ("l0", "l1", "l2")
 L2_MODES = ("sync", "background")
@@ -104,9 +104,9 @@ assert _envelope._FIXED.format.startswith("<4sHB"), "envelope header layout chan
 # --------------------------------------------------------------------------- errors
 def _translate(exc: BaseException, what: str) -> QuiverError:
     """The engine error for a tier / walpub / index error (the caller chains ``exc``)."""
-    import index_backends.errors as ie
-    import tier.errors as te
-    import walpub.errors as we
+    import quiver.index_backends.errors as ie
+    import quiver.tier.errors as te
+    import quiver.walpub.errors as we
 
     msg = f"{what}: {exc}"
     name = type(exc).__name__
@@ -129,9 +129,9 @@ def _translate(exc: BaseException, what: str) -> QuiverError:
 
 
 def _lower_errors() -> tuple[type[BaseException], ...]:
-    import index_backends.errors as ie
-    import tier.errors as te
-    import walpub.errors as we
+    import quiver.index_backends.errors as ie
+    import quiver.tier.errors as te
+    import quiver.walpub.errors as we
 
     return (te.TierError, we.WalpubError, ie.IndexBackendError)
 
@@ -337,7 +337,7 @@ def _s3_option_names() -> set[str]:
     """The keyword arguments tier.s3.S3ObjectStore accepts (read from its signature)."""
     import inspect
 
-    from tier.s3 import S3ObjectStore
+    from quiver.tier.s3 import S3ObjectStore
 
     params = inspect.signature(S3ObjectStore.__init__).parameters.values()
     return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {
@@ -422,7 +422,7 @@ def _check_open_options(o: dict) -> None:
             raise StoreConfigError(f"s3_options[{name!r}] must be {want}, got {value!r}")
     retry = opts.get("retry")
     if retry is not None:
-        from tier.s3 import RetryPolicy
+        from quiver.tier.s3 import RetryPolicy
 
         if not isinstance(retry, RetryPolicy):
             raise StoreConfigError(f"s3_options['retry'] must be a tier.s3.RetryPolicy or None, got {retry!r}")
@@ -503,7 +503,7 @@ class BlockStore:
         path = _check_path(path)
         _check_open_options(opts)
         if disk_bytes is None:  # the default budget (tier.disk.auto_budget, docs/STORE.md)
-            from tier.disk import AUTO
+            from quiver.tier.disk import AUTO
 
             disk_bytes = AUTO
         elif not isinstance(disk_bytes, str):
@@ -574,7 +574,7 @@ class BlockStore:
             try:
                 self._release_everything()  # always unlocks, whatever else fails
             except QuiverError as exc:  # the open's own error is the one to raise
-                logging.getLogger("engine.store").warning("cleaning up a failed open of %s: %s", self.path, exc)
+                logging.getLogger("quiver.engine.store").warning("cleaning up a failed open of %s: %s", self.path, exc)
             raise
 
     # ------------------------------------------------------------------ opening
@@ -596,14 +596,14 @@ class BlockStore:
         self._lock_fd = fd
 
     def _open_tiers(self, index: str, object_store, disk_bytes, s3_options: dict, bootstrap: bool) -> None:
-        from tier.disk import DiskTier
-        from tier.policy import make_policy
+        from quiver.tier.disk import DiskTier
+        from quiver.tier.policy import make_policy
         with _translated("ram_policy"):
             make_policy(self._ram_policy, 1)  # an unknown name fails at open, not at the first put
         with _translated(f"opening disk tier {self.path}/l1"):
             self._disk = DiskTier(os.path.join(self.path, "l1"), disk_bytes, index=index, adopt=self._adoptable)
         if object_store is not None:
-            from tier.objectstore import open_object_store
+            from quiver.tier.objectstore import open_object_store
 
             with _translated("opening object store"):  # no request yet: a config error fails here
                 self._l2 = open_object_store(object_store, check=False, **s3_options)
@@ -635,7 +635,7 @@ class BlockStore:
         return len(skey) == 48 and h.key == skey[16:] and (self.naive or h.fingerprint[:16] == skey[:16])
 
     def _make_ram(self, slot_bytes: int) -> None:
-        from tier.ram import RamTier
+        from quiver.tier.ram import RamTier
 
         if slot_bytes > self._ram_bytes:
             raise StoreConfigError(f"ram_bytes {self._ram_bytes} cannot hold one slot of {slot_bytes} bytes")
@@ -703,7 +703,7 @@ class BlockStore:
         call is refused without a request (microseconds), and counted as an error."""
         if self._l2 is None:
             return False
-        from tier.objectstore import deadline
+        from quiver.tier.objectstore import deadline
 
         with self._lock:
             self._n["l2_heads"] += 1
@@ -818,7 +818,7 @@ class BlockStore:
     def _l0_reserve(self, skey: bytes, nbytes: int):
         """A writable L0 slot to build ``skey``'s envelope in, or None (no L0, too
         big, already in L0, or every slot held by in-flight puts)."""
-        from tier.errors import TierFullError, TierReservationError
+        from quiver.tier.errors import TierFullError, TierReservationError
 
         with self._lock:
             if self._ram is None or self._ram.contains(skey):  # L0 keeps its copy: same key, same bytes
@@ -847,7 +847,7 @@ class BlockStore:
 
     def _ram_put(self, skey: bytes, env: bytes, ident: CacheIdentity) -> None:
         """Copy a finished envelope (a promotion from L1/L2) into L0."""
-        from tier.errors import TierFullError, TierReservationError
+        from quiver.tier.errors import TierFullError, TierReservationError
 
         if self._ram_bytes == 0:
             return
@@ -888,7 +888,7 @@ class BlockStore:
         config or request error still fails the open (L2 answered: it is
         misconfigured, not down); "not answering" never does: the breaker is
         tripped (one WARNING), the store runs on L0/L1 and the prober retries."""
-        from tier.objectstore import deadline
+        from quiver.tier.objectstore import deadline
 
         try:
             with _translated("L2 probe"), deadline(l2.breaker.policy.probe_timeout_s):
@@ -904,7 +904,7 @@ class BlockStore:
                     self.bootstrap_s = time.perf_counter() - t0
                 self._l2_attached = True
                 if not at_open:
-                    logging.getLogger("engine.store").info("%r: L2 attached (%d keys from its manifests)",
+                    logging.getLogger("quiver.engine.store").info("%r: L2 attached (%d keys from its manifests)",
                                                            self, self._n["bootstrap_keys"])
             return True
         except ObjectStoreUnreachableError as exc:
@@ -923,7 +923,7 @@ class BlockStore:
             self._n["l2_attach_failures"] += 1
         l2.breaker.trip(f"{type(reason).__name__}: {reason}")  # the one WARNING of this outage
         if at_open:
-            logging.getLogger("engine.store").info(
+            logging.getLogger("quiver.engine.store").info(
                 "%s opened on its local tiers: L2 is not answering; puts journal what L2 is owed, "
                 "L2 is attached when a probe succeeds", self.path)
             self._l2_wake_prober()
@@ -1103,7 +1103,7 @@ class BlockStore:
         except Exception as exc:  # noqa: BLE001 - the worker must outlive one bad step
             if self._closed:
                 return False
-            logging.getLogger("engine.store").warning("L2 worker step failed: %r", exc)
+            logging.getLogger("quiver.engine.store").warning("L2 worker step failed: %r", exc)
         return not self._closed
 
     def _retry_pending(self, limit: int | None = None) -> int:
@@ -1157,7 +1157,7 @@ class BlockStore:
     def _flush_l2(self, timeout_s: float | None) -> int:
         if self._l2 is None:
             return 0
-        from tier.objectstore import deadline as l2_deadline
+        from quiver.tier.objectstore import deadline as l2_deadline
 
         # One budget for all of it: the queue wait, every retried publish and the
         # manifest (each L2 try's timeouts are sized to what is left).
@@ -1235,7 +1235,7 @@ class BlockStore:
         except QuiverError as exc:
             with self._lock:
                 self._n["l1_promote_failures"] += 1
-            logging.getLogger("engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
+            logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list) -> None:
         """One block from the fastest tier holding it, verified; promotes it
@@ -1365,7 +1365,7 @@ class BlockStore:
                 try:
                     self._rewrite_journal()
                 except OSError as exc:  # the appended file (or its rewrite) stands: a superset, correct
-                    logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
+                    logging.getLogger("quiver.engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
 
     def _rewrite_journal(self) -> None:
         """Rewrite PENDING_L2 with exactly the owed keys (removed if none); _journal_lock held."""
@@ -1381,7 +1381,7 @@ class BlockStore:
             try:
                 self._rewrite_journal()
             except OSError as exc:  # the appended file stays: a superset, still correct
-                logging.getLogger("engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
+                logging.getLogger("quiver.engine.store").warning("could not rewrite %s: %s", PENDING_L2, exc)
             finally:
                 self._journal.close()
 

@@ -61,8 +61,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
-from engine.identity import CacheIdentity
+from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
+from quiver.engine.identity import CacheIdentity
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 #: Blocks per CUDA staging chunk: bounds pinned and device scratch memory.

@@ -5,7 +5,7 @@
 
     llm = LLM(model=..., kv_transfer_config=KVTransferConfig(
         kv_connector="QuiverConnector", kv_role="kv_both",
-        kv_connector_module_path="engine.vllm_connector",
+        kv_connector_module_path="quiver.engine.vllm_connector",
         kv_load_failure_policy="recompute",
         kv_connector_extra_config={"store_path": "/var/lib/quiver", "model_revision": "0e9e39f"}))
 
@@ -67,9 +67,9 @@ from typing import Any
 import blake3
 import torch
 
-from engine.errors import QuiverError
-from engine.identity import CacheIdentity
-from engine.torch_io import (
+from quiver.engine.errors import QuiverError
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.torch_io import (
     TORCH_DTYPES,
     KVLayout,
     detect_paged_layout,
@@ -588,7 +588,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
         from vllm.model_executor.models.utils import extract_layer_index
 
-        from engine.store import BlockStore
+        from quiver.engine.store import BlockStore
 
         names = sorted(kv_caches, key=extract_layer_index)
         self._kv = [kv_caches[n] for n in names]

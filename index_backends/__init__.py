@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from index_backends.errors import (
+from quiver.index_backends.errors import (
     IndexBackendError,
     IndexClosedError,
     IndexCorruptError,
@@ -19,16 +19,16 @@ from index_backends.errors import (
     InvalidKeyError,
     UnknownBackendError,
 )
-from index_backends.protocol import IndexStats, ResidencyIndex
+from quiver.index_backends.protocol import IndexStats, ResidencyIndex
 
 # name -> "module:Class"; imported lazily so a missing optional dependency of one
 # backend does not break the others.
 _BACKENDS: dict[str, str] = {
-    "flat": "index_backends.flat:FlatIndex",
-    "sorted": "index_backends.sorted_map:SortedIndex",
-    "lmdb": "index_backends.btree:LmdbIndex",
-    "lsm": "index_backends.lsm:RocksIndex",
-    "art": "index_backends.art:ArtIndex",
+    "flat": "quiver.index_backends.flat:FlatIndex",
+    "sorted": "quiver.index_backends.sorted_map:SortedIndex",
+    "lmdb": "quiver.index_backends.btree:LmdbIndex",
+    "lsm": "quiver.index_backends.lsm:RocksIndex",
+    "art": "quiver.index_backends.art:ArtIndex",
 }
 
 

@@ -12,7 +12,7 @@ import fcntl
 import os
 from typing import Callable, Iterator, Sequence
 
-from index_backends.errors import IndexClosedError, IndexLockedError, InvalidKeyError
+from quiver.index_backends.errors import IndexClosedError, IndexLockedError, InvalidKeyError
 
 # Largest unsigned 64-bit value: applied_seq is a WAL sequence number stored as u64.
 MAX_SEQ = (1 << 64) - 1

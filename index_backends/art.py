@@ -39,8 +39,8 @@ from typing import Iterator, Sequence
 import crc32c
 import numpy as np
 
-from index_backends import _art_kernels as kern
-from index_backends._common import (
+from quiver.index_backends import _art_kernels as kern
+from quiver.index_backends._common import (
     check_key,
     check_keys,
     check_pairs,
@@ -48,14 +48,14 @@ from index_backends._common import (
     check_seq,
     check_value,
 )
-from index_backends.errors import (
+from quiver.index_backends.errors import (
     IndexBackendError,
     IndexClosedError,
     IndexCorruptError,
     IndexLockedError,
     InvalidKeyError,
 )
-from index_backends.protocol import IndexStats
+from quiver.index_backends.protocol import IndexStats
 
 SNAP_NAME = "art.snap"
 LOG_NAME = "art.log"

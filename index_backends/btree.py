@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 
 import lmdb
 
-from index_backends._common import (
+from quiver.index_backends._common import (
     DirLock,
     check_key,
     check_keys,
@@ -62,8 +62,8 @@ from index_backends._common import (
     dir_size,
     require_dir,
 )
-from index_backends.errors import IndexBackendError, IndexClosedError, IndexCorruptError, InvalidKeyError
-from index_backends.protocol import IndexStats
+from quiver.index_backends.errors import IndexBackendError, IndexClosedError, IndexCorruptError, InvalidKeyError
+from quiver.index_backends.protocol import IndexStats
 
 _SEQ_KEY = b"applied_seq"
 _U64 = struct.Struct("<Q")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Iterator, Sequence
 
-from index_backends._common import (
+from quiver.index_backends._common import (
     check_batch,
     check_key,
     check_keys,
@@ -21,8 +21,8 @@ from index_backends._common import (
     check_seq,
     check_value,
 )
-from index_backends.errors import IndexClosedError
-from index_backends.protocol import IndexStats
+from quiver.index_backends.errors import IndexClosedError
+from quiver.index_backends.protocol import IndexStats
 
 
 class FlatIndex:

@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 
 import rocksdict as rd
 
-from index_backends._common import (
+from quiver.index_backends._common import (
     DirLock,
     check_key,
     check_keys,
@@ -61,8 +61,8 @@ from index_backends._common import (
     prefix_successor,
     require_dir,
 )
-from index_backends.errors import IndexBackendError, IndexClosedError, IndexCorruptError, IndexLockedError
-from index_backends.protocol import IndexStats
+from quiver.index_backends.errors import IndexBackendError, IndexClosedError, IndexCorruptError, IndexLockedError
+from quiver.index_backends.protocol import IndexStats
 
 _U64 = struct.Struct("<Q")
 _SEQ_KEY = b"applied_seq"

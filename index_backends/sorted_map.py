@@ -14,9 +14,9 @@ from typing import Iterator
 
 from sortedcontainers import SortedDict
 
-from index_backends._common import chunked_scan, check_prefix, prefix_successor
-from index_backends.flat import FlatIndex
-from index_backends.protocol import IndexStats
+from quiver.index_backends._common import chunked_scan, check_prefix, prefix_successor
+from quiver.index_backends.flat import FlatIndex
+from quiver.index_backends.protocol import IndexStats
 
 
 class SortedIndex(FlatIndex):

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from index_backends.art import ArtIndex
-from studies.config import pick
-from studies.conftest import make_bench_dir
-from studies.workloads import index_dataset
+from quiver.index_backends.art import ArtIndex
+from .config import pick
+from .conftest import make_bench_dir
+from .workloads import index_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 REOPEN_SIZES = pick(smoke=[2_000], quick=[10_000, 100_000], full=[10_000, 100_000, 1_000_000])
@@ -38,10 +38,10 @@ COMPILE_OPS = pick(smoke="minimal", quick="all", full="all")
 CHILD = r"""
 import json, sys, tempfile, time
 t0 = time.perf_counter()
-from index_backends.art import ArtIndex
+from quiver.index_backends.art import ArtIndex
 t1 = time.perf_counter()
 if sys.argv[1] == "minimal":  # smoke: one small kernel, so the cold run takes seconds
-    from index_backends import _art_kernels as k
+    from quiver.index_backends import _art_kernels as k
     N, K, V = k.new_arrays()
     k.get(N, K, b"key")
     print(json.dumps({"import_s": t1 - t0, "first_calls_s": time.perf_counter() - t1}))

@@ -21,9 +21,9 @@ import crc32c
 import numpy as np
 import pytest
 
-from engine import codecs
-from engine.envelope import decode_block_into, encode_block
-from studies.config import pick
+from quiver.engine import codecs
+from quiver.engine.envelope import decode_block_into, encode_block
+from .config import pick
 
 SHAPE = pick(smoke=(2, 2, 16, 8, 128), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 ROUNDS = pick(smoke=1, quick=30, full=100)

@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.torch_io import (
+from quiver.engine.torch_io import (
     KVLayout,
     gather_dynamic,
     gather_paged,
@@ -54,7 +54,7 @@ from engine.torch_io import (
     scatter_dynamic_tensors,
     scatter_paged,
 )
-from studies.config import pick
+from .config import pick
 
 SHAPE = pick(smoke=(4, 2, 16, 8, 128), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 SIZES = pick(smoke=[4], quick=[16, 64, 512], full=[16, 64, 128, 256, 512])

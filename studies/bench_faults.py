@@ -70,11 +70,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import index_backends
-from engine import BlockStore, CacheIdentity
-from engine.errors import QuiverError
-from studies.config import MODE, SMOKE, pick
-from studies.conftest import REPO_ROOT, make_bench_dir
+from quiver import index_backends
+from quiver.engine import BlockStore, CacheIdentity
+from quiver.engine.errors import QuiverError
+from .config import MODE, SMOKE, pick
+from .conftest import REPO_ROOT, make_bench_dir
 
 BACKENDS = [b for b in ("art", "lmdb", "lsm") if b in index_backends.available()]
 PROMPTS = pick(smoke=2, quick=16, full=32)
@@ -143,7 +143,7 @@ class _Checker:
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "studies.bench_faults", "worker", self.backend],
+            [sys.executable, "-m", "quiver.studies.bench_faults", "worker", self.backend],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=_REPO, env=dict(os.environ))
 
     def check(self, path: str) -> dict:
@@ -638,8 +638,8 @@ def _hung_prompt(i: int) -> list[int]:
 
 
 def _hung_case(root: str, breaker: str, onset: str, upstream) -> dict:
-    from tier.objectstore import BreakerPolicy
-    from tier.s3 import RetryPolicy
+    from quiver.tier.objectstore import BreakerPolicy
+    from quiver.tier.s3 import RetryPolicy
 
     retry = RetryPolicy(max_tries=3, total_s=3.0, base_delay_s=0.05, connect_timeout_s=0.5, read_timeout_s=1.0)
     policy = BreakerPolicy() if breaker == "default" else BreakerPolicy(failures=10**9)

@@ -40,14 +40,14 @@ import time
 import numpy as np
 import pytest
 
-from engine.envelope import decode_header
-from engine.errors import IdentityMismatchError
-from engine.guard import check_header, expected_for, guard_envelope
-from engine.identity import CacheIdentity
-from engine.keys import chain_keys, root_key
-from engine.store import BlockStore, envelope_bound
-from studies.config import pick
-from studies.workloads import latency_summary
+from quiver.engine.envelope import decode_header
+from quiver.engine.errors import IdentityMismatchError
+from quiver.engine.guard import check_header, expected_for, guard_envelope
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import chain_keys, root_key
+from quiver.engine.store import BlockStore, envelope_bound
+from .config import pick
+from .workloads import latency_summary
 
 MiB = 1 << 20
 

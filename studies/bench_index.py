@@ -34,10 +34,10 @@ import time
 
 import pytest
 
-import index_backends
-from studies.config import pick
-from studies.conftest import make_bench_dir
-from studies.workloads import (
+from quiver import index_backends
+from .config import pick
+from .conftest import make_bench_dir
+from .workloads import (
     KEY_BYTES,
     NAMESPACE_BYTES,
     VALUE_BYTES,

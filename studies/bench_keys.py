@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from engine.identity import CacheIdentity
-from engine.keys import chain_keys
-from studies.config import pick
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import chain_keys
+from .config import pick
 
 BLOCK_TOKENS = 16
 PROMPT_TOKENS = pick(smoke=[256], quick=[8192, 131072], full=[8192, 131072])

@@ -32,9 +32,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.envelope import decode_block, decode_block_into, encode_block
-from engine.torch_io import KVLayout, gather_dynamic, host_blocks, scatter_dynamic
-from studies.config import pick
+from quiver.engine.envelope import decode_block, decode_block_into, encode_block
+from quiver.engine.torch_io import KVLayout, gather_dynamic, host_blocks, scatter_dynamic
+from .config import pick
 
 MODEL = pick(
     smoke=dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=128, prefix=32, cont=16, greedy=8),

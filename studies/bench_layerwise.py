@@ -36,11 +36,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.identity import CacheIdentity
-from engine.keys import chain_keys, root_key
-from engine.layerwise import LayerwiseLoader, encode_layerwise, expected_chain
-from studies.config import pick
-from tier.objectstore import LocalDirObjectStore
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import chain_keys, root_key
+from quiver.engine.layerwise import LayerwiseLoader, encode_layerwise, expected_chain
+from .config import pick
+from quiver.tier.objectstore import LocalDirObjectStore
 
 SHAPE = pick(smoke=(4, 2, 16, 2, 64), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 BLOCKS = pick(smoke=2, quick=8, full=16)
@@ -59,7 +59,7 @@ IDENT = CacheIdentity(model="bench", model_revision="r", tokenizer="t", tokenize
 
 @pytest.fixture(scope="module")
 def stored():
-    from studies.conftest import make_bench_dir
+    from .conftest import make_bench_dir
 
     root = make_bench_dir("layerwise")
     store = LocalDirObjectStore(root / "l2")

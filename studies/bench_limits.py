@@ -17,8 +17,8 @@ import crc32c
 import numpy as np
 import pytest
 
-from studies.config import pick
-from studies.workloads import latency_summary
+from .config import pick
+from .workloads import latency_summary
 
 MiB = 1 << 20
 COPY_BYTES = pick(smoke=16 * MiB, quick=256 * MiB, full=256 * MiB)

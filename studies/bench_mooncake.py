@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-import index_backends
-from studies.config import pick
-from studies.conftest import make_bench_dir
-from studies.workloads import VALUE_BYTES, latency_summary, load_mooncake, mooncake_chains, warm_up_backend
+from quiver import index_backends
+from .config import pick
+from .conftest import make_bench_dir
+from .workloads import VALUE_BYTES, latency_summary, load_mooncake, mooncake_chains, warm_up_backend
 
 BACKENDS = index_backends.available()
 # Smoke mode replays the first requests only; quick and full replay the whole trace.

@@ -36,9 +36,9 @@ import blake3
 import numpy as np
 import pytest
 
-from studies.config import SMOKE, pick
-from studies.conftest import REPO_ROOT, make_bench_dir
-from studies.workloads import latency_summary
+from .config import SMOKE, pick
+from .conftest import REPO_ROOT, make_bench_dir
+from .workloads import latency_summary
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from s3servers import MotoServer, RgwServer, RgwUnavailable  # noqa: E402
@@ -96,13 +96,13 @@ class _Backends:
         return f"s3://{BUCKET}/{prefix}", env
 
     def open(self, name: str, prefix: str):
-        from tier.objectstore import open_object_store
+        from quiver.tier.objectstore import open_object_store
 
         spec, env = self.spec_and_env(name, prefix)
         if name == "local":
             return open_object_store(spec)
         srv = self.server(name)
-        from tier.s3 import S3ObjectStore
+        from quiver.tier.s3 import S3ObjectStore
 
         # Credentials through the standard chain, as an engine would: set for this call only.
         saved = {k: os.environ.get(k) for k in env if k.startswith("AWS_")}
@@ -197,8 +197,8 @@ _CHILD = r"""
 import json, os, sys, tempfile, time
 t_start = time.perf_counter()
 sys.path.insert(0, sys.argv[3])
-from tier.objectstore import open_object_store
-from engine.store import BlockStore
+from quiver.tier.objectstore import open_object_store
+from quiver.engine.store import BlockStore
 t_imported = time.perf_counter()
 spec, n = sys.argv[1], int(sys.argv[2])
 store = open_object_store(spec)

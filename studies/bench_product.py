@@ -2,7 +2,7 @@
 
 Only the public API is used (``engine.BlockStore``, ``engine.CacheIdentity``,
 ``engine.keys.chain_keys`` for the hashing baseline).  Every figure is taken in
-a fresh Python process (``python -m studies.bench_product child ...``), one per
+a fresh Python process (``python -m quiver.studies.bench_product child ...``), one per
 measurement, so a timing or an RSS figure carries nothing of an earlier one.
 
 Stores.  A block is ``[1 layer, 2, 16 tokens, 1 head, head_dim 8]`` float16 (a
@@ -59,9 +59,9 @@ instead of figures: each size's cost is predicted from the smaller sizes
 measured before it (linear in N, the pessimistic case) and skipped when it
 would not fit.
 
-Run just this study:  ``python -m studies.cli run -- studies/bench_product.py``
+Run just this study:  ``python -m quiver.studies.cli run -- studies/bench_product.py``
 (``QUIVER_SMOKE=1`` for tiny sizes, ``--full`` for full ones), then
-``python -m studies.cli report``.
+``python -m quiver.studies.cli report``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB, GB = 1 << 10, 1 << 20, 10**9
 
 # ----------------------------------------------------------------------------- the child process
-# Kept above the pytest imports' users: ``python -m studies.bench_product child ARGS`` runs one
+# Kept above the pytest imports' users: ``python -m quiver.studies.bench_product child ARGS`` runs one
 # measurement and prints one JSON line.
 
 
@@ -152,7 +152,7 @@ def _spec_payload(spec: dict) -> int:
 
 
 def _identity(spec: dict):
-    from engine import CacheIdentity
+    from quiver.engine import CacheIdentity
 
     return CacheIdentity(model="quiver/bench-product", model_revision="1", tokenizer="bench", tokenizer_revision="1",
                          adapter=None, tenant="bench", kv_dtype="float16", block_tokens=16,
@@ -181,7 +181,7 @@ def _filler_tokens(p: int, batch: int):
 
 def _warm_code(root: str, backend: str, ident) -> float:
     """Open, fill, read and close a tiny store with ``backend``: loads its code (and Numba's cache)."""
-    from engine import BlockStore
+    from quiver.engine import BlockStore
 
     tiny = root + ".tiny"
     shutil.rmtree(tiny, ignore_errors=True)
@@ -199,7 +199,7 @@ def _warm_code(root: str, backend: str, ident) -> float:
 def child_build(a: dict) -> dict:
     os.fsync = lambda fd: None       # building is not what is measured: see the module docstring
     os.fdatasync = lambda fd: None
-    from engine import BlockStore
+    from quiver.engine import BlockStore
 
     ident = _identity(a["ident"])
     n, batch, lookup_blocks = a["n"], a["batch"], a["lookup_blocks"]
@@ -259,8 +259,8 @@ def child_build(a: dict) -> dict:
 
 
 def child_open(a: dict) -> dict:
-    from engine import BlockStore
-    from engine.keys import chain_keys
+    from quiver.engine import BlockStore
+    from quiver.engine.keys import chain_keys
 
     ident = _identity(a["ident"])
     code_s = _warm_code(a["path"], a["backend"], ident)
@@ -325,9 +325,9 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
 # ----------------------------------------------------------------------------- the study (pytest)
 import pytest  # noqa: E402
 
-import index_backends  # noqa: E402
-from studies.config import MODE, pick  # noqa: E402
-from studies.conftest import make_bench_dir  # noqa: E402
+from quiver import index_backends  # noqa: E402
+from .config import MODE, pick  # noqa: E402
+from .conftest import make_bench_dir  # noqa: E402
 
 BACKENDS = pick(smoke=[b for b in index_backends.available() if b in ("flat", "lmdb")],
                 quick=index_backends.available(), full=index_backends.available())
@@ -374,7 +374,7 @@ def _left(reserve: float = 0.0) -> float:
 
 
 def _run_child(cmd: str, args: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "studies.bench_product", "child", cmd, json.dumps(args)],
+    proc = subprocess.run([sys.executable, "-m", "quiver.studies.bench_product", "child", cmd, json.dumps(args)],
                           cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("QUIVER-RESULT "):
@@ -579,7 +579,7 @@ def test_product_blocks(benchmark, scratch, case):
         lookup_tokens=last["lookup_tokens"], hash_ms=last["hash_ms"], hit_ms=last["hit_ms"], miss_ms=last["miss_ms"],
         hash_min_ms=last["hash_min_ms"], hit_min_ms=last["hit_min_ms"], miss_min_ms=last["miss_min_ms"],
         hit_over_hash=last["hit_ms"] / last["hash_ms"], lookup_reps=last["lookup_reps"], miss_reps=last["miss_reps"],
-        token_input="numpy uint32 array", hashing="engine.keys.chain_keys of the same tokens",
+        token_input="numpy uint32 array", hashing="quiver.engine.keys.chain_keys of the same tokens",
         study_elapsed_s=_now(),
     )
     return None

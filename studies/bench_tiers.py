@@ -37,14 +37,14 @@ import time
 import numpy as np
 import pytest
 
-from studies.config import pick
-from studies.conftest import make_bench_dir
-from studies.workloads import latency_summary, load_mooncake, mooncake_chains
-from tier.disk import DiskTier
-from tier.objectstore import LocalDirObjectStore, object_name
-from tier.ram import RamTier
-from tier.residency import ResidencySets
-from walpub.volume import object_relpath
+from .config import pick
+from .conftest import make_bench_dir
+from .workloads import latency_summary, load_mooncake, mooncake_chains
+from quiver.tier.disk import DiskTier
+from quiver.tier.objectstore import LocalDirObjectStore, object_name
+from quiver.tier.ram import RamTier
+from quiver.tier.residency import ResidencySets
+from quiver.walpub.volume import object_relpath
 
 KiB, MiB = 1 << 10, 1 << 20
 # Requests replayed (file order); None = the whole trace (3,993 requests, 43,924 blocks).

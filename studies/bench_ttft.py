@@ -52,11 +52,11 @@ import time
 import pytest
 import torch
 
-from engine.hf_adapter import HFPrefixCache
-from engine.store import BlockStore, envelope_bound
-from engine.torch_io import KVLayout, gather_dynamic
-from studies.conftest import make_bench_dir
-from studies.config import pick
+from quiver.engine.hf_adapter import HFPrefixCache
+from quiver.engine.store import BlockStore, envelope_bound
+from quiver.engine.torch_io import KVLayout, gather_dynamic
+from .conftest import make_bench_dir
+from .config import pick
 
 MODEL = pick(
     smoke=dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, mlp=128, vocab=512),

@@ -95,7 +95,7 @@ def child(spec_path: str) -> int:
     kw = {}
     if spec.get("connector"):
         kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="QuiverConnector", kv_role="kv_both", kv_connector_module_path="engine.vllm_connector",
+            kv_connector="QuiverConnector", kv_role="kv_both", kv_connector_module_path="quiver.engine.vllm_connector",
             kv_load_failure_policy="recompute", kv_connector_extra_config=spec["connector"])
     llm = LLM(model=spec["model_dir"], dtype="bfloat16", enforce_eager=True, block_size=BS,
               max_model_len=spec["max_len"], enable_prefix_caching=spec["prefix_cache"],
@@ -127,9 +127,9 @@ if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "child":
 # ------------------------------------------------------------------------------ study (project venv)
 import pytest  # noqa: E402
 
-from studies.conftest import make_bench_dir  # noqa: E402
-from studies import config as study_config  # noqa: E402
-from studies.config import pick  # noqa: E402
+from .conftest import make_bench_dir  # noqa: E402
+from quiver.studies import config as study_config  # noqa: E402
+from .config import pick  # noqa: E402
 
 MODEL = pick(
     smoke=dict(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, vocab=512),

@@ -50,10 +50,10 @@ import time
 
 import pytest
 
-from studies import walpub_campaign as wc
-from studies.config import MODE, pick
-from studies.conftest import make_bench_dir
-from walpub import Volume
+from quiver.studies import walpub_campaign as wc
+from .config import MODE, pick
+from .conftest import make_bench_dir
+from quiver.walpub import Volume
 
 KiB, MiB = 1 << 10, 1 << 20
 BACKENDS = wc.walpub_backends()

@@ -12,7 +12,7 @@
     quiver report [--input bench_results/results.json] [--out bench_results]
         Writes REPORT.md and plots/*.png from the JSON alone.
 
-Also ``python -m studies.cli ...``.
+Also ``python -m quiver.studies.cli ...``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env["QUIVER_FULL"] = "1"
     mode = "smoke" if env.get("QUIVER_SMOKE") == "1" else ("full" if args.full else "quick")
     user_cmd = " ".join(
-        ["QUIVER_SMOKE=1"] * (mode == "smoke") + ["python -m studies.cli run"] + ["--full"] * args.full
+        ["QUIVER_SMOKE=1"] * (mode == "smoke") + ["python -m quiver.studies.cli run"] + ["--full"] * args.full
         + (["--json", shlex.quote(str(args.json))] if args.json != str(DEFAULT_JSON) else [])
         + (["--"] + [shlex.quote(a) for a in extra] if extra else [])
     )
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from studies.report import write_report
+    from .report import write_report
 
     path = write_report(Path(args.input), Path(args.out))
     print(f"quiver report: wrote {path}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from studies import config as study_config
+from quiver.studies import config as study_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _FAILED: list[str] = []
@@ -117,8 +117,7 @@ def _versions() -> dict:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import index_backends
-
+    from quiver import index_backends
     machine_info["quiver"] = {
         "mode": study_config.MODE,
         "command": os.environ.get("QUIVER_RUN_COMMAND") or " ".join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]]),

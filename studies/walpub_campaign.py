@@ -41,11 +41,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from walpub import CorruptObjectError, ObjectNotFoundError, OsFileSystem, Volume
-from walpub import wal as walmod
-from walpub.crashsim import Expect, check_reads, check_recovered, explore
-from walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, object_relpath
-from walpub.wal import crc32c
+from quiver.walpub import CorruptObjectError, ObjectNotFoundError, OsFileSystem, Volume
+from quiver.walpub import wal as walmod
+from quiver.walpub.crashsim import Expect, check_reads, check_recovered, explore
+from quiver.walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, object_relpath
+from quiver.walpub.wal import crc32c
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WALPUB_BACKENDS = ("flat", "sorted", "lmdb", "lsm", "art")
@@ -55,8 +55,7 @@ RECOVER_POINTS = [p for p in CRASH_POINTS if p.startswith("recover.")]
 
 def walpub_backends() -> list[str]:
     """The index backends walpub can use that import on this machine."""
-    import index_backends
-
+    from quiver import index_backends
     return [b for b in WALPUB_BACKENDS if b in index_backends.available()]
 
 
@@ -287,7 +286,7 @@ def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env.pop(CRASHPOINT_ENV, None)
     env.update(env_extra or {})
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "studies.walpub_campaign", *args],
+    return subprocess.Popen([sys.executable, "-m", "quiver.studies.walpub_campaign", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO_ROOT), env=env)
 
 
@@ -743,7 +742,7 @@ def tail_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("child", "tail"):
-        print("usage: python -m studies.walpub_campaign child|tail ...", file=sys.stderr)
+        print("usage: python -m quiver.studies.walpub_campaign child|tail ...", file=sys.stderr)
         return 2
     return child_main(argv[1:]) if argv[0] == "child" else tail_main(argv[1:])
 

@@ -273,8 +273,7 @@ def warm_up_backend(name: str, directory: str | os.PathLike) -> None:
     """
     if name in _WARMED:
         return
-    import index_backends
-
+    from quiver import index_backends
     data = index_dataset(256, probes=4, seed=12345)
     idx = index_backends.open(name, str(directory))
     try:

@@ -83,7 +83,7 @@ def s3_prefix():
 
 @pytest.fixture
 def s3_store(s3_server, s3_profile, s3_prefix):
-    from tier.s3 import RetryPolicy, S3ObjectStore
+    from quiver.tier.s3 import RetryPolicy, S3ObjectStore
 
     store = S3ObjectStore(
         BUCKET, s3_prefix, endpoint_url=s3_server.endpoint, profile=s3_profile,

@@ -54,8 +54,8 @@ def make_prompt(seed: int, n: int, vocab: int = 257) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> int:
-    from engine.hf_adapter import HFPrefixCache
-    from engine.store import BlockStore
+    from quiver.engine.hf_adapter import HFPrefixCache
+    from quiver.engine.store import BlockStore
 
     arch, path, spec, seed, ntok, out = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5]
     torch.set_num_threads(1)

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from engine.identity import CacheIdentity  # noqa: E402
-from engine.store import BlockStore  # noqa: E402
+from quiver.engine.identity import CacheIdentity  # noqa: E402
+from quiver.engine.store import BlockStore  # noqa: E402
 
 
 def make_ident(tenant: str = "acme", **kw) -> CacheIdentity:

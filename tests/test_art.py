@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from index_backends import _art_kernels as kern
-from index_backends.art import LOG_NAME, SNAP_NAME, ArtCorruptError, ArtIndex, ValueTooLargeError
+from quiver.index_backends import _art_kernels as kern
+from quiver.index_backends.art import LOG_NAME, SNAP_NAME, ArtCorruptError, ArtIndex, ValueTooLargeError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -381,7 +381,7 @@ def test_without_log_flush_snapshots(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys
-    from index_backends.art import ArtIndex
+    from quiver.index_backends.art import ArtIndex
     ix = ArtIndex(sys.argv[1])
     i = 0
     while True:
@@ -441,7 +441,7 @@ FIRST_CALL = textwrap.dedent(
     """
     import json, time
     t0 = time.perf_counter()
-    from index_backends import _art_kernels as k
+    from quiver.index_backends import _art_kernels as k
     t1 = time.perf_counter()
     N, K, V = k.new_arrays()
     k.put(N, K, V, b"key", b"value")

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from index_backends.art import LOG_NAME, SNAP_NAME, SPILL_BYTES, ArtCorruptError, ArtIndex, ValueTooLargeError
-from index_backends.errors import IndexLockedError, InvalidKeyError
-from walpub.crashsim import CrashState, SimFileSystem, crash_states
+from quiver.index_backends.art import LOG_NAME, SNAP_NAME, SPILL_BYTES, ArtCorruptError, ArtIndex, ValueTooLargeError
+from quiver.index_backends.errors import IndexLockedError, InvalidKeyError
+from quiver.walpub.crashsim import CrashState, SimFileSystem, crash_states
 
 DIR = "/vol/index-art"
 
@@ -233,8 +233,8 @@ def test_planted_bug_each_snapshot_fsync_is_load_bearing(label):
 def index_log_label(monkeypatch):
     """walpub itself opens the ART with log=False, so its FSYNC_LABELS may lack
     the label of the ART's own log; add it for the log-mode campaign."""
-    import walpub.io
-
+    import quiver.walpub.io
+    from quiver import walpub
     if "index_log" not in walpub.io.FSYNC_LABELS:
         monkeypatch.setattr(walpub.io, "FSYNC_LABELS", walpub.io.FSYNC_LABELS + ("index_log",))
 

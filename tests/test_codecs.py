@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from engine import codecs
-from engine.errors import CorruptEnvelopeError, UnknownCodecError
+from quiver.engine import codecs
+from quiver.engine.errors import CorruptEnvelopeError, UnknownCodecError
 
 RNG = np.random.default_rng(7)
 

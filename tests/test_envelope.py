@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import codecs
-from engine.envelope import (
+from quiver.engine import codecs
+from quiver.engine.envelope import (
     MAGIC,
     decode_block,
     decode_block_into,
@@ -22,7 +22,7 @@ from engine.envelope import (
     header_size,
     uniform_layer_offsets,
 )
-from engine.errors import (
+from quiver.engine.errors import (
     BadMagicError,
     ChecksumMismatchError,
     CorruptEnvelopeError,
@@ -415,7 +415,7 @@ def test_huge_raw_length_with_valid_crc_fails_before_allocating():
 def _minimal_frames_envelope(codec: str, n_chunks: int) -> bytes:
     """A CRC-valid envelope whose body is ``n_chunks`` minimal frames (a word and one byte),
     each standing for a full MAX_CHUNK_SIZE chunk: sound framing, raw_len = n_chunks * 16 MiB."""
-    from engine.envelope import _FIXED, VERSION
+    from quiver.engine.envelope import _FIXED, VERSION
 
     chunk = codecs.MAX_CHUNK_SIZE
     body = (struct.pack("<I", 1) + b"\0") * n_chunks
@@ -466,7 +466,7 @@ def test_most_compressible_payloads_stay_within_the_expansion_bound(codec):
 
 # --- building in place: encode_block_into, envelope_size -------------------------------
 
-from engine.envelope import encode_block_into, envelope_size, prepare_envelope  # noqa: E402
+from quiver.engine.envelope import encode_block_into, envelope_size, prepare_envelope  # noqa: E402
 
 ALL_CODECS = ["none", "lz4", "zstd", "int8"]
 

@@ -16,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 
-from engine.envelope import decode_header, encode_block, uniform_layer_offsets
-from engine.errors import ChecksumMismatchError, DTypeMismatchError, IdentityMismatchError, ShapeMismatchError
-from engine.guard import check_destination, check_header, expected_for, guard_envelope
-from engine.keys import chain_keys, root_key
-from engine.store import BlockStore
-from tier.objectstore import LocalDirObjectStore
+from quiver.engine.envelope import decode_header, encode_block, uniform_layer_offsets
+from quiver.engine.errors import ChecksumMismatchError, DTypeMismatchError, IdentityMismatchError, ShapeMismatchError
+from quiver.engine.guard import check_destination, check_header, expected_for, guard_envelope
+from quiver.engine.keys import chain_keys, root_key
+from quiver.engine.store import BlockStore
+from quiver.tier.objectstore import LocalDirObjectStore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from store_child import make_case, make_ident  # noqa: E402

@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from conftest import BUCKET
-from engine.errors import ChecksumMismatchError, InvalidIdentityError
-from engine.hf_adapter import HFPrefixCache, UnsupportedModelError, greedy_continue, identity_for
-from engine.store import BlockStore
+from quiver.engine.errors import ChecksumMismatchError, InvalidIdentityError
+from quiver.engine.hf_adapter import HFPrefixCache, UnsupportedModelError, greedy_continue, identity_for
+from quiver.engine.store import BlockStore
 from hf_child import GREEDY_STEPS, NAMES, build_model, make_prompt
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_child.py")

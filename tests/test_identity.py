@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import InvalidIdentityError, QuiverError
-from engine.identity import (
+from quiver.engine.errors import InvalidIdentityError, QuiverError
+from quiver.engine.identity import (
     ENCODING_MAGIC,
     KV_DTYPES,
     MAX_STR_BYTES,
@@ -120,7 +120,7 @@ def test_every_field_changes_the_fingerprint():
         seen.add(v.fingerprint)
     assert len(seen) == len(variants) + 1
     # Every encoded field was varied at least once.
-    from engine.identity import _FIELDS
+    from quiver.engine.identity import _FIELDS
 
     varied = set(ALTERNATIVES) | {"adapter", "adapter_revision", "tp_rank", "pp_rank"}
     assert varied == {name for _t, name, _k in _FIELDS}

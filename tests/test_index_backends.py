@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-import index_backends
-from index_backends import _common
-from index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
+from quiver import index_backends
+from quiver.index_backends import _common
+from quiver.index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSISTENT_NATIVE = [n for n in ("lmdb", "lsm") if n in index_backends.available()]
@@ -175,8 +175,8 @@ _CHILD = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, {repo!r})
-    import index_backends
-    from index_backends.errors import IndexLockedError
+    from quiver import index_backends
+    from quiver.index_backends.errors import IndexLockedError
     name, path, mode = sys.argv[1:4]
     if mode == "lock":
         try:

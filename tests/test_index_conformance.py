@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-import index_backends
-from index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
-from index_backends.protocol import IndexStats, ResidencyIndex
+from quiver import index_backends
+from quiver.index_backends.errors import IndexBackendError, IndexClosedError, IndexLockedError, InvalidKeyError
+from quiver.index_backends.protocol import IndexStats, ResidencyIndex
 
 BACKENDS = index_backends.available()
 MAX_SEQ = (1 << 64) - 1

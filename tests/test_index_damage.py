@@ -28,8 +28,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import index_backends  # noqa: E402
-from index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError  # noqa: E402
+from quiver import index_backends  # noqa: E402
+from quiver.index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError  # noqa: E402
 
 N_RECORDS = 2000
 N_FLIPS = 30
@@ -320,7 +320,7 @@ def test_lsm_damaged_files_are_corrupt(campaigns):
 
 def test_rocksdb_status_classification():
     """The table maps RocksDB's status strings (as observed) to typed errors."""
-    lsm = pytest.importorskip("index_backends.lsm")
+    lsm = pytest.importorskip("quiver.index_backends.lsm")
     cases = {
         "IO error: While lock file: /x/LOCK: Resource temporarily unavailable": IndexLockedError,
         "IO error: lock hold by current process, acquire time 1 acquiring thread 2: /x/LOCK: No locks available":
@@ -343,7 +343,7 @@ def test_rocksdb_own_lock_is_index_locked(tmp_path):
     """RocksDB's LOCK held (our DirLock free): in this process and from another,
     the open fails with IndexLockedError, and the raw strings are the ones the
     table knows."""
-    lsm = pytest.importorskip("index_backends.lsm")
+    lsm = pytest.importorskip("quiver.index_backends.lsm")
     rd = lsm.rd
     path = str(tmp_path / "rocks")
     index_backends.open("lsm", path).close()
@@ -356,8 +356,8 @@ def test_rocksdb_own_lock_is_index_locked(tmp_path):
             rd.Rdict(path, rd.Options(raw_mode=True), column_families={"meta": rd.Options(raw_mode=True)})
         assert str(raw.value).startswith("IO error: lock hold by current process"), raw.value
         code = ("import sys; sys.path.insert(0, %r)\n"
-                "import index_backends\n"
-                "from index_backends.errors import IndexLockedError\n"
+                "from quiver import index_backends\n"
+                "from quiver.index_backends.errors import IndexLockedError\n"
                 "try:\n    index_backends.open('lsm', %r)\n"
                 "except IndexLockedError as e:\n    print('LOCKED', e.__cause__)\n") % (ROOT, path)
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -391,7 +391,7 @@ def test_lmdb_short_free_tail_still_opens(tmp_path):
     damaged: it opens (the free tail is zero-filled) with every record."""
     if "lmdb" not in PERSISTENT:
         pytest.skip("lmdb unavailable")
-    from index_backends.btree import check_data_file  # noqa: F401 - imported for the failure message
+    from quiver.index_backends.btree import check_data_file  # noqa: F401 - imported for the failure message
 
     path = str(tmp_path / "lm")
     rng = random.Random(0)

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import InvalidIdentityError, InvalidTokensError
-from engine.identity import CacheIdentity
-from engine.keys import (
+from quiver.engine.errors import InvalidIdentityError, InvalidTokensError
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import (
     ROOT_DOMAIN,
     TENANT_KEY_CONTEXT,
     chain_hash_key,

@@ -43,15 +43,15 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import BUCKET
-from engine.errors import ObjectStoreUnreachableError
-from engine.keys import chain_keys
-from engine.store import PENDING_L2, BlockStore
+from quiver.engine.errors import ObjectStoreUnreachableError
+from quiver.engine.keys import chain_keys
+from quiver.engine.store import PENDING_L2, BlockStore
 from s3servers import LOOPBACK, FaultProxy
 from store_child import make_case
-from tier.errors import ObjectStoreUnavailableError
-from tier.errors import ObjectStoreUnreachableError as TierUnreachable
-from tier.objectstore import BreakerPolicy, CircuitBreaker, current_deadline, deadline
-from tier.s3 import MIN_TRY_S, RetryPolicy, S3ObjectStore, try_timeouts
+from quiver.tier.errors import ObjectStoreUnavailableError
+from quiver.tier.errors import ObjectStoreUnreachableError as TierUnreachable
+from quiver.tier.objectstore import BreakerPolicy, CircuitBreaker, current_deadline, deadline
+from quiver.tier.s3 import MIN_TRY_S, RetryPolicy, S3ObjectStore, try_timeouts
 
 _REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/1\.1\r\n")
 
@@ -146,7 +146,7 @@ def wait_until(cond, what: str, cap_s: float = 60.0) -> None:
 
 def warnings_of(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.WARNING
-            and r.name.split(".")[0] in ("tier", "engine")]
+            and r.name.split(".")[0] == "quiver"]
 
 
 # --- the breaker, with an injected clock ------------------------------------------------
@@ -164,7 +164,7 @@ def test_breaker_transitions_with_an_injected_clock(caplog):
     caplog.set_level(logging.DEBUG)
     clock = FakeClock()
     b = CircuitBreaker(BreakerPolicy(failures=3, cooldown_s=5.0, max_cooldown_s=12.0),
-                       name="L2", clock=clock, logger=logging.getLogger("tier.test"))
+                       name="L2", clock=clock, logger=logging.getLogger("quiver.tier.test"))
     opened = []
     b.on_open = lambda: opened.append(b.state)
     # closed: consecutive failures count; an answer resets the count
@@ -204,13 +204,13 @@ def test_breaker_transitions_with_an_injected_clock(caplog):
     assert list(b.history) == ["closed", "open", "half-open", "open", "half-open", "open", "half-open", "closed"]
     assert b.counts["outages"] == 1 and b.counts["refused"] == 4
     # one WARNING for the outage; the failed probes are DEBUG, the recovery INFO
-    recs = [r for r in caplog.records if r.name == "tier.test"]
+    recs = [r for r in caplog.records if r.name == "quiver.tier.test"]
     assert [r.levelname for r in recs if r.levelno >= logging.WARNING] == ["WARNING"]
     assert any(r.levelname == "INFO" and "answers again" in r.getMessage() for r in recs)
     # a second outage: a second WARNING; trip() opens at once whatever the count
     b.trip("did not answer at open")
     assert b.state == "open" and b.counts["outages"] == 2
-    assert len([r for r in caplog.records if r.name == "tier.test" and r.levelno >= logging.WARNING]) == 2
+    assert len([r for r in caplog.records if r.name == "quiver.tier.test" and r.levelno >= logging.WARNING]) == 2
 
 
 def test_try_timeouts_fit_the_budget():

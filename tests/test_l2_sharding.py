@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import BUCKET
-from engine.keys import chain_keys
-from engine.store import BlockStore
+from quiver.engine.keys import chain_keys
+from quiver.engine.store import BlockStore
 from s3servers import LOOPBACK, FaultProxy
 from store_child import make_case
-from tier.objectstore import (
+from quiver.tier.objectstore import (
     BLOCKS_DIR,
     LocalDirObjectStore,
     key_from_name,
@@ -36,7 +36,7 @@ from tier.objectstore import (
     object_name,
     object_names,
 )
-from tier.s3 import RetryPolicy, S3ObjectStore
+from quiver.tier.s3 import RetryPolicy, S3ObjectStore
 
 
 def model_keys(n: int, seed: int = 7) -> list[bytes]:

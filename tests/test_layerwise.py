@@ -10,7 +10,7 @@ import crc32c
 import numpy as np
 import pytest
 
-from engine.envelope import (
+from quiver.engine.envelope import (
     FLAG_LAYER_CRC,
     decode_block,
     decode_header,
@@ -19,17 +19,17 @@ from engine.envelope import (
     uniform_layer_offsets,
     verify_layer,
 )
-from engine.errors import (
+from quiver.engine.errors import (
     BlockNotFoundError,
     ChecksumMismatchError,
     CorruptEnvelopeError,
     IdentityMismatchError,
     TruncatedEnvelopeError,
 )
-from engine.identity import CacheIdentity
-from engine.keys import chain_keys, root_key
-from engine.layerwise import LayerwiseLoader, encode_layerwise, expected_chain, load_layers
-from tier.objectstore import LocalDirObjectStore, object_name
+from quiver.engine.identity import CacheIdentity
+from quiver.engine.keys import chain_keys, root_key
+from quiver.engine.layerwise import LayerwiseLoader, encode_layerwise, expected_chain, load_layers
+from quiver.tier.objectstore import LocalDirObjectStore, object_name
 
 IDENT = CacheIdentity(model="m", model_revision="r", tokenizer="t", tokenizer_revision="r", tenant="a",
                       kv_dtype="float16", block_tokens=4, num_layers=5, num_kv_heads=2, head_dim=8)

@@ -20,7 +20,7 @@ import crc32c
 import pytest
 
 from conftest import BUCKET
-from tier.errors import (
+from quiver.tier.errors import (
     InvalidObjectKeyError,
     InvalidRangeError,
     ManifestCorruptError,
@@ -30,7 +30,7 @@ from tier.errors import (
     ObjectStoreConfigError,
     ObjectStoreIOError,
 )
-from tier.objectstore import (
+from quiver.tier.objectstore import (
     LocalDirObjectStore,
     ObjectStore,
     decode_manifest,
@@ -39,7 +39,7 @@ from tier.objectstore import (
     object_name,
     open_object_store,
 )
-from tier.s3 import RetryPolicy, S3ObjectStore
+from quiver.tier.s3 import RetryPolicy, S3ObjectStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -289,7 +289,7 @@ def test_local_publish_fsyncs_file_and_directory(tmp_path, monkeypatch):
 
 _RACE_CHILD = textwrap.dedent("""
     import sys, time
-    from tier.objectstore import open_object_store
+    from quiver.tier.objectstore import open_object_store
     spec, key_hex, start_at = sys.argv[1], sys.argv[2], float(sys.argv[4])
     payload = sys.argv[3].encode() * int(sys.argv[5])
     store = open_object_store(spec)
@@ -527,7 +527,7 @@ def test_two_processes_publish_the_same_block_at_once(s3_server, s3_prefix):
 
 _PUBLISHER = textwrap.dedent("""
     import os, sys, blake3
-    from tier.objectstore import open_object_store
+    from quiver.tier.objectstore import open_object_store
     store = open_object_store(sys.argv[1])
     keys = []
     for i in range(20):
@@ -552,7 +552,7 @@ def test_process_b_reads_what_process_a_published(s3_server, s3_prefix, tmp_path
     published = [bytes.fromhex(h) for h in a.stdout.strip().split(",")]
     reader = textwrap.dedent("""
         import sys, blake3
-        from tier.objectstore import open_object_store
+        from quiver.tier.objectstore import open_object_store
         store = open_object_store(sys.argv[1])
         keys = store.read_manifests()
         for key in sorted(keys):

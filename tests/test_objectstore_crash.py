@@ -30,10 +30,10 @@ from collections import Counter
 
 import pytest
 
-from tier.errors import ObjectCorruptError
-from tier.objectstore import MANIFESTS_DIR, LocalDirObjectStore, object_name
-from walpub.crashsim import SimFileSystem, SimulatedKill, crash_states
-from walpub.io import FSYNC_LABELS
+from quiver.tier.errors import ObjectCorruptError
+from quiver.tier.objectstore import MANIFESTS_DIR, LocalDirObjectStore, object_name
+from quiver.walpub.crashsim import SimFileSystem, SimulatedKill, crash_states
+from quiver.walpub.io import FSYNC_LABELS
 
 ROOT = "/l2"
 LABELS = ("l2_layout", "l2_object", "l2_parent", "l2_dir", "l2_manifest", "l2_manifest_dir", "l2_delete")
@@ -284,7 +284,7 @@ def test_link_in_both_file_systems(tmp_path):
     """FileSystem.link: a second name for the same file, never replacing; in the
     simulator the new entry is pending in its directory until that directory is
     fsynced, and points at the inode's durable data."""
-    from walpub.io import OsFileSystem
+    from quiver.walpub.io import OsFileSystem
 
     osfs = OsFileSystem()
     fd = osfs.create(str(tmp_path / "a"))

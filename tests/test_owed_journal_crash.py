@@ -22,9 +22,9 @@ from collections import Counter
 
 import pytest
 
-from engine.owed_journal import OwedJournal
-from walpub.crashsim import CrashState, SimFileSystem, SimulatedKill, crash_states
-from walpub.io import FSYNC_LABELS
+from quiver.engine.owed_journal import OwedJournal
+from quiver.walpub.crashsim import CrashState, SimFileSystem, SimulatedKill, crash_states
+from quiver.walpub.io import FSYNC_LABELS
 
 DIR = "/s"
 PATH = f"{DIR}/PENDING_L2"
@@ -262,7 +262,7 @@ def test_real_and_simulated_file_systems_write_the_same_journal(tmp_path):
 def test_the_store_journal_goes_through_the_io_layer(tmp_path):
     """BlockStore's PENDING_L2 is an OwedJournal on the real FileSystem: its
     appends are counted under the journal labels."""
-    from engine.store import BlockStore
+    from quiver.engine.store import BlockStore
     from store_child import make_case
 
     ident, tokens, blocks = make_case(7, 2)

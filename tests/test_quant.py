@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import codecs, quant
-from engine.envelope import decode_block, decode_block_into, decode_header, encode_block
-from engine.errors import (
+from quiver.engine import codecs, quant
+from quiver.engine.envelope import decode_block, decode_block_into, decode_header, encode_block
+from quiver.engine.errors import (
     ChecksumMismatchError,
     CorruptEnvelopeError,
     DTypeMismatchError,
@@ -20,7 +20,7 @@ from engine.errors import (
     TruncatedEnvelopeError,
     UnknownCodecError,
 )
-from engine.identity import CacheIdentity
+from quiver.engine.identity import CacheIdentity
 
 IDS = dict(fingerprint=b"\1" * 32, key=b"\2" * 32, parent=b"\3" * 32, token_count=16)
 SHAPE = (3, 2, 16, 2, 8)  # [L, 2, T, H, D]

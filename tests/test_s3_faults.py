@@ -19,8 +19,8 @@ import pytest
 
 from conftest import BUCKET
 from s3servers import LOOPBACK, FaultProxy, free_port
-from tier.errors import ObjectCorruptError, ObjectStoreError, ObjectStoreUnreachableError
-from tier.s3 import RetryPolicy, S3ObjectStore
+from quiver.tier.errors import ObjectCorruptError, ObjectStoreError, ObjectStoreUnreachableError
+from quiver.tier.s3 import RetryPolicy, S3ObjectStore
 
 FAST = RetryPolicy(max_tries=4, total_s=10.0, base_delay_s=0.01, max_delay_s=0.05,
                    connect_timeout_s=1.0, read_timeout_s=1.0)

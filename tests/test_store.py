@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.envelope import decode_header
-from engine.errors import (
+from quiver.engine.envelope import decode_header
+from quiver.engine.errors import (
     BlockNotFoundError,
     ChecksumMismatchError,
     DTypeMismatchError,
@@ -29,9 +29,9 @@ from engine.errors import (
     StoreConfigError,
     StoreLockedError,
 )
-from engine.keys import chain_keys
-from engine.store import BlockStore
-from tier.objectstore import LocalDirObjectStore
+from quiver.engine.keys import chain_keys
+from quiver.engine.store import BlockStore
+from quiver.tier.objectstore import LocalDirObjectStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -70,8 +70,7 @@ def test_put_lookup_get_roundtrip(tmp_path):
 
 
 def test_default_index_is_art_when_available(tmp_path):
-    import index_backends
-
+    from quiver import index_backends
     with BlockStore.open(tmp_path / "s", ram_bytes=0) as store:
         assert store.index == ("art" if "art" in index_backends.available() else "flat")
 
@@ -206,7 +205,7 @@ def test_second_open_is_locked_in_process_and_across_processes(tmp_path):
 
 def test_ram_eviction_then_disk_hits_promote(tmp_path):
     ident, tokens, blocks = make_case(8, 6)
-    from engine.store import envelope_bound
+    from quiver.engine.store import envelope_bound
 
     slot = envelope_bound(ident, "none")
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=2 * slot) as store:
@@ -224,7 +223,7 @@ def test_ram_eviction_then_disk_hits_promote(tmp_path):
 
 def test_disk_budget_evicts_and_lookup_follows(tmp_path):
     ident, tokens, blocks = make_case(9, 6)
-    from engine.store import envelope_bound
+    from quiver.engine.store import envelope_bound
 
     per = envelope_bound(ident, "none")
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0, disk_bytes=3 * per) as store:
@@ -342,7 +341,7 @@ def test_two_processes_publish_the_same_blocks_at_once(tmp_path):
 
 
 def test_not_an_identity_is_typed(tmp_path):
-    from engine.errors import InvalidIdentityError
+    from quiver.engine.errors import InvalidIdentityError
 
     _, tokens, blocks = make_case(16, 1)
     with BlockStore.open(tmp_path / "s", **SMALL) as store:
@@ -371,7 +370,7 @@ def test_compressed_codec_roundtrip(tmp_path):
 def test_threads_share_one_store(tmp_path):
     import threading
 
-    from engine.store import envelope_bound
+    from quiver.engine.store import envelope_bound
 
     cases = [make_case(100 + i, 4, make_ident(tenant=f"t{i}")) for i in range(4)]
     slot = envelope_bound(cases[0][0], "none")
@@ -407,7 +406,7 @@ def test_put_builds_each_envelope_in_its_l0_slot_with_one_copy(tmp_path):
     slot) allocates a whole envelope per block, which this tracemalloc bound catches."""
     import tracemalloc
 
-    from engine.store import envelope_bound
+    from quiver.engine.store import envelope_bound
 
     ident = make_ident(num_layers=4, num_kv_heads=8, head_dim=128)  # 256 KiB blocks
     _, tokens, blocks = make_case(20, 8, ident)
@@ -437,7 +436,7 @@ def test_put_builds_each_envelope_in_its_l0_slot_with_one_copy(tmp_path):
 
 
 def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
-    from engine.store import envelope_bound
+    from quiver.engine.store import envelope_bound
 
     ident, tokens, blocks = make_case(22, 5)
     slot = envelope_bound(ident, "none")
@@ -453,7 +452,7 @@ def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
 
 
 def test_failed_encode_aborts_the_reserved_slots_and_writes_nothing(tmp_path, monkeypatch):
-    from engine import quant
+    from quiver.engine import quant
 
     ident = make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(23, 3, ident)
@@ -474,8 +473,8 @@ def test_failed_encode_aborts_the_reserved_slots_and_writes_nothing(tmp_path, mo
 
 
 def test_lossy_identity_stores_int8_and_serves_the_dequantized_blocks(tmp_path):
-    from engine.envelope import decode_block, encode_block, uniform_layer_offsets
-    from engine.keys import root_key
+    from quiver.engine.envelope import decode_block, encode_block, uniform_layer_offsets
+    from quiver.engine.keys import root_key
 
     ident = make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(24, 3, ident)
@@ -524,7 +523,7 @@ def test_lossy_blocks_are_never_found_under_the_exact_identity(tmp_path):
 
 
 def test_codec_and_kv_quant_must_agree(tmp_path):
-    from engine.errors import LossyCodecError
+    from quiver.engine.errors import LossyCodecError
 
     exact = make_ident()
     _, tokens, blocks = make_case(26, 2, exact)
@@ -547,9 +546,9 @@ def test_codec_and_kv_quant_must_agree(tmp_path):
 def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_path, planted):
     """A foreign writer plants an envelope with every identity field of the victim's block
     (fingerprint, key, parent, tokens, dtype, shape) but the other codec class: refused."""
-    from engine.envelope import encode_block, uniform_layer_offsets
-    from engine.errors import IdentityMismatchError
-    from engine.keys import root_key
+    from quiver.engine.envelope import encode_block, uniform_layer_offsets
+    from quiver.engine.errors import IdentityMismatchError
+    from quiver.engine.keys import root_key
 
     victim = make_ident() if planted == "lossy-under-exact" else make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(27, 1, victim)
@@ -573,7 +572,7 @@ def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_pat
 def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
     """An int8 envelope found under another block's key is refused as an identity mismatch;
     it is not mistaken for corruption (a LossyCodecError from the guard) and deleted."""
-    from engine.errors import IdentityMismatchError
+    from quiver.engine.errors import IdentityMismatchError
 
     lossy = make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(28, 2, lossy)
@@ -597,7 +596,7 @@ def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
 def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, monkeypatch):
     """Promoting L2 hits to L1 is an optimisation: when it fails, get still returns the
     verified blocks, or raises its own error (not the promotion's); the failure is counted."""
-    from walpub.errors import VolumeIOError
+    from quiver.walpub.errors import VolumeIOError
 
     ident, tokens, blocks = make_case(50, 2)
     l2 = tmp_path / "l2"
@@ -620,9 +619,9 @@ def test_blocks_durable_before_a_failed_eviction_are_still_found(tmp_path, monke
     """DiskTier.put_many evicts (if the batch would cross the budget), publishes, then evicts
     again: when that last eviction fails, the put raises but its blocks are durable in L1,
     and lookup reports them (no under-count until a reopen)."""
-    from engine.errors import StoreIOError
-    from engine.store import envelope_bound
-    from walpub.errors import VolumeIOError
+    from quiver.engine.errors import StoreIOError
+    from quiver.engine.store import envelope_bound
+    from quiver.walpub.errors import VolumeIOError
 
     ident, tokens, blocks = make_case(51, 3)
     per = envelope_bound(ident, "none")
@@ -697,8 +696,8 @@ _CRASH_CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from store_child import make_case
-from engine.store import BlockStore
-from tier.s3 import RetryPolicy
+from quiver.engine.store import BlockStore
+from quiver.tier.s3 import RetryPolicy
 
 path, spec, endpoint, mode = sys.argv[2:6]
 opts = dict(endpoint_url=endpoint, retry=RetryPolicy(max_tries=2, total_s=1.0, base_delay_s=0.01))
@@ -731,7 +730,7 @@ def test_blocks_owed_to_l2_survive_sigkill_and_reach_l2_after_reopen(moto_server
 
     from conftest import BUCKET
     from s3servers import FaultProxy
-    from tier.s3 import RetryPolicy
+    from quiver.tier.s3 import RetryPolicy
 
     u = urlsplit(moto_server.endpoint)
     proxy = FaultProxy((u.hostname, u.port))
@@ -792,7 +791,7 @@ def test_blocks_owed_to_l2_survive_sigkill_and_reach_l2_after_reopen(moto_server
 
 
 def test_pending_journal_torn_tail_known_keys_and_bounded_size(tmp_path, monkeypatch):
-    import engine.store as store_mod
+    import quiver.engine.store as store_mod
 
     ident, tokens, blocks = make_case(42, 4)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 4)]

@@ -24,18 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-import index_backends
-from engine.errors import (
+from quiver import index_backends
+from quiver.engine.errors import (
     DTypeMismatchError,
     InvalidPayloadError,
     QuiverError,
     StoreConfigError,
     StoreIOError,
 )
-from engine.store import BlockStore
-from tier.disk import AUTO, DEFAULT_DISK_FRACTION, DiskTier, auto_budget
-from walpub.io import OsFileSystem
-from walpub.volume import object_relpath
+from quiver.engine.store import BlockStore
+from quiver.tier.disk import AUTO, DEFAULT_DISK_FRACTION, DiskTier, auto_budget
+from quiver.walpub.io import OsFileSystem
+from quiver.walpub.volume import object_relpath
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from store_child import make_case, make_ident  # noqa: E402
@@ -104,8 +104,9 @@ class SmallDisk:
                 return type(real_usage(root))(DISK, used, max(0, DISK - used))
             return real_usage(path)
 
-        import walpub.volume
+        import quiver.walpub.volume
 
+        from quiver import walpub
         monkeypatch.setattr(walpub.volume, "OsFileSystem", QuotaFS)
         monkeypatch.setattr(shutil, "disk_usage", usage)
 

@@ -14,7 +14,7 @@ import tracemalloc
 
 import numpy as np
 
-from engine import BlockStore, CacheIdentity
+from quiver.engine import BlockStore, CacheIdentity
 
 IDENT = CacheIdentity(model="m", model_revision="r", tokenizer="t", tokenizer_revision="r", adapter=None,
                       tenant="a", kv_dtype="float16", block_tokens=16, num_layers=1, num_kv_heads=1, head_dim=8)

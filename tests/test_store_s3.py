@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import BUCKET
-from engine.errors import ObjectStoreUnreachableError
-from engine.keys import chain_keys
-from engine.store import BlockStore
+from quiver.engine.errors import ObjectStoreUnreachableError
+from quiver.engine.keys import chain_keys
+from quiver.engine.store import BlockStore
 from s3servers import FaultProxy
 from store_child import make_case, race
-from tier.s3 import RetryPolicy
+from quiver.tier.s3 import RetryPolicy
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store_child.py")
 

@@ -25,7 +25,7 @@ def test_studies_pipeline_smoke(tmp_path):
     env.pop("QUIVER_FULL", None)
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "studies.cli", "run", "--json", str(results), "--", *FAST],
+        [sys.executable, "-m", "quiver.studies.cli", "run", "--json", str(results), "--", *FAST],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=190,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -40,7 +40,7 @@ def test_studies_pipeline_smoke(tmp_path):
 
     out = tmp_path / "out"
     rep = subprocess.run(
-        [sys.executable, "-m", "studies.cli", "report", "--input", str(results), "--out", str(out)],
+        [sys.executable, "-m", "quiver.studies.cli", "report", "--input", str(results), "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert rep.returncode == 0, rep.stdout[-4000:] + rep.stderr[-4000:]
@@ -104,7 +104,7 @@ def test_studies_pipeline_smoke(tmp_path):
 
 def test_report_renders_unknown_groups_and_missing_figures(tmp_path):
     """A group with no dedicated renderer gets a generic table; absent figures print as a dash."""
-    from studies.report import DASH, write_report
+    from quiver.studies.report import DASH, write_report
 
     data = {
         "machine_info": {"quiver": {"mode": "quick", "index_backends": ["flat", "lmdb"]}},
@@ -136,7 +136,7 @@ def test_report_renders_unknown_groups_and_missing_figures(tmp_path):
 
 def test_report_renders_groups_absent_from_the_run(tmp_path):
     """Groups missing from the JSON render as absent: no section, a dash in the headline, named in the contents."""
-    from studies.report import DASH, EXPECTED_GROUPS, write_report
+    from quiver.studies.report import DASH, EXPECTED_GROUPS, write_report
 
     for benchmarks in ([], [{"group": "limits", "name": "test_memcpy", "fullname": "studies/bench_limits.py::test_memcpy",
                              "stats": {"median": 0.01, "rounds": 2}, "extra_info": {"bytes": 1 << 20, "gb_per_s": 9.0}}]):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tier.disk import DiskTier
-from tier.errors import (
+from quiver.tier.disk import DiskTier
+from quiver.tier.errors import (
     TierClosedError,
     TierConfigError,
     TierCorruptError,
@@ -16,8 +16,8 @@ from tier.errors import (
     TierLockedError,
     TierObjectTooLargeError,
 )
-from walpub.errors import CorruptObjectError, VolumeLockedError
-from walpub.volume import object_relpath
+from quiver.walpub.errors import CorruptObjectError, VolumeLockedError
+from quiver.walpub.volume import object_relpath
 
 
 def k(i: int) -> bytes:

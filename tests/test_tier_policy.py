@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tier.errors import TierConfigError, TierFullError
-from tier.policy import LRUPolicy, S3FIFOPolicy, make_policy
-from tier.ram import RamTier
+from quiver.tier.errors import TierConfigError, TierFullError
+from quiver.tier.policy import LRUPolicy, S3FIFOPolicy, make_policy
+from quiver.tier.ram import RamTier
 
 
 def k(i: int) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tier.errors import (
+from quiver.tier.errors import (
     TierBufferError,
     TierConfigError,
     TierFullError,
@@ -14,8 +14,8 @@ from tier.errors import (
     TierObjectTooLargeError,
     TierReservationError,
 )
-from tier.ram import RamTier
-from tier.residency import KeyIds, ResidencySets
+from quiver.tier.ram import RamTier
+from quiver.tier.residency import KeyIds, ResidencySets
 
 
 def k(i: int) -> bytes:

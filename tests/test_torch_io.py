@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.envelope import decode_block_into, encode_block
-from engine.errors import DTypeMismatchError, QuiverError, ShapeMismatchError
-from engine.torch_io import (
+from quiver.engine.envelope import decode_block_into, encode_block
+from quiver.engine.errors import DTypeMismatchError, QuiverError, ShapeMismatchError
+from quiver.engine.torch_io import (
     BlockTableError,
     KVLayout,
     block_view,

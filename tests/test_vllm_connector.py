@@ -33,8 +33,8 @@ import warnings
 import pytest
 import torch
 
-from engine.errors import DTypeMismatchError
-from engine.torch_io import (
+from quiver.engine.errors import DTypeMismatchError
+from quiver.engine.torch_io import (
     CPU_ISAS_VERIFIED,
     PAGED_CPU,
     PAGED_FLASH,
@@ -46,7 +46,7 @@ from engine.torch_io import (
     scatter_paged_any,
     scatter_paged_cpu,
 )
-from engine.vllm_connector import QuiverOptions, salted_tenant, socket_name
+from quiver.engine.vllm_connector import QuiverOptions, salted_tenant, socket_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

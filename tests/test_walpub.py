@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-import index_backends
-from walpub import (
+from quiver import index_backends
+from quiver.walpub import (
     CorruptObjectError,
     InvalidKeyError,
     ObjectNotFoundError,
@@ -22,9 +22,9 @@ from walpub import (
     VolumeClosedError,
     VolumeLockedError,
 )
-from walpub import wal
-from walpub.crashsim import PersistentIndexTwin
-from walpub.volume import META_KEY, object_relpath
+from quiver.walpub import wal
+from quiver.walpub.crashsim import PersistentIndexTwin
+from quiver.walpub.volume import META_KEY, object_relpath
 
 
 def K(i: int) -> bytes:
@@ -534,7 +534,7 @@ class FailingFS(SimFileSystem):
 
 
 def test_failed_wal_fsync_poisons_the_volume():
-    from walpub import VolumeFailedError
+    from quiver.walpub import VolumeFailedError
 
     fs = FailingFS()
     v = Volume("/v", io=fs)
@@ -552,7 +552,7 @@ def test_failed_wal_fsync_poisons_the_volume():
 
 
 def test_failed_object_fsync_is_a_typed_error_and_leaves_no_garbage():
-    from walpub import VolumeIOError
+    from quiver.walpub import VolumeIOError
 
     fs = FailingFS()
     v = Volume("/v", io=fs)
@@ -648,7 +648,7 @@ class FailingPutIndex(PersistentIndexTwin):
 def test_failure_applying_a_batch_poisons_the_volume_and_close_unlocks():
     """#2: an exception in _apply used to leave _syncing set for ever (every later
     commit and close() timed out with BusyError, LOCK held) and escaped raw."""
-    from walpub import VolumeFailedError
+    from quiver.walpub import VolumeFailedError
 
     sim = SimFileSystem()
     idx = FailingPutIndex()

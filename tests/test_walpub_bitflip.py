@@ -10,8 +10,10 @@ flips (studies/bench_walpub.py); this file runs a few hundred.
 
 from __future__ import annotations
 
-import walpub.volume
-from studies import walpub_campaign as wc
+import quiver.walpub.volume
+
+from quiver import walpub
+from quiver.studies import walpub_campaign as wc
 
 
 def test_object_flips_are_always_detected(tmp_path):

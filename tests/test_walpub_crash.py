@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from walpub import SimFileSystem, Volume
-from walpub import wal
-from walpub.crashsim import (
+from quiver.walpub import SimFileSystem, Volume
+from quiver.walpub import wal
+from quiver.walpub.crashsim import (
     Expect,
     PersistentIndexTwin,
     Tracker,
@@ -341,7 +341,7 @@ def test_planted_bug_recover_sync_is_found():
 def test_crash_states_recover_the_same_on_the_real_file_system(tmp_path):
     """A sample of simulated crash states, written to a real directory and
     recovered with OsFileSystem, gives what the twin's recovery gives."""
-    from walpub.crashsim import logical_view, materialise
+    from quiver.walpub.crashsim import logical_view, materialise
 
     sim = SimFileSystem()
     tr = Tracker(sim)

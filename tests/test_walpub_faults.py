@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-import index_backends
-from walpub import Volume, VolumeLockedError
-from walpub.volume import INDEX_VALUE, object_relpath
+from quiver import index_backends
+from quiver.walpub import Volume, VolumeLockedError
+from quiver.walpub.volume import INDEX_VALUE, object_relpath
 
 PERSISTENT = [b for b in ("art", "lmdb", "lsm") if b in index_backends.available()]
 
@@ -104,7 +104,7 @@ def test_damaged_index_files_are_rebuilt_from_the_wal(tmp_path, backend, damage)
         else:
             os.unlink(path)
     child = textwrap.dedent(f"""
-        from walpub import Volume
+        from quiver.walpub import Volume
         from tests.test_walpub_faults import K, data
         with Volume({root!r}, index={backend!r}) as v:
             bad = [i for i in range(40) if v.read(K(i)) != data(i)]
@@ -127,7 +127,7 @@ def test_unlinked_lock_file_cannot_let_a_second_writer_in(tmp_path):
             p = os.path.join(root, name)
             if os.path.isfile(p):
                 os.unlink(p)                      # what a cleaner of stale files does
-        child = f"from walpub import Volume\nVolume({root!r})\n"
+        child = f"from quiver.walpub import Volume\nVolume({root!r})\n"
         run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert run.returncode != 0 and "VolumeLockedError" in run.stderr
@@ -154,7 +154,7 @@ def test_unlinked_files_cannot_let_a_second_store_in(tmp_path):
     """Finding 7 through the store: its lock file (STORE.lock) and the volume's
     could be unlinked by a cleaner; a second process then opened the store and
     its acknowledged puts were silently lost.  Directories are locked now."""
-    from engine import BlockStore
+    from quiver.engine import BlockStore
 
     path = str(tmp_path / "store")
     with BlockStore.open(path, index="flat"):
@@ -162,7 +162,7 @@ def test_unlinked_files_cannot_let_a_second_store_in(tmp_path):
             for name in files:
                 if name.endswith(".lock") or name == "LOCK":
                     os.unlink(os.path.join(dirpath, name))
-        child = f"from engine import BlockStore\nBlockStore.open({path!r}, index='flat')\n"
+        child = f"from quiver.engine import BlockStore\nBlockStore.open({path!r}, index='flat')\n"
         run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert run.returncode != 0 and "StoreLockedError" in run.stderr, run.stderr[-1500:]
@@ -174,7 +174,7 @@ def test_wal_damage_adopts_the_orphans_that_verify(tmp_path):
     object -- a self-verifying envelope naming its key -- is adopted back."""
     import numpy as np
 
-    from engine import BlockStore, CacheIdentity
+    from quiver.engine import BlockStore, CacheIdentity
 
     ident = CacheIdentity(model="m", model_revision="r", tokenizer="t", tokenizer_revision="r", adapter=None,
                           tenant="a", kv_dtype="float16", block_tokens=16, num_layers=1, num_kv_heads=1, head_dim=8)

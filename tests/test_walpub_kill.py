@@ -18,10 +18,10 @@ import signal
 
 import pytest
 
-from studies import walpub_campaign as wc
-from walpub import Volume, wal
-from walpub.crashsim import Expect
-from walpub.volume import CRASH_POINTS, object_relpath
+from quiver.studies import walpub_campaign as wc
+from quiver.walpub import Volume, wal
+from quiver.walpub.crashsim import Expect
+from quiver.walpub.volume import CRASH_POINTS, object_relpath
 
 BACKENDS = wc.walpub_backends()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from studies import workloads as w
+from quiver.studies import workloads as w
 
 
 def test_shared_prefix_is_deterministic_and_shares_prefixes():

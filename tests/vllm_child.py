@@ -39,7 +39,7 @@ def main(spec_path: str) -> int:
     if spec.get("connector") is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="QuiverConnector", kv_role="kv_both",
-            kv_connector_module_path="engine.vllm_connector",
+            kv_connector_module_path="quiver.engine.vllm_connector",
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=spec["connector"])
     llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, block_size=BLOCK_SIZE,

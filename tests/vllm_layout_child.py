@@ -24,7 +24,7 @@ def main() -> int:
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from engine.torch_io import CPU_ISAS_VERIFIED, KVLayout, gather_paged_cpu, scatter_paged_cpu
+    from quiver.engine.torch_io import CPU_ISAS_VERIFIED, KVLayout, gather_paged_cpu, scatter_paged_cpu
 
     torch.manual_seed(0)
     N, H, T = 9, 2, 32

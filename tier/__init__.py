@@ -10,12 +10,12 @@ over boto3), manifests for bootstrap, bounded retries and typed errors.  Tier
 stores opaque bytes; verifying block envelopes happens above it, in
 ``engine``.  docs/TIERS.md and docs/OBJECTSTORE.md have the details."""
 
-from tier.disk import DiskTier
-from tier.objectstore import LocalDirObjectStore, ObjectStore, open_object_store
-from tier.policy import EvictionPolicy, LRUPolicy, S3FIFOPolicy, make_policy
-from tier.ram import RamTier
-from tier.residency import KeyIds, ResidencySets
-from tier.s3 import S3ObjectStore
+from quiver.tier.disk import DiskTier
+from quiver.tier.objectstore import LocalDirObjectStore, ObjectStore, open_object_store
+from quiver.tier.policy import EvictionPolicy, LRUPolicy, S3FIFOPolicy, make_policy
+from quiver.tier.ram import RamTier
+from quiver.tier.residency import KeyIds, ResidencySets
+from quiver.tier.s3 import S3ObjectStore
 
 __all__ = [
     "RamTier", "DiskTier", "EvictionPolicy", "LRUPolicy", "S3FIFOPolicy", "make_policy", "KeyIds", "ResidencySets",

@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from tier.errors import (
+from quiver.tier.errors import (
     TierBusyError,
     TierClosedError,
     TierConfigError,
@@ -43,10 +43,10 @@ from tier.errors import (
     TierLockedError,
     TierObjectTooLargeError,
 )
-from tier.ram import byte_view
-from walpub import Volume, VolumeStats
-from walpub.volume import FLAG_IN_L2
-from walpub.errors import (
+from quiver.tier.ram import byte_view
+from quiver.walpub import Volume, VolumeStats
+from quiver.walpub.volume import FLAG_IN_L2
+from quiver.walpub.errors import (
     BusyError,
     CorruptObjectError,
     InvalidKeyError,
@@ -79,7 +79,7 @@ _TRANSLATE = (
 DEFAULT_DISK_FRACTION = 0.5
 AUTO = "auto"
 
-log = logging.getLogger("tier.disk")
+log = logging.getLogger("quiver.tier.disk")
 
 
 def auto_budget(path: str, used_bytes: int, fraction: float = DEFAULT_DISK_FRACTION) -> int:

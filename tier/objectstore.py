@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import crc32c
 
-from tier.errors import (
+from quiver.tier.errors import (
     InvalidObjectKeyError,
     InvalidRangeError,
     ManifestCorruptError,
@@ -66,7 +66,7 @@ from tier.errors import (
     ObjectStoreIOError,
     ObjectStoreUnavailableError,
 )
-from walpub.io import FileSystem, OsFileSystem
+from quiver.walpub.io import FileSystem, OsFileSystem
 
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
 BLOCKS_DIR = "blocks/"
@@ -214,7 +214,7 @@ class CircuitBreaker:
         self.caller_trials = True
         self.on_open: Callable[[], None] | None = None
         self._clock = clock
-        self._log = logger or logging.getLogger("tier.objectstore")
+        self._log = logger or logging.getLogger("quiver.tier.objectstore")
         self._lock = threading.Lock()
         self._state = self.CLOSED
         self._fails = 0
@@ -847,7 +847,7 @@ def open_object_store(
     if not isinstance(spec, str) or not spec:
         raise ObjectStoreConfigError(f"bad object store spec {spec!r}")
     if spec.startswith("s3://"):
-        from tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
+        from quiver.tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
 
         bucket, _, prefix = spec[len("s3://") :].partition("/")
         s3_options.setdefault("check_bucket", check)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from tier.errors import TierConfigError
+from quiver.tier.errors import TierConfigError
 
 POLICIES = ("lru", "s3fifo")
 MAX_FREQ = 3  # S3-FIFO's two-bit frequency counter saturates here

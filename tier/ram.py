@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tier.errors import (
+from quiver.tier.errors import (
     TierBufferError,
     TierConfigError,
     TierFullError,
@@ -43,8 +43,8 @@ from tier.errors import (
     TierObjectTooLargeError,
     TierReservationError,
 )
-from tier.policy import make_policy
-from walpub.wal import MAX_KEY_BYTES
+from quiver.tier.policy import make_policy
+from quiver.walpub.wal import MAX_KEY_BYTES
 
 MAX_SLOTS = 1 << 31  # slot numbers stay small ints; 2^31 slots is far beyond any RAM here
 

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from pyroaring import BitMap
 
-from tier.errors import TierConfigError, TierKeyError
+from quiver.tier.errors import TierConfigError, TierKeyError
 
 MAX_IDS = (1 << 32) - 1  # pyroaring BitMap holds uint32
 

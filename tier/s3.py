@@ -47,7 +47,7 @@ import botocore.session
 import crc32c
 from botocore.config import Config
 
-from tier.errors import (
+from quiver.tier.errors import (
     InvalidRangeError,
     ObjectCorruptError,
     ObjectStoreAuthError,
@@ -55,14 +55,14 @@ from tier.errors import (
     ObjectStoreRequestError,
     ObjectStoreUnreachableError,
 )
-from tier.objectstore import (
+from quiver.tier.objectstore import (
     BreakerPolicy,
     CircuitBreaker,
     ObjectStore,
     current_deadline,
 )
 
-log = logging.getLogger("tier.s3")
+log = logging.getLogger("quiver.tier.s3")
 
 CRC_META = "quiver-crc32c"
 MiB = 1 << 20

@@ -16,8 +16,8 @@ at recovery, and never parses them.  Public names:
 The protocol, its crash windows and the invariants are in docs/WALPUB.md.
 """
 
-from walpub.crashsim import CrashState, SimFileSystem, Tracker, explore, explore_kill
-from walpub.errors import (
+from quiver.walpub.crashsim import CrashState, SimFileSystem, Tracker, explore, explore_kill
+from quiver.walpub.errors import (
     BusyError,
     CorruptObjectError,
     InvalidKeyError,
@@ -29,9 +29,9 @@ from walpub.errors import (
     VolumeLockedError,
     WalpubError,
 )
-from walpub.io import FSYNC_LABELS, FileSystem, OsFileSystem
-from walpub.volume import MAX_OBJECT_BYTES, RecoveryReport, Volume, VolumeStats
-from walpub.wal import MAX_KEY_BYTES
+from quiver.walpub.io import FSYNC_LABELS, FileSystem, OsFileSystem
+from quiver.walpub.volume import MAX_OBJECT_BYTES, RecoveryReport, Volume, VolumeStats
+from quiver.walpub.wal import MAX_KEY_BYTES
 
 __all__ = [
     "Volume", "RecoveryReport", "VolumeStats", "MAX_KEY_BYTES", "MAX_OBJECT_BYTES",

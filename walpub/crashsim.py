@@ -43,8 +43,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from walpub.errors import CorruptObjectError, ObjectNotFoundError, WalpubError
-from walpub.io import FileSystem
+from quiver.walpub.errors import CorruptObjectError, ObjectNotFoundError, WalpubError
+from quiver.walpub.io import FileSystem
 
 ROOT = 0
 
@@ -779,7 +779,7 @@ def logical_view(vol) -> dict[bytes, bytes]:
 
 def check_recovered(vol, sim: SimFileSystem, root: str = ROOT_PATH) -> list[Violation]:
     """Invariants 3 and 4 on a freshly recovered volume (before any read)."""
-    from walpub.volume import iter_object_files, object_relpath, unpack_index_value
+    from quiver.walpub.volume import iter_object_files, object_relpath, unpack_index_value
 
     v: list[Violation] = []
     live = set(vol.keys())
@@ -840,7 +840,7 @@ def check_state(state: CrashState, expect: Expect, *, volume_kwargs: dict | None
     of its op boundaries (``max_states`` states each) and checks that recovering
     from each gives the same logical state.  Returns (violations, recovery crash
     states explored)."""
-    from walpub.volume import Volume
+    from quiver.walpub.volume import Volume
 
     kw = dict(volume_kwargs or {})
     if index_factory is not None:
@@ -989,7 +989,7 @@ def explore_kill(workload: Callable[[SimFileSystem, Tracker], None], *, volume_k
     (recovery + one publish), then cut the power at every op of that second
     process.  Catches a recovery that builds on what the dead process left
     un-fsynced.  ``next_disabled_fsyncs`` plants bugs in the second process."""
-    from walpub.volume import Volume
+    from quiver.walpub.volume import Volume
 
     kw = dict(volume_kwargs or {})
     kw.pop("observer", None)

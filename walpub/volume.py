@@ -27,11 +27,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import index_backends
-from index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError, UnknownBackendError
-from index_backends.protocol import ResidencyIndex
-from walpub import wal as _wal
-from walpub.errors import (
+from quiver import index_backends
+from quiver.index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError, UnknownBackendError
+from quiver.index_backends.protocol import ResidencyIndex
+from quiver.walpub import wal as _wal
+from quiver.walpub.errors import (
     BusyError,
     CorruptObjectError,
     InvalidKeyError,
@@ -42,8 +42,8 @@ from walpub.errors import (
     VolumeIOError,
     VolumeLockedError,
 )
-from walpub.io import FileSystem, OsFileSystem
-from walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
+from quiver.walpub.io import FileSystem, OsFileSystem
+from quiver.walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
 
 MAX_OBJECT_BYTES = 1 << 30
 # The residency record, the index value of every live key (docs/INDEXES.md):

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import crc32c as _crc32c
 
-from walpub.io import FileSystem
+from quiver.walpub.io import FileSystem
 
 T_PUT = 1
 T_DELETE = 2
