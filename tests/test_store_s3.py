@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from urllib.parse import urlsplit
 
 import pytest
