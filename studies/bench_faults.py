@@ -74,7 +74,7 @@ from quiver import index_backends
 from quiver.engine import BlockStore, CacheIdentity
 from quiver.engine.errors import QuiverError
 from .config import MODE, SMOKE, pick
-from .conftest import REPO_ROOT, make_bench_dir
+from .conftest import REPO_ROOT, make_bench_dir, run_once
 
 BACKENDS = [b for b in ("art", "lmdb", "lsm") if b in index_backends.available()]
 PROMPTS = pick(smoke=2, quick=16, full=32)
@@ -201,12 +201,6 @@ def _totals(rows: list[dict]) -> dict:
     return {k: sum(r.get(k, 0) for r in rows) for k in keys}
 
 
-def _once(benchmark, fn):
-    box = {}
-    benchmark.pedantic(lambda: box.setdefault("v", fn()), rounds=1, iterations=1, warmup_rounds=0)
-    return box["v"]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_index_corruption_campaign(benchmark, backend):
     benchmark.group = "faults-index"
@@ -234,7 +228,7 @@ def test_index_corruption_campaign(benchmark, backend):
 
         t0 = time.perf_counter()
         try:
-            rows = _once(benchmark, campaign)
+            rows = run_once(benchmark, campaign)
         finally:
             checker.close()
         tot = _totals(rows)
@@ -279,7 +273,7 @@ def test_wal_flip_campaign(benchmark):
 
         t0 = time.perf_counter()
         try:
-            rows = _once(benchmark, campaign)
+            rows = run_once(benchmark, campaign)
         finally:
             checker.close()
         tot = _totals(rows)
@@ -464,11 +458,11 @@ def test_enospc_sweep(benchmark, disk, budget):
     why = _mount_tmpfs(mnt, disk)
     try:
         if why is not None:
-            _once(benchmark, lambda: None)
+            run_once(benchmark, lambda: None)
             benchmark.extra_info.update(info, skipped=why)
             return
         t0 = time.perf_counter()
-        row = _once(benchmark, lambda: _enospc_case(mnt, disk, budget))
+        row = run_once(benchmark, lambda: _enospc_case(mnt, disk, budget))
         benchmark.extra_info.update(info, **row, real_tmpfs=True, seconds=time.perf_counter() - t0)
         assert row["wrong"] == 0, "wrong bytes served after ENOSPC"
     finally:
@@ -726,13 +720,13 @@ def test_hung_l2_timings(benchmark, _moto, _l2_creds, breaker, onset):
                 upstream = (LOOPBACK, port)
                 info["moto_start_s"] = _moto.start_s
     if why is not None:
-        _once(benchmark, lambda: None)
+        run_once(benchmark, lambda: None)
         benchmark.extra_info.update(info, skipped=why)
         return
     work = make_bench_dir("faults-l2")
     try:
         t0 = time.perf_counter()
-        row = _once(benchmark, lambda: _hung_case(str(work), breaker, onset, upstream))
+        row = run_once(benchmark, lambda: _hung_case(str(work), breaker, onset, upstream))
         benchmark.extra_info.update(info, **row, seconds=time.perf_counter() - t0)
         assert row["open_ok"], f"open failed against a silent L2: {row.get('open_error')}"
     finally:

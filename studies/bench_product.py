@@ -327,7 +327,7 @@ import pytest  # noqa: E402
 
 from quiver import index_backends  # noqa: E402
 from .config import MODE, pick  # noqa: E402
-from .conftest import make_bench_dir  # noqa: E402
+from .conftest import make_bench_dir, run_once  # noqa: E402
 
 BACKENDS = pick(smoke=[b for b in index_backends.available() if b in ("flat", "lmdb")],
                 quick=index_backends.available(), full=index_backends.available())
@@ -382,14 +382,6 @@ def _run_child(cmd: str, args: dict) -> dict:
     raise AssertionError(f"child {cmd} failed (rc {proc.returncode}): {proc.stderr[-3000:]}")
 
 
-def _once(benchmark, fn):
-    box = {}
-
-    def call():
-        box["v"] = fn()
-
-    benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
-    return box["v"]
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +477,7 @@ def _drop_store(scratch, n: int, backend: str) -> None:
 
 
 def _skip_row(benchmark, info: dict, reason: str) -> None:
-    _once(benchmark, lambda: None)
+    run_once(benchmark, lambda: None)
     benchmark.extra_info.update(info, skipped=reason, study_elapsed_s=_now())
 
 
@@ -522,7 +514,7 @@ def test_product_blocks(benchmark, scratch, case):
             return _skip_row(benchmark, info, why)
         args = dict(path=path, backend=backend, n=n, batch=BATCH, lookup_blocks=min(LOOKUP_BLOCKS, n),
                     ident=SMALL, seed=n, tail_puts=TAIL_PUTS)
-        r = _once(benchmark, lambda: _run_child("build", args))
+        r = run_once(benchmark, lambda: _run_child("build", args))
         _STATE["builds"][(n, backend)] = r
         _STATE["rates"].append(r["put_blocks_per_s"])
         assert r["blocks"] == n
@@ -552,7 +544,7 @@ def test_product_blocks(benchmark, scratch, case):
         return first or runs[0], runs
 
     try:
-        first, runs = _once(benchmark, measure)
+        first, runs = run_once(benchmark, measure)
     finally:
         _drop_store(scratch, n, backend)
     keys = ("open_s", "get_s", "open_get_s", "code_load_s", "rss_delta", "rss_anon_delta", "rss_file_delta")
@@ -651,7 +643,7 @@ def test_product_open_vs_bytes(benchmark, scratch, case):
             runs = [_run_child("open", args) for _ in range(reps)]
             return first or runs[0], runs
 
-        first, runs = _once(benchmark, measure)
+        first, runs = run_once(benchmark, measure)
         med = {k: statistics.median(r[k] for r in runs) for k in ("open_s", "get_s", "open_get_s", "code_load_s")}
         _STATE["opens"][(backend, ("bytes", target))] = max(r["open_get_s"] for r in runs)
         # the next (larger) size predicts from this one, linear in bytes

@@ -52,7 +52,7 @@ import pytest
 
 from quiver.studies import walpub_campaign as wc
 from .config import MODE, pick
-from .conftest import make_bench_dir
+from .conftest import make_bench_dir, run_once
 from quiver.walpub import Volume
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -99,15 +99,6 @@ def _fsyncs(stats) -> int:
     return sum(stats.fsyncs.values())
 
 
-def _once(benchmark, fn):
-    """Run ``fn`` once under the benchmark (it times itself); return its value."""
-    box = {}
-
-    def call():
-        box["v"] = fn()
-
-    benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
-    return box["v"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +127,7 @@ def _disk_baseline(scratch, nbytes: int) -> float:
 
 def test_fsync_sequential_write_baseline(benchmark, scratch):
     benchmark.group = "walpub-publish"
-    mbps = _once(benchmark, lambda: _disk_baseline(scratch, BASELINE_BYTES))
+    mbps = run_once(benchmark, lambda: _disk_baseline(scratch, BASELINE_BYTES))
     assert mbps > 0
     benchmark.extra_info.update(store="fsync'd sequential write", block_bytes=MiB, threads=1,
                                 payload_bytes=BASELINE_BYTES, mb_per_s=mbps, blocks_per_s=mbps * 1e6 / MiB,
@@ -190,7 +181,7 @@ def test_publish_throughput(benchmark, scratch, size, threads):
             one_round(r)
         return statistics.median(x["seconds"] for x in runs)
 
-    sec = _once(benchmark, timed)
+    sec = run_once(benchmark, timed)
     last = runs[-1]
     mbps = n * size / sec / 1e6
     benchmark.extra_info.update(
@@ -254,7 +245,7 @@ def test_write_amplification(benchmark, scratch, size, store):
         fn(root, blocks)
         return time.perf_counter() - t0, _write_bytes() - w0
 
-    sec, written = _once(benchmark, run)
+    sec, written = run_once(benchmark, run)
     on_disk = _tree_bytes(root)
     payload = n * size
     assert written >= payload and on_disk >= payload   # every payload byte written and kept
@@ -311,7 +302,7 @@ def test_recovery_after_sigkill(benchmark, scratch, blocks, backend, verify):
         vol.close()
         return sec, rep
 
-    sec, rep = _once(benchmark, run)
+    sec, rep = run_once(benchmark, run)
     benchmark.extra_info.update(
         blocks=rep.live, base_blocks=blocks, backend=backend, verify=verify, block_bytes=RECOVERY_BLOCK,
         recovery_s=sec, blocks_per_s=rep.live / sec, index_mode=rep.index_mode, tail_blocks=RECOVERY_TAIL,
@@ -323,7 +314,7 @@ def test_recovery_after_sigkill(benchmark, scratch, blocks, backend, verify):
 # ------------------------------------------------------------------ walpub-campaign
 def test_campaign_crash_states(benchmark):
     benchmark.group = "walpub-campaign"
-    r = _once(benchmark, lambda: wc.explore_campaign(CRASH_STATES, seed=1000))
+    r = run_once(benchmark, lambda: wc.explore_campaign(CRASH_STATES, seed=1000))
     assert not r["violations"], "\n".join(r["violations"][:10])
     assert r["distinct"] >= CRASH_STATES
     benchmark.extra_info.update(
@@ -352,7 +343,7 @@ def test_campaign_sigkill(benchmark, scratch):
             extra += 1
         return st, per_backend
 
-    st, per_backend = _once(benchmark, run)
+    st, per_backend = run_once(benchmark, run)
     assert not st.violations, "\n".join(st.violations[:10])
     assert st.kills >= MIN_KILLS
     benchmark.extra_info.update(
@@ -370,7 +361,7 @@ def test_campaign_bitflips(benchmark, scratch):
     benchmark.group = "walpub-campaign"
     work = os.path.join(str(scratch), "flips")
     os.makedirs(work)
-    st = _once(benchmark, lambda: wc.bitflip_campaign(
+    st = run_once(benchmark, lambda: wc.bitflip_campaign(
         work, object_batches=OBJECT_FLIP_BATCHES, n_objects=OBJECTS_PER_BATCH, wal_flip_count=WAL_FLIPS, seed=21))
     assert not st.violations, "\n".join(st.violations[:10])
     assert st.wrong_bytes_served == 0 and st.flips >= MIN_FLIPS

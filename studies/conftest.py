@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from quiver.studies import config as study_config
+from . import config as study_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _FAILED: list[str] = []
@@ -47,6 +47,20 @@ def bench_tmp_root() -> Path:
 def make_bench_dir(tag: str) -> Path:
     """A fresh scratch directory on the repository's disk."""
     return Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=bench_tmp_root()))
+
+
+def run_once(benchmark, fn):
+    """Run ``fn`` once under the benchmark (it times itself); return its value.
+
+    For studies whose cases take seconds and record their own figures in
+    extra_info: one round, no warm-up, and the value comes back to the caller."""
+    box = {}
+
+    def call():
+        box["v"] = fn()
+
+    benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
+    return box["v"]
 
 
 @pytest.fixture
