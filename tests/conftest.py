@@ -42,6 +42,16 @@ def moto_server(_aws_env):
     moto.stop()
 
 
+@pytest.fixture
+def creds(moto_server, tmp_path, monkeypatch):
+    """AWS profile "q" holding moto's keys (a silent or proxied endpoint never checks them)."""
+    path = tmp_path / "credentials"
+    path.write_text(f"[q]\naws_access_key_id = {moto_server.access_key}\n"
+                    f"aws_secret_access_key = {moto_server.secret_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+    return "q"
+
+
 @pytest.fixture(scope="session")
 def rgw_server(_aws_env):
     if os.environ.get("QUIVER_SKIP_RGW"):

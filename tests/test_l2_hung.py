@@ -115,16 +115,6 @@ def silent():
 
 
 @pytest.fixture
-def creds(moto_server, tmp_path, monkeypatch):
-    """Profile "q" with moto's keys (the silent server never checks them)."""
-    path = tmp_path / "credentials"
-    path.write_text(f"[q]\naws_access_key_id = {moto_server.access_key}\n"
-                    f"aws_secret_access_key = {moto_server.secret_key}\n")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
-    return "q"
-
-
-@pytest.fixture
 def proxy(moto_server):
     p = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
     yield p

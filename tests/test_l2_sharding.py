@@ -46,15 +46,6 @@ def model_keys(n: int, seed: int = 7) -> list[bytes]:
     return [ns + bytes(rng.getrandbits(8) for _ in range(32)) for _ in range(n)]
 
 
-@pytest.fixture
-def creds(moto_server, tmp_path, monkeypatch):
-    path = tmp_path / "credentials"
-    path.write_text(f"[q]\naws_access_key_id = {moto_server.access_key}\n"
-                    f"aws_secret_access_key = {moto_server.secret_key}\n")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
-    return "q"
-
-
 @pytest.fixture(params=["local", "moto"])
 def store(request, tmp_path, s3_prefix):
     if request.param == "local":
