@@ -43,7 +43,7 @@ from pathlib import Path
 
 from quiver.walpub import CorruptObjectError, ObjectNotFoundError, OsFileSystem, Volume
 from quiver.walpub import wal as walmod
-from quiver.walpub.crashsim import Expect, check_reads, check_recovered, explore
+from quiver.walpub.crash_check import Expect, check_reads, check_recovered, explore
 from quiver.walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, object_relpath
 from quiver.walpub.wal import crc32c
 

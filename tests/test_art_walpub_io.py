@@ -13,7 +13,8 @@ import pytest
 
 from quiver.index_backends.art import LOG_NAME, SNAP_NAME, SPILL_BYTES, ArtCorruptError, ArtIndex, ValueTooLargeError
 from quiver.index_backends.errors import IndexLockedError, InvalidKeyError
-from quiver.walpub.crashsim import CrashState, SimFileSystem, crash_states
+from quiver.walpub.crash_states import crash_states
+from quiver.walpub.simfs import CrashState, SimFileSystem
 
 DIR = "/vol/index-art"
 

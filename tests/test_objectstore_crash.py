@@ -32,8 +32,9 @@ import pytest
 
 from quiver.tier.errors import ObjectCorruptError
 from quiver.tier.objectstore import MANIFESTS_DIR, LocalDirObjectStore, object_name
-from quiver.walpub.crashsim import SimFileSystem, SimulatedKill, crash_states
+from quiver.walpub.crash_states import crash_states
 from quiver.walpub.io import FSYNC_LABELS
+from quiver.walpub.simfs import SimFileSystem, SimulatedKill
 
 ROOT = "/l2"
 LABELS = ("l2_layout", "l2_object", "l2_parent", "l2_dir", "l2_manifest", "l2_manifest_dir", "l2_delete")

@@ -23,8 +23,9 @@ from collections import Counter
 import pytest
 
 from quiver.engine.owed_journal import OwedJournal
-from quiver.walpub.crashsim import CrashState, SimFileSystem, SimulatedKill, crash_states
+from quiver.walpub.crash_states import crash_states
 from quiver.walpub.io import FSYNC_LABELS
+from quiver.walpub.simfs import CrashState, SimFileSystem, SimulatedKill
 
 DIR = "/s"
 PATH = f"{DIR}/PENDING_L2"

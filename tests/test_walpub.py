@@ -23,7 +23,7 @@ from quiver.walpub import (
     VolumeLockedError,
 )
 from quiver.walpub import wal
-from quiver.walpub.crashsim import PersistentIndexTwin
+from quiver.walpub.simfs import PersistentIndexTwin
 from quiver.walpub.volume import META_KEY, object_relpath
 
 

@@ -14,15 +14,9 @@ import pytest
 
 from quiver.walpub import SimFileSystem, Volume
 from quiver.walpub import wal
-from quiver.walpub.crashsim import (
-    Expect,
-    PersistentIndexTwin,
-    Tracker,
-    check_state,
-    crash_states,
-    explore,
-    explore_kill,
-)
+from quiver.walpub.crash_check import Expect, Tracker, check_state, explore, explore_kill
+from quiver.walpub.crash_states import crash_states
+from quiver.walpub.simfs import PersistentIndexTwin
 
 ROOT = "/vol"
 KW = dict(segment_bytes=256, compact_min_records=12)
@@ -341,7 +335,8 @@ def test_planted_bug_recover_sync_is_found():
 def test_crash_states_recover_the_same_on_the_real_file_system(tmp_path):
     """A sample of simulated crash states, written to a real directory and
     recovered with OsFileSystem, gives what the twin's recovery gives."""
-    from quiver.walpub.crashsim import logical_view, materialise
+    from quiver.walpub.crash_check import logical_view
+    from quiver.walpub.simfs import materialise
 
     sim = SimFileSystem()
     tr = Tracker(sim)

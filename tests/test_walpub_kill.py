@@ -20,7 +20,7 @@ import pytest
 
 from quiver.studies import walpub_campaign as wc
 from quiver.walpub import Volume, wal
-from quiver.walpub.crashsim import Expect
+from quiver.walpub.crash_check import Expect
 from quiver.walpub.volume import CRASH_POINTS, object_relpath
 
 BACKENDS = wc.walpub_backends()

@@ -10,13 +10,15 @@ at recovery, and never parses them.  Public names:
 * :class:`Volume` (open, publish, publish_many, read, delete, evict_to, compact,
   keys, contains, info, stats, close; ``last_recovery``: :class:`RecoveryReport`);
 * the I/O layer :class:`FileSystem`, :class:`OsFileSystem`, ``FSYNC_LABELS``;
-* the twin :class:`SimFileSystem` and the explorer in :mod:`walpub.crashsim`;
+* the twin :class:`SimFileSystem` in :mod:`walpub.simfs`, the crash-state
+  enumerator in :mod:`walpub.crash_states`, the checker and the explorer in
+  :mod:`walpub.crash_check`;
 * the WAL format in :mod:`walpub.wal`; typed errors in :mod:`walpub.errors`.
 
 The protocol, its crash windows and the invariants are in docs/WALPUB.md.
 """
 
-from quiver.walpub.crashsim import CrashState, SimFileSystem, Tracker, explore, explore_kill
+from quiver.walpub.crash_check import Tracker, explore, explore_kill
 from quiver.walpub.errors import (
     BusyError,
     CorruptObjectError,
@@ -30,6 +32,7 @@ from quiver.walpub.errors import (
     WalpubError,
 )
 from quiver.walpub.io import FSYNC_LABELS, FileSystem, OsFileSystem
+from quiver.walpub.simfs import CrashState, SimFileSystem
 from quiver.walpub.volume import MAX_OBJECT_BYTES, RecoveryReport, Volume, VolumeStats
 from quiver.walpub.wal import MAX_KEY_BYTES
 
