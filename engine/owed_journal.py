@@ -11,7 +11,7 @@ multiple of the key size, from a crashed append) is cut off by :meth:`load`
 before anything is appended after it, so keys never misalign.
 
 Every file-system call goes through a :class:`walpub.io.FileSystem` (the real
-one by default), so the crash simulator (walpub.crashsim) can record the calls
+one by default), so the crash simulator (walpub.simfs) can record the calls
 and enumerate what a power loss leaves; each fsync carries a label of
 ``walpub.io.FSYNC_LABELS`` ("journal", "journal_dir", "journal_rewrite",
 "journal_rewrite_dir") that a planted-bug test can disable.

@@ -35,7 +35,7 @@ Groups and their ``extra_info``:
   ``index_mode`` says whether the index was rebuilt or caught up.  The base
   volume is shared by the rows in turn, so ``blocks`` (live at the open) grows
   by 256 per row.
-* ``walpub-campaign``: crash states explored by walpub.crashsim (random
+* ``walpub-campaign``: crash states explored by walpub.crash_check.explore (random
   workloads), SIGKILL rounds per backend, bit flips, and their violations,
   which must be 0.
 """
@@ -318,7 +318,7 @@ def test_campaign_crash_states(benchmark):
     assert not r["violations"], "\n".join(r["violations"][:10])
     assert r["distinct"] >= CRASH_STATES
     benchmark.extra_info.update(
-        part="crash states (walpub.crashsim, random workloads)", states_explored=r["states"],
+        part="crash states (walpub.crash_check.explore, random workloads)", states_explored=r["states"],
         distinct_states=r["distinct"], checked=r["checked"], recovery_crash_states=r["recovery_crash_states"],
         workloads=r["workloads"], crash_points=r["points"], seconds=r["seconds"], violations=len(r["violations"]),
     )

@@ -20,7 +20,7 @@ counts) and ``studies/bench_walpub.py`` (the campaign figures).  Three parts:
 * **Bit flips** (``bitflip_campaign``).  Single-bit flips in the objects and the
   WAL segments of a real volume; every flip is classified.
 * **Crash states** (``explore_campaign``): the enumeration explorer of
-  walpub.crashsim on random workloads, until a number of distinct states.
+  walpub.crash_check.explore on random workloads, until a number of distinct states.
 
 Block contents are a function of the key (``block_data``), so the parent can
 check bytes without the child sending them.
@@ -645,7 +645,7 @@ def bitflip_campaign(workdir: str, *, object_batches: int, n_objects: int, wal_f
 
 # ------------------------------------------------------------------ crash states (simulated)
 def random_workload(seed: int, ops: int):
-    """A random single- or multi-threaded workload for walpub.crashsim.explore."""
+    """A random single- or multi-threaded workload for walpub.crash_check.explore."""
     def K(i: int) -> bytes:
         return make_key(f"sim-{seed}", i)
 

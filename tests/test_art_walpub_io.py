@@ -1,6 +1,6 @@
 """ArtIndex under walpub: ``write_batch`` is all-or-nothing across a crash, and
 every file the ART touches goes through walpub's I/O layer, so the crash
-simulator (walpub.crashsim) checks the snapshot protocol: at every recorded
+simulator (walpub.simfs, walpub.crash_check) checks the snapshot protocol: at every recorded
 point, every power-loss state reopens to exactly the content of a flush that
 had started, at least the last one acknowledged, with its applied_seq.
 Planted bugs (each snapshot fsync disabled) must break that check."""

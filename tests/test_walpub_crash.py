@@ -3,7 +3,7 @@ crash-simulating twin; at every op boundary every allowed on-disk state (bounded
 per point) is recovered and checked against the five invariants.  Planted bugs
 (each fsync of the protocol disabled in turn, tail truncation off) must make the
 enumeration fail.  Sizes are kept small so the whole file runs in well under a
-minute; bigger campaigns call walpub.crashsim.explore with larger knobs."""
+minute; bigger campaigns call walpub.crash_check.explore with larger knobs."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Why: a crash-consistency protocol is only as good as its fsyncs, and a missing
 fsync is invisible to any test that does not lose the page cache.  Routing every
-call through :class:`FileSystem` lets :mod:`walpub.crashsim` record the calls and
+call through :class:`FileSystem` lets :mod:`walpub.simfs` record the calls and
 build the on-disk states a power loss could leave; :class:`OsFileSystem` is the
 real thing (plain ``os.*`` and ``fcntl.flock``).
 
