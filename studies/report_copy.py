@@ -1,0 +1,53 @@
+"""Report section of copy-in/out beside memcpy (studies/bench_copy.py, group ``copy``)."""
+
+from __future__ import annotations
+
+from .report_common import DASH, _absent, _ex, _section_head, _size, _verdict, fmt, reproduce_line, table
+
+GROUPS = ["copy"]
+# Goal, not a result.
+COPY_GOAL_RATIO = 0.7
+
+
+def copy_section(mode: str, benches: list[dict]) -> list[str]:
+    lines = _section_head("copy", "Copy-in/out bandwidth beside memcpy (group `copy`)")
+    cpu = [b for b in benches if not str(_ex(b).get("op", "")).startswith("cuda")]
+    cuda = [b for b in benches if str(_ex(b).get("op", "")).startswith("cuda")]
+    if cpu:
+        e0 = _ex(cpu[0])
+        rows = []
+        for b in cpu:
+            e = _ex(b)
+            rows.append([fmt(e.get("blocks"), "int"), fmt(e.get("op")), fmt(e.get("payload_bytes"), "mib"),
+                         fmt(e.get("mb_per_s")), fmt(e.get("memcpy_mb_per_s")), fmt(e.get("ratio_to_memcpy")),
+                         _verdict(e.get("ratio_to_memcpy"), COPY_GOAL_RATIO, True),
+                         fmt(e.get("memcpy_runs_mb_per_s")), fmt(e.get("ratio_to_memcpy_runs")),
+                         fmt(e.get("copy_ops"), "int")])
+        lines += [
+            f"Blocks of shape {fmt(e0.get('block_shape'))} {fmt(e0.get('dtype'))}, torch intra-op threads "
+            f"{fmt(e0.get('torch_threads'))}, device {fmt(e0.get('device'))}. `memcpy` = numpy copyto of the same "
+            "bytes in the same test; `memcpy runs` copies them in pieces of one block-layer-K/V run "
+            f"({_size(e0.get('run_bytes'))}). Goal: ≥ {COPY_GOAL_RATIO:g} of memcpy. 1 MB = 1e6 B.", "",
+        ]
+        lines += table(["blocks", "op", "MiB", "MB/s", "memcpy MB/s", "÷ memcpy", f"goal ≥ {COPY_GOAL_RATIO:g}",
+                        "memcpy runs MB/s", "÷ memcpy runs", "copy ops"], rows)
+    if cuda:
+        rows = [[fmt(_ex(b).get("op")), fmt(_ex(b).get("blocks"), "int"), fmt(_ex(b).get("mb_per_s")),
+                 fmt(_ex(b).get("pinned_mb_per_s")), fmt(_ex(b).get("ratio_to_pinned")), fmt(_ex(b).get("device"))]
+                for b in cuda]
+        lines += ["CUDA, through pinned staging, beside a raw pinned copy:", ""]
+        lines += table(["op", "blocks", "MB/s", "raw pinned MB/s", "÷ pinned", "device"], rows)
+    return lines + [reproduce_line(mode, benches), ""]
+
+
+def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
+    return copy_section(mode, groups["copy"])
+
+
+def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
+    cp = [_ex(b) for b in groups.get("copy", []) if not str(_ex(b).get("op", "")).startswith("cuda")]
+    if not cp:
+        return [["Copy-in/out ÷ memcpy", _absent("copy"), DASH, "[copy](#copy)"]]
+    top = max(e.get("blocks") or 0 for e in cp)
+    parts = [f"{e.get('op')} {fmt(e.get('ratio_to_memcpy'))}" for e in cp if e.get("blocks") == top]
+    return [["Copy-in/out ÷ memcpy (goal ≥ 0.7)", "; ".join(parts), f"{top:,} blocks", "[copy](#copy)"]]
