@@ -101,7 +101,7 @@ def header_section(data: dict, input_path: Path) -> list[str]:
         f"{fmt(mem / 2**30) + ' GiB' if _is_num(mem) else DASH} memory, {q.get('platform', mi.get('system', DASH))}",
         f"- **Python:** {mi.get('python_implementation', '')} {mi.get('python_version', q.get('python', DASH))}",
         f"- **Scratch disk:** {q.get('scratch_disk', DASH)} (`{q.get('scratch_dir', DASH)}`)",
-        f"- **Libraries:** " + (", ".join(f"{k} {v}" for k, v in libs.items() if v) or DASH),
+        "- **Libraries:** " + (", ".join(f"{k} {v}" for k, v in libs.items() if v) or DASH),
         f"- **Index backends available:** {', '.join(q.get('index_backends') or []) or DASH}",
         f"- **Commit:** {ci.get('id', DASH)}{' (dirty tree)' if ci.get('dirty') else ''}",
         "",

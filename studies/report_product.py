@@ -82,6 +82,183 @@ def product_open_summary(groups: dict, available: list[str]) -> dict:
     return {"opens": opens, "backends": backends, "top": top}
 
 
+def _open_lines(mode: str, groups: dict, t: dict) -> list[str]:
+    """Open + first get vs blocks stored (group `product-open`)."""
+    sm, opens, backends, builds, sizes = t["sm"], t["opens"], t["backends"], t["builds"], t["sizes"]
+    if "product-open" not in groups:
+        return []
+    rows = []
+    for n in sizes:
+        for b in backends:
+            e = opens.get((b, n))
+            if not _measured(e):
+                if e is not None or (b, n) in builds:
+                    rows.append([f"{n:,}", b] + [DASH] * 8 + [_skip_cell(e or builds.get((b, n)))])
+                continue
+            rows.append([f"{n:,}", b, fmt(_ms(e.get("open_get_s"))), fmt(_ms(e.get("open_get_min_s"))),
+                         fmt(_ms(e.get("open_s"))), fmt(_ms(e.get("get_s"))), fmt(e.get("reps"), "int"),
+                         f"{fmt(_ms(e.get('first_open_s')))} ({_txt(e.get('first_open_note'))})",
+                         fmt(_ms(e.get("code_load_s"))), _open_goal(n, b, e.get("open_get_s"), sm["top"].get(b)),
+                         _txt(e.get("store_built_by"))])
+    lines = ["### Open + first get vs blocks stored (group `product-open`)", "",
+              f"`open + get` = `BlockStore.open` + one `get` of one stored block, median of `reps` processes. "
+              f"Goal: ≤ {PRODUCT_OPEN_GOAL_S:g} s at N = {PRODUCT_OPEN_GOAL_N:,} for art, lmdb and lsm.", ""]
+    lines += table(["N", "backend", "open + get ms", "min ms", "open ms", "get ms", "reps", "first open ms", "code load ms",
+                    f"goal ≤ {PRODUCT_OPEN_GOAL_S:g} s at 1M", "built by / note"], rows)
+    missing = [b for b in backends if b in PRODUCT_PERSISTENT and sm["top"].get(b) != PRODUCT_OPEN_GOAL_N]
+    if missing:
+        largest = ", ".join(f"{b} {sm['top'][b]:,}" for b in missing if b in sm["top"]) or DASH
+        lines += [f"Not measured at N = {PRODUCT_OPEN_GOAL_N:,} in this run: {', '.join(missing)} "
+                  f"(largest N measured: {largest}); "
+                  "the skipped rows give the reason. Memory-only backends (flat, sorted) rebuild from the WAL at "
+                  "every open, O(N) by design.", ""]
+    lines += [reproduce_line(mode, groups["product-open"]), ""]
+    return lines
+
+
+def _bytes_lines(mode: str, groups: dict, t: dict) -> list[str]:
+    """Open + first get vs bytes stored (group `product-open-bytes`)."""
+    opens, backends, builds, byts = t["opens"], t["backends"], t["builds"], t["byts"]
+    if "product-open-bytes" not in groups:
+        return []
+    rows = []
+    targets = sorted({t for (_b, t) in byts})
+    for b in backends:
+        n0 = next((e.get("n") for (bb, _t), e in byts.items() if bb == b), None)
+        small = opens.get((b, n0)) if n0 is not None else None
+        small_build = builds.get((b, n0)) if n0 is not None else None
+        if _measured(small):
+            rows.append([b, f"{fmt(n0, 'int')}", _size(small.get("payload_bytes_per_block")),
+                         fmt((small.get("store_bytes") or (small_build or {}).get("store_bytes") or 0) / 1e9),
+                         fmt(_ms(small.get("open_get_s"))), fmt(_ms(small.get("open_get_min_s"))),
+                         fmt(small.get("reps"), "int"), "×1.00 (reference)", DASH, ""])
+        ref = small.get("open_get_s") if _measured(small) else None
+        for t in targets:
+            e = byts.get((b, t))
+            if e is None:
+                continue
+            if not _measured(e):
+                rows.append([b, fmt(e.get("n"), "int"), _size(e.get("payload_bytes_per_block")),
+                             fmt(e.get("target_bytes", 0) / 1e9), DASH, DASH, DASH, DASH, DASH, _skip_cell(e)])
+                continue
+            r = _div(e.get("open_get_s"), ref)
+            goal = _verdict(r, PRODUCT_BYTES_GOAL_RATIO, False) if t == targets[-1] and b in PRODUCT_PERSISTENT else ""
+            rows.append([b, fmt(e.get("blocks"), "int"), _size(e.get("payload_bytes_per_block")),
+                         fmt(e.get("stored_gb")), fmt(_ms(e.get("open_get_s"))), fmt(_ms(e.get("open_get_min_s"))),
+                         fmt(e.get("reps"), "int"), _x(r), goal,
+                         ""])
+    lines = ["### Open + first get vs bytes stored (group `product-open-bytes`)", "",
+              "The same block count as the sweep's smallest N, payloads scaled (1 layer × 2 × 16 tokens × k heads × "
+              "head_dim 128) so the store holds about the stated bytes; one shared store per size, built by the "
+              "first backend. `× small` = open + get ÷ the same backend's open of the small-payload store with the "
+              "same N (group `product-open`). Goal (issue 9: open \"independent of the bytes stored\", made a "
+              f"number here): the largest store ≤ ×{PRODUCT_BYTES_GOAL_RATIO:g} the small one, for art, lmdb and lsm.",
+              ""]
+    lines += table(["backend", "blocks", "payload/block", "stored GB", "open + get ms", "min ms", "reps", "× small",
+                    f"goal ≤ ×{PRODUCT_BYTES_GOAL_RATIO:g}", "note"], rows)
+    lines += [reproduce_line(mode, groups["product-open-bytes"]), ""]
+    return lines
+
+
+def _lookup_lines(mode: str, groups: dict, t: dict) -> list[str]:
+    """Lookup through the store (the lookup columns of `product-open`)."""
+    backends, looks, sizes = t["backends"], t["looks"], t["sizes"]
+    if not any(_measured(e) and "hit_ms" in e for e in looks.values()):
+        return []
+    rows = []
+    for n in sizes:
+        for b in backends:
+            e = looks.get((b, n))
+            if e is None:
+                continue
+            if not _measured(e):
+                continue      # the open table above gives the reason
+            rows.append([f"{n:,}", b, fmt(e.get("lookup_tokens"), "int"), fmt(e.get("hash_ms")), fmt(e.get("hit_ms")),
+                         f"{_x(e.get('hit_over_hash'))} — {_verdict(e.get('hit_over_hash'), PRODUCT_HIT_GOAL_RATIO, False)}",
+                         fmt(e.get("miss_ms")), _verdict(e.get("miss_ms"), PRODUCT_MISS_GOAL_MS, False), ""])
+    lines = ["### Lookup through the store (group `product-open`, the lookup columns)", "",
+              "In the last timed open's process, after its figures were taken: "
+              "`lookup(ident, tokens)` of the lookup prompt stored in every store: all-hit, and all-miss (its first "
+              "token changed, so no block is cached), beside `engine.keys.chain_keys` of the same tokens (hashing "
+              "alone); tokens as a numpy uint32 array; medians in ms (hashing and all-hit interleaved). Goals: "
+              f"all-hit ≤ ×{PRODUCT_HIT_GOAL_RATIO:g} hashing, all-miss ≤ {PRODUCT_MISS_GOAL_MS:g} ms.", ""]
+    lines += table(["N", "backend", "prompt tokens", "hashing ms", "all-hit ms",
+                    f"hit ÷ hashing (goal ≤ ×{PRODUCT_HIT_GOAL_RATIO:g})", "all-miss ms",
+                    f"all-miss goal ≤ {PRODUCT_MISS_GOAL_MS:g} ms", "note"], rows)
+    lines += [reproduce_line(mode, groups["product-open"]), ""]
+    return lines
+
+
+def _memory_lines(mode: str, groups: dict, t: dict) -> list[str]:
+    """Memory per resident block (groups `product-open`, `product-build`)."""
+    sm, opens, backends, sizes = t["sm"], t["opens"], t["backends"], t["sizes"]
+    if "product-open" not in groups:
+        return []
+    rows = []
+    for n in sizes:
+        for b in backends:
+            e = opens.get((b, n))
+            if not _measured(e):
+                continue
+            goal = _rss_goal(n, b, e.get("rss_excess_per_block"), sm["top"].get(b))
+            rows.append([f"{n:,}", b, fmt(e.get("blocks"), "int"), fmt(e.get("rss_per_block")),
+                         fmt(e.get("rss_anon_per_block")), fmt(e.get("rss_file_per_block")),
+                         fmt(e.get("index_disk_per_block")), fmt(e.get("rss_excess_per_block")), goal,
+                         fmt(e.get("rss_after_put_per_block"))])
+    lines = ["### Memory per resident block (groups `product-open`, `product-build`)", "",
+              "Bytes per block: process RSS (`/proc/self/status` VmRSS) after open + first get minus the same "
+              "process's RSS before the open (after the tiny store that loads the backend's code, gc and "
+              "malloc_trim), divided by the blocks stored; RssAnon and RssFile split it (an mmap'd index, LMDB, "
+              "shows as RssFile). `index files` = the index's own directory (`<store>/l1/index*`) per block; "
+              "`beyond index files` = RSS − index files, the figure the goal "
+              f"(≤ {PRODUCT_RSS_GOAL_B:g} B/block on top of the index's own files at N = {PRODUCT_OPEN_GOAL_N:,}, "
+              "art/lmdb/lsm) is about, read literally: RSS per block ≤ index files per block + "
+              f"{PRODUCT_RSS_GOAL_B:g} B (an index whose files are not all resident, LMDB or RocksDB, can come out "
+              "negative). Where N = 1M was not measured the verdict at the largest N is marked indicative. "
+              "`after put` = RSS growth of the building process over its puts (only for the backend that built "
+              "the store). At small N the fixed costs dominate: read the largest N.", ""]
+    lines += table(["N", "backend", "blocks", "RSS B/block", "RssAnon B/block", "RssFile B/block",
+                    "index files B/block", "beyond index files B/block",
+                    f"goal ≤ {PRODUCT_RSS_GOAL_B:g} B at 1M", "after put (in-process) B/block"], rows)
+    return lines
+
+
+def _build_lines(mode: str, groups: dict, t: dict) -> list[str]:
+    """Builds and index bytes per put (group `product-build`)."""
+    backends, builds, sizes, any_e = t["backends"], t["builds"], t["sizes"], t["any_e"]
+    if "product-build" not in groups:
+        return []
+    rows = []
+    for n in sizes:
+        for b in backends:
+            e = builds.get((b, n))
+            if e is None:
+                continue
+            if not _measured(e):
+                rows.append([f"{n:,}", b] + [DASH] * 10 + [_skip_cell(e)])
+                continue
+            rows.append([f"{n:,}", b, fmt(e.get("blocks"), "int"), fmt(e.get("put_calls"), "int"),
+                         fmt(e.get("put_blocks_per_s"), "rate"), fmt(e.get("index_tail_puts"), "int"),
+                         fmt(e.get("index_bytes_per_put"), "int"), fmt(e.get("index_bytes_per_block")),
+                         _txt(e.get("index_bytes_source")), fmt(e.get("index_disk_per_block")),
+                         fmt(e.get("store_bytes"), "mib"), fmt(e.get("rss_after_put_per_block")), ""])
+    srcs = {e.get("index_bytes_source") for e in builds.values() if _measured(e)}
+    lines = ["### Builds and index bytes per put (group `product-build`)", "",
+              f"Each `put` call stores {fmt(any_e.get('batch'), 'int')} blocks, after a first one that stores the "
+              "lookup prompt. `index bytes/put`: what the index's files grew by over the build's last "
+              f"{fmt(any_e.get('index_tail_puts') or 8, 'int')} puts (fewer when the build has fewer) ÷ those puts; "
+              "`/block` ÷ their blocks; `index files` = the index's directory after close, per block stored"
+              + (" — `store.stats()[\"l1\"]` does not expose the index's own `bytes_written`, so this is the net "
+                 "growth of its directory (os.walk), not the bytes it wrote (a compaction or snapshot rewrite is "
+                 "not counted)" if "stats" not in srcs else "") + "; memory-only backends write no index file. "
+              "Build rates are with fsync masked (not durable put rates).", ""]
+    lines += table(["N", "backend", "blocks", "put calls", "blocks/s (fsync masked)", "measured puts",
+                    "index bytes/put", "index bytes/block", "measured by", "index files B/block", "store MiB",
+                    "RSS after put B/block", "note"], rows)
+    lines += [reproduce_line(mode, groups["product-build"]), ""]
+    return lines
+
+
 def product_section(mode: str, groups: dict, plots, q: dict) -> list[str]:
     available = q.get("index_backends") or []
     sm = product_open_summary(groups, available)
@@ -108,154 +285,12 @@ def product_section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         "and verdict is from this run.",
         "",
     ]
-    # -- open vs blocks
-    if "product-open" in groups:
-        rows = []
-        for n in sizes:
-            for b in backends:
-                e = opens.get((b, n))
-                if not _measured(e):
-                    if e is not None or (b, n) in builds:
-                        rows.append([f"{n:,}", b] + [DASH] * 8 + [_skip_cell(e or builds.get((b, n)))])
-                    continue
-                rows.append([f"{n:,}", b, fmt(_ms(e.get("open_get_s"))), fmt(_ms(e.get("open_get_min_s"))),
-                             fmt(_ms(e.get("open_s"))), fmt(_ms(e.get("get_s"))), fmt(e.get("reps"), "int"),
-                             f"{fmt(_ms(e.get('first_open_s')))} ({_txt(e.get('first_open_note'))})",
-                             fmt(_ms(e.get("code_load_s"))), _open_goal(n, b, e.get("open_get_s"), sm["top"].get(b)),
-                             _txt(e.get("store_built_by"))])
-        lines += ["### Open + first get vs blocks stored (group `product-open`)", "",
-                  f"`open + get` = `BlockStore.open` + one `get` of one stored block, median of `reps` processes. "
-                  f"Goal: ≤ {PRODUCT_OPEN_GOAL_S:g} s at N = {PRODUCT_OPEN_GOAL_N:,} for art, lmdb and lsm.", ""]
-        lines += table(["N", "backend", "open + get ms", "min ms", "open ms", "get ms", "reps", "first open ms", "code load ms",
-                        f"goal ≤ {PRODUCT_OPEN_GOAL_S:g} s at 1M", "built by / note"], rows)
-        missing = [b for b in backends if b in PRODUCT_PERSISTENT and sm["top"].get(b) != PRODUCT_OPEN_GOAL_N]
-        if missing:
-            largest = ", ".join(f"{b} {sm['top'][b]:,}" for b in missing if b in sm["top"]) or DASH
-            lines += [f"Not measured at N = {PRODUCT_OPEN_GOAL_N:,} in this run: {', '.join(missing)} "
-                      f"(largest N measured: {largest}); "
-                      "the skipped rows give the reason. Memory-only backends (flat, sorted) rebuild from the WAL at "
-                      "every open, O(N) by design.", ""]
-        lines += [reproduce_line(mode, groups["product-open"]), ""]
-    # -- open vs bytes
-    if "product-open-bytes" in groups:
-        rows = []
-        targets = sorted({t for (_b, t) in byts})
-        for b in backends:
-            n0 = next((e.get("n") for (bb, _t), e in byts.items() if bb == b), None)
-            small = opens.get((b, n0)) if n0 is not None else None
-            small_build = builds.get((b, n0)) if n0 is not None else None
-            if _measured(small):
-                rows.append([b, f"{fmt(n0, 'int')}", _size(small.get("payload_bytes_per_block")),
-                             fmt((small.get("store_bytes") or (small_build or {}).get("store_bytes") or 0) / 1e9),
-                             fmt(_ms(small.get("open_get_s"))), fmt(_ms(small.get("open_get_min_s"))),
-                             fmt(small.get("reps"), "int"), "×1.00 (reference)", DASH, ""])
-            ref = small.get("open_get_s") if _measured(small) else None
-            for t in targets:
-                e = byts.get((b, t))
-                if e is None:
-                    continue
-                if not _measured(e):
-                    rows.append([b, fmt(e.get("n"), "int"), _size(e.get("payload_bytes_per_block")),
-                                 fmt(e.get("target_bytes", 0) / 1e9), DASH, DASH, DASH, DASH, DASH, _skip_cell(e)])
-                    continue
-                r = _div(e.get("open_get_s"), ref)
-                goal = _verdict(r, PRODUCT_BYTES_GOAL_RATIO, False) if t == targets[-1] and b in PRODUCT_PERSISTENT else ""
-                rows.append([b, fmt(e.get("blocks"), "int"), _size(e.get("payload_bytes_per_block")),
-                             fmt(e.get("stored_gb")), fmt(_ms(e.get("open_get_s"))), fmt(_ms(e.get("open_get_min_s"))),
-                             fmt(e.get("reps"), "int"), _x(r), goal,
-                             ""])
-        lines += ["### Open + first get vs bytes stored (group `product-open-bytes`)", "",
-                  "The same block count as the sweep's smallest N, payloads scaled (1 layer × 2 × 16 tokens × k heads × "
-                  "head_dim 128) so the store holds about the stated bytes; one shared store per size, built by the "
-                  "first backend. `× small` = open + get ÷ the same backend's open of the small-payload store with the "
-                  "same N (group `product-open`). Goal (issue 9: open \"independent of the bytes stored\", made a "
-                  f"number here): the largest store ≤ ×{PRODUCT_BYTES_GOAL_RATIO:g} the small one, for art, lmdb and lsm.",
-                  ""]
-        lines += table(["backend", "blocks", "payload/block", "stored GB", "open + get ms", "min ms", "reps", "× small",
-                        f"goal ≤ ×{PRODUCT_BYTES_GOAL_RATIO:g}", "note"], rows)
-        lines += [reproduce_line(mode, groups["product-open-bytes"]), ""]
+    t = dict(sm=sm, opens=opens, backends=backends, builds=builds, looks=looks, byts=byts, sizes=sizes, any_e=any_e,
+             available=available)
+    lines += _open_lines(mode, groups, t) + _bytes_lines(mode, groups, t)
     lines += _plot_line(plots, "product-open.png")
-    # -- lookup
-    if any(_measured(e) and "hit_ms" in e for e in looks.values()):
-        rows = []
-        for n in sizes:
-            for b in backends:
-                e = looks.get((b, n))
-                if e is None:
-                    continue
-                if not _measured(e):
-                    continue      # the open table above gives the reason
-                rows.append([f"{n:,}", b, fmt(e.get("lookup_tokens"), "int"), fmt(e.get("hash_ms")), fmt(e.get("hit_ms")),
-                             f"{_x(e.get('hit_over_hash'))} — {_verdict(e.get('hit_over_hash'), PRODUCT_HIT_GOAL_RATIO, False)}",
-                             fmt(e.get("miss_ms")), _verdict(e.get("miss_ms"), PRODUCT_MISS_GOAL_MS, False), ""])
-        lines += ["### Lookup through the store (group `product-open`, the lookup columns)", "",
-                  "In the last timed open's process, after its figures were taken: "
-                  "`lookup(ident, tokens)` of the lookup prompt stored in every store: all-hit, and all-miss (its first "
-                  "token changed, so no block is cached), beside `engine.keys.chain_keys` of the same tokens (hashing "
-                  "alone); tokens as a numpy uint32 array; medians in ms (hashing and all-hit interleaved). Goals: "
-                  f"all-hit ≤ ×{PRODUCT_HIT_GOAL_RATIO:g} hashing, all-miss ≤ {PRODUCT_MISS_GOAL_MS:g} ms.", ""]
-        lines += table(["N", "backend", "prompt tokens", "hashing ms", "all-hit ms",
-                        f"hit ÷ hashing (goal ≤ ×{PRODUCT_HIT_GOAL_RATIO:g})", "all-miss ms",
-                        f"all-miss goal ≤ {PRODUCT_MISS_GOAL_MS:g} ms", "note"], rows)
-        lines += [reproduce_line(mode, groups["product-open"]), ""]
-    # -- memory
-    if "product-open" in groups:
-        rows = []
-        for n in sizes:
-            for b in backends:
-                e = opens.get((b, n))
-                if not _measured(e):
-                    continue
-                goal = _rss_goal(n, b, e.get("rss_excess_per_block"), sm["top"].get(b))
-                rows.append([f"{n:,}", b, fmt(e.get("blocks"), "int"), fmt(e.get("rss_per_block")),
-                             fmt(e.get("rss_anon_per_block")), fmt(e.get("rss_file_per_block")),
-                             fmt(e.get("index_disk_per_block")), fmt(e.get("rss_excess_per_block")), goal,
-                             fmt(e.get("rss_after_put_per_block"))])
-        lines += ["### Memory per resident block (groups `product-open`, `product-build`)", "",
-                  "Bytes per block: process RSS (`/proc/self/status` VmRSS) after open + first get minus the same "
-                  "process's RSS before the open (after the tiny store that loads the backend's code, gc and "
-                  "malloc_trim), divided by the blocks stored; RssAnon and RssFile split it (an mmap'd index, LMDB, "
-                  "shows as RssFile). `index files` = the index's own directory (`<store>/l1/index*`) per block; "
-                  "`beyond index files` = RSS − index files, the figure the goal "
-                  f"(≤ {PRODUCT_RSS_GOAL_B:g} B/block on top of the index's own files at N = {PRODUCT_OPEN_GOAL_N:,}, "
-                  "art/lmdb/lsm) is about, read literally: RSS per block ≤ index files per block + "
-                  f"{PRODUCT_RSS_GOAL_B:g} B (an index whose files are not all resident, LMDB or RocksDB, can come out "
-                  "negative). Where N = 1M was not measured the verdict at the largest N is marked indicative. "
-                  "`after put` = RSS growth of the building process over its puts (only for the backend that built "
-                  "the store). At small N the fixed costs dominate: read the largest N.", ""]
-        lines += table(["N", "backend", "blocks", "RSS B/block", "RssAnon B/block", "RssFile B/block",
-                        "index files B/block", "beyond index files B/block",
-                        f"goal ≤ {PRODUCT_RSS_GOAL_B:g} B at 1M", "after put (in-process) B/block"], rows)
-    # -- builds and index bytes per put
-    if "product-build" in groups:
-        rows = []
-        for n in sizes:
-            for b in backends:
-                e = builds.get((b, n))
-                if e is None:
-                    continue
-                if not _measured(e):
-                    rows.append([f"{n:,}", b] + [DASH] * 10 + [_skip_cell(e)])
-                    continue
-                rows.append([f"{n:,}", b, fmt(e.get("blocks"), "int"), fmt(e.get("put_calls"), "int"),
-                             fmt(e.get("put_blocks_per_s"), "rate"), fmt(e.get("index_tail_puts"), "int"),
-                             fmt(e.get("index_bytes_per_put"), "int"), fmt(e.get("index_bytes_per_block")),
-                             _txt(e.get("index_bytes_source")), fmt(e.get("index_disk_per_block")),
-                             fmt(e.get("store_bytes"), "mib"), fmt(e.get("rss_after_put_per_block")), ""])
-        srcs = {e.get("index_bytes_source") for e in builds.values() if _measured(e)}
-        lines += ["### Builds and index bytes per put (group `product-build`)", "",
-                  f"Each `put` call stores {fmt(any_e.get('batch'), 'int')} blocks, after a first one that stores the "
-                  "lookup prompt. `index bytes/put`: what the index's files grew by over the build's last "
-                  f"{fmt(any_e.get('index_tail_puts') or 8, 'int')} puts (fewer when the build has fewer) ÷ those puts; "
-                  "`/block` ÷ their blocks; `index files` = the index's directory after close, per block stored"
-                  + (" — `store.stats()[\"l1\"]` does not expose the index's own `bytes_written`, so this is the net "
-                     "growth of its directory (os.walk), not the bytes it wrote (a compaction or snapshot rewrite is "
-                     "not counted)" if "stats" not in srcs else "") + "; memory-only backends write no index file. "
-                  "Build rates are with fsync masked (not durable put rates).", ""]
-        lines += table(["N", "backend", "blocks", "put calls", "blocks/s (fsync masked)", "measured puts",
-                        "index bytes/put", "index bytes/block", "measured by", "index files B/block", "store MiB",
-                        "RSS after put B/block", "note"], rows)
-        lines += [reproduce_line(mode, groups["product-build"]), ""]
+    for part in (_lookup_lines, _memory_lines, _build_lines):
+        lines += part(mode, groups, t)
     # -- how much the index choice matters
     spread = product_spread(groups, available)
     if spread:
