@@ -185,7 +185,7 @@ def test_report_vllm_first_request_and_verify_sections(tmp_path):
     report = write_report(src, tmp_path / "out").read_text()
     headline = report[report.index("## Headline figures"):report.index("## Contents")]
     assert "| vLLM TTFT: Quiver after a restart vs recompute | 100 ms vs 500 ms: ×5.00" in headline
-    assert "cold-install: art 1.31 s: **missed** (art); restart: art 0.51 s: met" in headline
+    assert "cold-install: art 1.31 s: **missed**: art; restart: art 0.51 s: met" in headline
     assert "`quiver verify` ÷ raw read of the same files | cold: 1.05 MB/s wall (×0.001 of 1,000 MB/s)" in headline
     vsec = report[report.index('<a id="vllm">'):]
     assert "| 512 | Quiver L1, after a restart | 100 | ×5.00 | 5,440 | ×2.00 | 512 | L1 16 blocks | 10 | 10.00% |" in vsec
