@@ -37,6 +37,7 @@ identities' bytes and must never be used for real.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import logging
@@ -44,6 +45,7 @@ import math
 import numbers
 import os
 import queue
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -54,6 +56,7 @@ import numpy as np
 
 from quiver import index_backends
 from quiver.engine import codecs, quant
+from quiver.engine import config as _config
 from quiver.engine import envelope as _envelope
 from quiver.engine.envelope import (
     decode_block_into,
@@ -85,6 +88,7 @@ from quiver.engine.errors import (
 from quiver.engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
 from quiver.engine.identity import CacheIdentity
 from quiver.engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
+from quiver.engine.metrics import latency_snapshot, new_latency
 from quiver.engine.owed_journal import OwedJournal
 
 TIERS = ("l0", "l1", "l2")
@@ -337,7 +341,10 @@ def _s3_option_names() -> set[str]:
     """The keyword arguments tier.s3.S3ObjectStore accepts (read from its signature)."""
     import inspect
 
-    from quiver.tier.s3 import S3ObjectStore
+    try:
+        from quiver.tier.s3 import S3ObjectStore
+    except ImportError as exc:
+        raise StoreConfigError(f"an s3:// object_store needs boto3: pip install 'quiver-kv[s3]' ({exc})") from exc
 
     params = inspect.signature(S3ObjectStore.__init__).parameters.values()
     return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {
@@ -346,7 +353,10 @@ def _s3_option_names() -> set[str]:
 
 def _check_path(path: Any) -> str:
     """The store's absolute path; StoreConfigError for None, non-paths, "" and existing non-directories."""
-    if path is None or not isinstance(path, (str, os.PathLike)):
+    if path is None:
+        raise StoreConfigError(f"path is required: an argument, ${_config.OPTIONS['path'].env} or "
+                               f"path in the config file")
+    if not isinstance(path, (str, os.PathLike)):
         raise StoreConfigError(f"path must be a str or os.PathLike naming a directory, got {path!r}")
     p = os.fspath(path)
     if not isinstance(p, str):
@@ -403,6 +413,14 @@ def _check_open_options(o: dict) -> None:
             raise bad(name, "a bool")
     if o["guard"] is not None and not _is_bool(o["guard"]):
         raise bad("guard", "a bool or None")
+    port = o["metrics_port"]
+    if port is not None:
+        if not _is_int(port) or not 0 <= port <= 65535:
+            raise bad("metrics_port", "a TCP port (an int 0..65535; 0: any free port) or None")
+        import importlib.util
+
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise StoreConfigError("metrics_port needs prometheus_client: pip install 'quiver-kv[metrics]'")
     opts = o["s3_options"]
     if opts is None:
         return
@@ -437,26 +455,33 @@ class BlockStore:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] = _config.UNSET,
         *,
-        index: str | None = None,
-        object_store: str | os.PathLike[str] | None = None,
-        ram_bytes: int = 256 * MiB,
-        ram_slot_bytes: int | None = None,
-        ram_policy: str = "lru",
-        disk_bytes: int | str | None = None,
-        l2_mode: str = "sync",
-        l2_queue_max: int = 256,
-        l2_enqueue_timeout_s: float = 1.0,
-        l2_retry_interval_s: float = 5.0,
-        manifest_batch: int = 1024,
-        bootstrap: bool = True,
-        codec: str = "none",
-        guard: bool | None = None,
-        naive: bool = False,
-        s3_options: dict | None = None,
+        index: str | None = _config.UNSET,
+        object_store: str | os.PathLike[str] | None = _config.UNSET,
+        ram_bytes: int = _config.UNSET,
+        ram_slot_bytes: int | None = _config.UNSET,
+        ram_policy: str = _config.UNSET,
+        disk_bytes: int | str | None = _config.UNSET,
+        l2_mode: str = _config.UNSET,
+        l2_queue_max: int = _config.UNSET,
+        l2_enqueue_timeout_s: float = _config.UNSET,
+        l2_retry_interval_s: float = _config.UNSET,
+        manifest_batch: int = _config.UNSET,
+        bootstrap: bool = _config.UNSET,
+        codec: str = _config.UNSET,
+        guard: bool | None = _config.UNSET,
+        naive: bool = _config.UNSET,
+        s3_options: dict | None = _config.UNSET,
+        metrics_port: int | None = _config.UNSET,
+        config: str | os.PathLike[str] | None = None,
     ) -> "BlockStore":
         """Open (creating if needed) the store at ``path``.
+
+        Each option not given here comes from ``QUIVER_<OPTION>`` in the
+        environment, else from the TOML file ``config`` (or ``$QUIVER_CONFIG``),
+        else its default (engine.config.OPTIONS; docs/CONFIG.md): a deployment
+        configures the store without code, and code that passes an option keeps it.
 
         index:        residency-index backend of the disk tier; default "art"
                       when index_backends.available() has it, else "flat".
@@ -464,8 +489,8 @@ class BlockStore:
                       a directory (shared by processes on one machine); or
                       "s3://bucket/prefix" (standard AWS configuration chain,
                       ``s3_options`` such as endpoint_url/profile/create_bucket).
-        ram_bytes:    L0 arena size (0 = no L0); ``ram_slot_bytes`` defaults to the
-                      envelope bound of the first identity stored.
+        ram_bytes:    L0 arena size (default 256 MiB; 0 = no L0); ``ram_slot_bytes``
+                      defaults to the envelope bound of the first identity stored.
         disk_bytes:   L1 capacity; LRU eviction beyond it (before a put that would cross
                       it, and at open).  None or "auto" (default): half of what the
                       volume could hold at open, i.e. tier.disk.DEFAULT_DISK_FRACTION x
@@ -476,32 +501,50 @@ class BlockStore:
                       "zstd"; "int8" makes a lossy-only store.  An identity with
                       kv_quant="int8-channel" is always stored with the lossy int8
                       codec; LossyCodecError where codec and kv_quant disagree.
-        l2_mode:      "sync" (put returns after L2 has the blocks) or "background"
-                      (a bounded queue of ``l2_queue_max`` envelopes).
+        l2_mode:      "sync" (default: put returns after L2 has the blocks) or
+                      "background" (a bounded queue of ``l2_queue_max`` keys).
         guard:        the identity guard on every get; None (default) = on, except
                       in naive mode.  guard=False is for measuring its cost only.
         naive:        UNSAFE, study only: keys from tokens alone, no identity in
                       them (and, unless guard=True, no guard).
+        metrics_port: serve Prometheus metrics (engine.metrics) on this port while
+                      the store is open (0: any free port, see ``metrics_port``
+                      attribute); needs prometheus_client.
         """
-        return cls(
-            path, index=index, object_store=object_store, ram_bytes=ram_bytes, ram_slot_bytes=ram_slot_bytes,
-            ram_policy=ram_policy, disk_bytes=disk_bytes, l2_mode=l2_mode, l2_queue_max=l2_queue_max,
-            l2_enqueue_timeout_s=l2_enqueue_timeout_s, l2_retry_interval_s=l2_retry_interval_s,
-            manifest_batch=manifest_batch, bootstrap=bootstrap, codec=codec, guard=guard, naive=naive,
-            s3_options=s3_options,
-        )
+        given = {k: v for k, v in locals().items() if k not in ("cls", "config") and v is not _config.UNSET}
+        opts, sources = _config.resolve(given, config=config)
+        try:
+            return cls(opts.pop("path"), **opts, sources=sources)
+        except StoreConfigError as exc:  # say where a value that is not a keyword came from
+            m = re.match(r"(\w+)", str(exc))
+            src = sources.get(m[1]) if m else None
+            if src in (None, "keyword", "default"):
+                raise
+            raise StoreConfigError(f"{exc} (from {src})") from exc
 
     def __init__(self, path, *, index, object_store, ram_bytes, ram_slot_bytes, ram_policy, disk_bytes,
                  l2_mode, l2_queue_max, l2_enqueue_timeout_s, l2_retry_interval_s, manifest_batch,
-                 bootstrap, codec, guard, naive, s3_options) -> None:
+                 bootstrap, codec, guard, naive, s3_options, metrics_port=None, sources=None) -> None:
         # Everything is checked before the directory is created or locked: a bad call writes nothing.
         opts = dict(index=index, object_store=object_store, ram_bytes=ram_bytes, ram_slot_bytes=ram_slot_bytes,
                     ram_policy=ram_policy, disk_bytes=disk_bytes, l2_mode=l2_mode, l2_queue_max=l2_queue_max,
                     l2_enqueue_timeout_s=l2_enqueue_timeout_s, l2_retry_interval_s=l2_retry_interval_s,
                     manifest_batch=manifest_batch, bootstrap=bootstrap, codec=codec, guard=guard, naive=naive,
-                    s3_options=s3_options)
+                    s3_options=s3_options, metrics_port=metrics_port)
         path = _check_path(path)
         _check_open_options(opts)
+        # stats()["config"]: what this handle runs with (JSON-safe; s3_options by name only:
+        # an endpoint URL may carry credentials) and where each value came from.
+        self._config = dict(
+            path=path, object_store=None if object_store is None else os.fspath(object_store),
+            ram_bytes=int(ram_bytes), ram_slot_bytes=None if ram_slot_bytes is None else int(ram_slot_bytes),
+            ram_policy=ram_policy, disk_bytes=disk_bytes if disk_bytes is None or isinstance(disk_bytes, str)
+            else int(disk_bytes), l2_mode=l2_mode, l2_queue_max=int(l2_queue_max),
+            l2_enqueue_timeout_s=float(l2_enqueue_timeout_s), l2_retry_interval_s=float(l2_retry_interval_s),
+            manifest_batch=int(manifest_batch), bootstrap=bool(bootstrap), codec=codec,
+            s3_options=sorted(s3_options or {}), metrics_port=None if metrics_port is None else int(metrics_port),
+            sources=dict(sources or {}),
+        )
         if disk_bytes is None:  # the default budget (tier.disk.auto_budget, docs/STORE.md)
             from quiver.tier.disk import AUTO
 
@@ -563,6 +606,10 @@ class BlockStore:
             bootstrap_keys=0, l0_busy=0, journal_appends=0, journal_compactions=0, l1_promote_failures=0,
         )
         self.bootstrap_s = 0.0
+        # Latency histograms (engine.metrics): op -> tier -> Histogram, guarded by _lock.
+        self._lat = new_latency()
+        self.metrics_port: int | None = None  # the port serving metrics (metrics_port=0: the one picked)
+        self._metrics_server = None
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -570,6 +617,8 @@ class BlockStore:
         self._take_lock()
         try:
             self._open_tiers(index, object_store, disk_bytes, s3_options or {}, bootstrap)
+            if metrics_port is not None:
+                self._serve_metrics(int(metrics_port))
         except BaseException:
             try:
                 self._release_everything()  # always unlocks, whatever else fails
@@ -578,6 +627,17 @@ class BlockStore:
             raise
 
     # ------------------------------------------------------------------ opening
+    def _serve_metrics(self, port: int) -> None:
+        """Serve this store's metrics over HTTP (a registry of its own) until close."""
+        from quiver.engine.metrics import serve
+
+        try:
+            _registry, server, _thread = serve(self, port)
+        except OSError as exc:
+            raise StoreConfigError(f"metrics_port {port}: cannot listen ({exc.strerror or exc})") from exc
+        self._metrics_server = server
+        self.metrics_port = server.server_port
+
     def _take_lock(self) -> None:
         # The store directory itself is locked: a lock file could be unlinked by
         # a cleaner of stale files while we run, and a second writer get in.
@@ -668,24 +728,36 @@ class BlockStore:
         cached costs a few hashes, not the whole prompt's.  Past L1's prefix a
         block may still be in L0 or known in L2; past that, L2 is asked by key
         (HEAD), so another process's blocks are found without any listing.  An
-        unreachable L2 counts as a miss here (``stats()["l2_lookup_errors"]``):
+        unreachable L2 counts as a miss here (``stats()["counters"]["l2_lookup_errors"]``):
         lookup is advisory, and get reports the error."""
         self._check_open()
         _check_identity(ident)
         ns = NAIVE_NAMESPACE if self.naive else ident.namespace
+        t0 = time.perf_counter()
         with self._lock:
             self._n["lookups"] += 1
         n = 0
-        for batch in self._iter_chain(ident, token_ids):
-            skeys = [ns + k for k in batch]
-            with _translated("disk tier lookup"):
-                hit = self._disk.longest_prefix(skeys)
-            for skey in skeys[hit:]:
-                if not (self._in_ram(skey) or skey in self._l2_known or self._l2_head(skey)):
-                    return n + hit
-                hit += 1
-            n += hit
-        return n
+        try:
+            for batch in self._iter_chain(ident, token_ids):
+                skeys = [ns + k for k in batch]
+                t1 = time.perf_counter()
+                with _translated("disk tier lookup"):
+                    hit = self._disk.longest_prefix(skeys)
+                self._observe("lookup", "l1", t1)
+                for skey in skeys[hit:]:
+                    if not (self._in_ram(skey) or skey in self._l2_known or self._l2_head(skey)):
+                        return n + hit
+                    hit += 1
+                n += hit
+            return n
+        finally:
+            self._observe("lookup", "all", t0)
+
+    def _observe(self, op: str, tier: str, t0: float) -> None:
+        """Record the latency since ``t0`` (time.perf_counter) in op/tier's histogram."""
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._lat[op][tier].observe(dt)
 
     def _iter_chain(self, ident: CacheIdentity, token_ids):
         if self.naive:
@@ -707,13 +779,16 @@ class BlockStore:
 
         with self._lock:
             self._n["l2_heads"] += 1
+        t0 = time.perf_counter()
         try:
             with _translated("L2 head"), deadline(self.L2_LOOKUP_TIMEOUT_S):
                 size = self._l2.head(skey)
         except (ObjectStoreUnreachableError, ObjectStoreAuthError, ObjectStoreRequestError):
             with self._lock:
                 self._n["l2_lookup_errors"] += 1
+                self._lat["lookup"]["l2"].observe(time.perf_counter() - t0)
             return False
+        self._observe("lookup", "l2", t0)
         if size is None:
             return False
         with self._lock:
@@ -730,6 +805,13 @@ class BlockStore:
         how many blocks were newly written.  In sync L2 mode an L2 failure
         raises its typed error *after* L1 holds every block (they are retried
         later, also after a crash: see PENDING_L2)."""
+        t0 = time.perf_counter()
+        try:
+            return self._put(ident, token_ids, blocks)
+        finally:
+            self._observe("put", "all", t0)
+
+    def _put(self, ident: CacheIdentity, token_ids, blocks) -> int:
         self._check_open()
         _check_identity(ident)
         codec = self._codec_for(ident)
@@ -771,9 +853,11 @@ class BlockStore:
             with self._lock:
                 l2_todo = [] if self._l2 is None else [item for item in items if item[0] not in self._l2_known]
             self._journal_owed([sk for sk, _ in l2_todo])  # before L1: no crash window loses them
+            t1 = time.perf_counter()
             self._disk_put_many(items, "disk tier put")
             durable = True
             with self._lock:
+                self._lat["put"]["l1"].observe(time.perf_counter() - t1)
                 self._n["put_blocks"] += len(items)
                 self._n["put_in_slot"] += len(reserved)
                 self._n["put_heap"] += len(items) - len(reserved)
@@ -1014,9 +1098,15 @@ class BlockStore:
                 return
 
     def _publish_l2(self, skey: bytes, env) -> None:
-        with _translated("L2 put"):
-            created = self._l2.put(skey, env)
+        t0 = time.perf_counter()
+        try:
+            with _translated("L2 put"):
+                created = self._l2.put(skey, env)
+        except BaseException:
+            self._observe("put", "l2", t0)  # a failed try's time counts too (a hung L2 shows here)
+            raise
         with self._lock:
+            self._lat["put"]["l2"].observe(time.perf_counter() - t0)
             self._l2_known.add(skey)
             self._n["l2_published" if created else "l2_existing"] += 1
             self._retry.pop(skey, None)
@@ -1182,6 +1272,13 @@ class BlockStore:
         of per-block ones) and returns it.  Raises BlockNotFoundError for a
         block no tier holds, IdentityMismatchError when the guard refuses a
         stored block, an EnvelopeError when every copy found was corrupt."""
+        t0 = time.perf_counter()
+        try:
+            return self._get(ident, token_ids, n_blocks, out)
+        finally:
+            self._observe("get", "all", t0)
+
+    def _get(self, ident: CacheIdentity, token_ids, n_blocks: int | None, out):
         self._check_open()
         _check_identity(ident)
         _check_quant(ident)
@@ -1241,17 +1338,20 @@ class BlockStore:
         """One block from the fastest tier holding it, verified; promotes it
         upwards (to L0 at once; an L2 hit is appended to ``from_l2`` for L1)."""
         corrupt: EnvelopeError | None = None
+        t0 = time.perf_counter()
         with self._lock:  # L0 slots are reused on eviction: decode under the lock
             view = self._ram.get(skey) if self._ram is not None else None
             if view is not None:
                 try:
                     self._decode(view, want, dst, ident)
                     self._n["l0_hits"] += 1
+                    self._lat["get"]["l0"].observe(time.perf_counter() - t0)
                     return
                 except EnvelopeError as exc:
                     corrupt = exc
                     self._ram.delete(skey)
                     self._n["corrupt_l0"] += 1
+        t1 = time.perf_counter()
         try:
             with _translated("disk tier get"):
                 env = self._disk.get(skey)
@@ -1271,9 +1371,11 @@ class BlockStore:
             else:
                 with self._lock:
                     self._n["l1_hits"] += 1
+                    self._lat["get"]["l1"].observe(time.perf_counter() - t1)
                 self._ram_put(skey, env, ident)
                 return
         if self._l2 is not None:
+            t2 = time.perf_counter()
             try:
                 with _translated("L2 get"):
                     env = self._l2.get(skey)
@@ -1290,6 +1392,7 @@ class BlockStore:
                     raise type(exc)(f"L2 copy of block {skey[16:24].hex()}: {exc}") from exc
                 with self._lock:
                     self._n["l2_hits"] += 1
+                    self._lat["get"]["l2"].observe(time.perf_counter() - t2)
                     self._l2_known.add(skey)
                 from_l2.append((skey, env))
                 self._ram_put(skey, env, ident)
@@ -1303,23 +1406,38 @@ class BlockStore:
         raise BlockNotFoundError(f"block {skey[16:24].hex()} is in no tier (lookup says how many are)")
 
     # ------------------------------------------------------------------ misc
+    #: stats()["gauges"]: values that go up and down (the rest of _n only counts up).
+    _GAUGES = ("bootstrap_keys",)
+
     def stats(self) -> dict:
-        """Counters of this handle plus each tier's own stats."""
+        """This handle's numbers as plain data (``json.dumps`` takes it): docs/STORE.md,
+        "Stats and metrics", has the schema.  engine.metrics exports it to Prometheus.
+
+        ``counters`` only go up (since open); ``gauges`` are current levels;
+        ``residency`` the blocks each tier holds; ``config`` the options in use
+        and where each came from; ``tiers`` each tier's own stats (None where a
+        tier is absent); ``latency`` histograms per operation and tier."""
         with self._lock:
-            out: dict[str, Any] = dict(self._n)
-            out.update(
-                guard=self.guard, naive=self.naive, index=self.index, codec=self.codec, l2_mode=self.l2_mode,
+            counters = dict(self._n)
+            gauges = {k: counters.pop(k) for k in self._GAUGES}
+            gauges.update(
                 l2_retry_pending=len(self._retry), l2_owed=len(self._owed), bootstrap_s=self.bootstrap_s,
                 l2_queue=self._queue.unfinished_tasks if self._queue is not None else 0,
-                residency={"l0": len(self._ram) if self._ram is not None else 0,
-                           "l1": len(self._disk) if self._disk is not None else 0,
-                           "l2": len(self._l2_known)},  # L2: the keys known to be there
-                l0=self._ram.stats() if self._ram is not None else None,
             )
+            residency = {"l0": len(self._ram) if self._ram is not None else 0,
+                         "l1": len(self._disk) if self._disk is not None else 0,
+                         "l2": len(self._l2_known)}  # L2: the keys known to be there
+            l0 = dataclasses.asdict(self._ram.stats()) if self._ram is not None else None
+            latency = latency_snapshot(self._lat)
+        config = dict(self._config, index=self.index, guard=self.guard, naive=self.naive)
         disk, l2 = self._disk, self._l2  # close() may clear them meanwhile
-        out["l1"] = disk.stats() if disk is not None else None
-        out["l2"] = repr(l2) if l2 is not None else None
-        return out
+        l1 = dataclasses.asdict(disk.stats()) if disk is not None else None
+        l2s = None
+        if l2 is not None:
+            l2s = l2.stats()
+            l2s["attached"] = self._l2_attached
+        return {"counters": counters, "gauges": gauges, "residency": residency, "config": config,
+                "tiers": {"l0": l0, "l1": l1, "l2": l2s}, "latency": latency}
 
     # ------------------------------------------------------------------ pending L2 journal
     # PENDING_L2 holds the keys owed to L2: appended (and fsynced) by put
@@ -1422,6 +1540,10 @@ class BlockStore:
         whatever anything raised (a full disk failing the ART snapshot at close
         must not leave the store unopenable by this process).  Only typed errors
         come out: an untyped one becomes StoreIOError, its cause chained."""
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:  # first: no scrape runs while the tiers close
+            server.shutdown()
+            server.server_close()
         try:
             try:
                 if self._worker is not None:

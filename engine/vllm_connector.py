@@ -686,7 +686,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _tier_hits(self, before: dict | None = None) -> dict:
         """The store's hit counters (the difference from ``before`` when given): which tier served a load."""
-        st = self.store.stats()
+        st = self.store.stats()["counters"]
         now = {k: int(st.get(k, 0)) for k in self._HIT_KEYS}
         return now if before is None else {k: now[k] - before[k] for k in now}
 

@@ -386,7 +386,7 @@ def _enospc_case(mnt: str, disk: int, budget: str) -> dict:
     if not ok:
         out["first_error"] = f"open: {type(a).__name__}: {a}"[:200]
         return out | _calls_info(calls)
-    out["l1_capacity"] = a.stats()["l1"].capacity_bytes
+    out["l1_capacity"] = a.stats()["tiers"]["l1"]["capacity_bytes"]
     acked: list[int] = []
     t0 = time.perf_counter()
     for i in range(offered):
@@ -404,7 +404,7 @@ def _enospc_case(mnt: str, disk: int, budget: str) -> dict:
         break
     out["put_s"] = time.perf_counter() - t0
     out["acked"] = len(acked)
-    out["evicted"] = a.stats()["l1"].evictions
+    out["evicted"] = a.stats()["tiers"]["l1"]["evictions"]
     out["used_at_refusal"] = shutil.disk_usage(mnt).used
     if out["refused_at"] is not None:  # the same handle, after ENOSPC
         readable, wrong, failed = _read_back(calls, a, acked)
@@ -415,7 +415,7 @@ def _enospc_case(mnt: str, disk: int, budget: str) -> dict:
     ok, b = calls(lambda: BlockStore.open(path, ram_bytes=0, disk_bytes=disk_bytes))
     out["reopen_ok"] = ok
     if ok:
-        out["evicted"] += b.stats()["l1"].evictions  # evictions at open (the budget), not losses
+        out["evicted"] += b.stats()["tiers"]["l1"]["evictions"]  # evictions at open (the budget), not losses
         readable, wrong, failed = _read_back(calls, b, acked)
         out.update(readable_after_reopen=readable, read_errors_after_reopen=failed)
         out["wrong"] += wrong
@@ -428,7 +428,7 @@ def _enospc_case(mnt: str, disk: int, budget: str) -> dict:
     if ok:
         out["used_after_small_open"] = shutil.disk_usage(mnt).used
         out["freed_bytes"] = out["used_before"] - out["used_after_small_open"]
-        out["small_used_bytes"] = c.stats()["l1"].used_bytes
+        out["small_used_bytes"] = c.stats()["tiers"]["l1"]["used_bytes"]
         new = offered + ENOSPC_EXTRA_PUTS + 1
         ok, _ = calls(lambda: c.put(ENOSPC_IDENT, _enospc_tokens(new), _enospc_block(new)))
         readable, wrong, _failed = _read_back(calls, c, [new] + acked)
@@ -682,7 +682,7 @@ def _hung_case(root: str, breaker: str, onset: str, upstream) -> dict:
         out["put_stored"] = n
         out["put_l1_kept"] = store.lookup(IDENT, _prompt(1)[:32]) == len(blocks)
         out["flush_s"], out["flush_owed"], out["flush_error"] = _timed(lambda: store.flush_l2(timeout_s=L2_BUDGET_S))
-        st = store.stats()
+        st = store.stats()["counters"]
         out["l2_lookup_errors"], out["l2_heads"] = st.get("l2_lookup_errors"), st.get("l2_heads")
         h = store.l2_health()
         out["breaker_at_close"], out["outages"], out["refused"], out["failures"] = (

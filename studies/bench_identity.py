@@ -123,7 +123,7 @@ def _collision_run(root, mode: str) -> dict:
                     n["puts"] += store.put(ident, tokens, _marked_blocks(ident, who, p, BLOCKS_PER_PROMPT))
         st = store.stats()
     elapsed = time.perf_counter() - t0
-    assert st["identity_mismatches"] == n["refusals"]
+    assert st["counters"]["identity_mismatches"] == n["refusals"]
     return dict(
         mode=mode, identities=len(idents), prompts=PROMPTS, blocks_per_prompt=BLOCKS_PER_PROMPT, passes=PASSES,
         block_bytes=block_bytes, blocks_requested=n["requested"], blocks_served=n["served"],
@@ -222,8 +222,8 @@ def test_guard_overhead(benchmark, bench_dir):
         parse_us = (pc() - t0) / reps / 1e3
         on, off = latency_summary(lat[True]), latency_summary(lat[False])
         st_on = stores[True].stats()
-        assert st_on["l0_hits"] >= len(plan) * REQ_BLOCKS and st_on["identity_mismatches"] == 0
-        assert stores[False].stats()["guard"] is False
+        assert st_on["counters"]["l0_hits"] >= len(plan) * REQ_BLOCKS and st_on["counters"]["identity_mismatches"] == 0
+        assert stores[False].stats()["config"]["guard"] is False
     finally:
         for s in stores.values():
             s.close()

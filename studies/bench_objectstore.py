@@ -209,7 +209,7 @@ with tempfile.TemporaryDirectory() as d:
     t0 = time.perf_counter()
     bs = BlockStore.open(os.path.join(d, "s"), object_store=spec, ram_bytes=0, index="flat")
     t_open = time.perf_counter() - t0
-    boot = bs.stats()["bootstrap_keys"]
+    boot = bs.stats()["gauges"]["bootstrap_keys"]
     bs.close()
 print(json.dumps(dict(import_s=t_imported - t_start, manifests_s=t_man, manifest_keys=len(man),
                       listing_s=t_list, listed_keys=len(listed), store_open_s=t_open,

@@ -34,7 +34,7 @@ Groups and their ``extra_info``:
   ``index_bytes_per_block``: what the index wrote over the build's last
   ``TAIL_PUTS`` puts (``index_tail_puts``), per put / per block --
   ``index_bytes_source`` says how: "stats (index bytes_written)" when
-  ``store.stats()["l1"]`` exposes the index's own ``bytes_written``, else
+  ``store.stats()["tiers"]["l1"]`` exposes the index's own ``bytes_written``, else
   "index dir growth (os.walk)" of ``<store>/l1/index*`` (net growth: a rewrite
   in place is not counted).
 * ``product-open``: ``BlockStore.open`` + one ``get`` of one stored block, page
@@ -132,8 +132,8 @@ def _index_disk(store_path: str) -> int:
 
 
 def _index_bytes_written(stats: dict):
-    """The index's own bytes_written, if ``store.stats()["l1"]`` exposes it (None otherwise)."""
-    l1 = stats.get("l1")
+    """The index's own bytes_written, if ``store.stats()["tiers"]["l1"]`` exposes it (None otherwise)."""
+    l1 = stats["tiers"]["l1"]
     for path in (("index_bytes_written",), ("index", "bytes_written"), ("index_stats", "bytes_written"),
                  ("volume", "index_bytes_written"), ("volume", "index", "bytes_written")):
         obj = l1

@@ -218,7 +218,7 @@ def test_ttft(benchmark, P, path):
     def setup():
         if path != "l0":
             handles["hf"], handles["store"] = _restore_setup(st, path)
-        handles["before"] = handles["store"].stats()[tier]
+        handles["before"] = handles["store"].stats()["counters"][tier]
         return (), {}
 
     def run():
@@ -226,7 +226,7 @@ def test_ttft(benchmark, P, path):
         res = handles["hf"].prefill(st["prompt"], logits_to_keep=1)
         first = int(res.logits[0, -1].argmax())
         dt = time.perf_counter() - t0
-        hits = handles["store"].stats()[tier] - handles["before"]
+        hits = handles["store"].stats()["counters"][tier] - handles["before"]
         results.append((dt, res, first, hits))
 
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0)

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps({"cached_tokens": res.cached_tokens, "computed_tokens": res.computed_tokens,
                       "hit_blocks": res.hit_blocks, "stored_blocks": res.stored_blocks,
                       "restore_error": res.restore_error, "put_error": res.put_error,
-                      "l0_hits": st["l0_hits"], "l1_hits": st["l1_hits"], "l2_hits": st["l2_hits"],
+                      "l0_hits": st["counters"]["l0_hits"], "l1_hits": st["counters"]["l1_hits"], "l2_hits": st["counters"]["l2_hits"],
                       "l2_left": left}), flush=True)
     return 0
 

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
                 raise SystemExit("race: the parent closed the barrier without 'go'")
             store.put(ident, tokens, blocks)
             st = store.stats()
-        print(json.dumps({"published": st["l2_published"], "existing": st["l2_existing"]}), flush=True)
+        print(json.dumps({"published": st["counters"]["l2_published"], "existing": st["counters"]["l2_existing"]}), flush=True)
         return 0
     with _open(path, spec) as store:
         if op == "put":
@@ -103,8 +103,8 @@ def main(argv: list[str]) -> int:
             got = store.get(ident, tokens, found)
             st = store.stats()
             equal = found == n and got.tobytes() == blocks.tobytes()
-            print(json.dumps({"lookup": found, "equal": equal, "l2_hits": st["l2_hits"],
-                              "bootstrap_keys": st["bootstrap_keys"], "l2_heads": st["l2_heads"]}), flush=True)
+            print(json.dumps({"lookup": found, "equal": equal, "l2_hits": st["counters"]["l2_hits"],
+                              "bootstrap_keys": st["gauges"]["bootstrap_keys"], "l2_heads": st["counters"]["l2_heads"]}), flush=True)
         else:
             raise SystemExit(f"unknown op {op!r}")
     return 0

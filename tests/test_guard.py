@@ -137,7 +137,7 @@ def test_guarded_store_refuses_a_planted_foreign_block(tmp_path):
             store.get(victim, tokens, 2, out=out)  # ...but are never served
         assert not out.any()  # not one byte copied out
         st = store.stats()
-        assert st["identity_mismatches"] == 1 and st["l2_hits"] == 0
+        assert st["counters"]["identity_mismatches"] == 1 and st["counters"]["l2_hits"] == 0
         assert st["residency"]["l0"] == 0 and st["residency"]["l1"] == 0  # nor promoted
     with BlockStore.open(tmp_path / "u", object_store=l2, ram_bytes=1 << 20, index="flat", guard=False) as store:
         got = store.get(victim, tokens, 2)  # what the guard prevents: the attacker's bytes

@@ -141,7 +141,7 @@ def test_restored_prefix_gives_the_full_prefill_logits(arch, tmp_path):
         second = hf.prefill(prompt)
         assert (second.hit_blocks, second.cached_tokens, second.computed_tokens) == (5, 5 * T, 7)
         assert second.stored_blocks == 0 and second.restore_error is None
-        assert store.stats()["l0_hits"] == 5
+        assert store.stats()["counters"]["l0_hits"] == 5
         assert_matches(second.logits, hf.greedy(second, GREEDY_STEPS),
                        restore_reference(model, prompt, 5 * T, prompt), full, 5 * T)
         # a longer prompt sharing the prefix: restore 5 blocks, compute 2 more blocks + 3 tokens, store 2

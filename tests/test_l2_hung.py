@@ -319,7 +319,7 @@ def test_open_against_a_silent_l2_opens_on_local_tiers(silent, creds, tmp_path, 
         other, otokens, _ = make_case(82, 2)
         assert store.lookup(other, otokens) == 0  # L2 not asked: refused by the breaker
         assert silent.requests("/blocks/") == 0
-        assert store.stats()["l2_retry_pending"] == 3
+        assert store.stats()["gauges"]["l2_retry_pending"] == 3
     finally:
         t0 = time.monotonic()
         store.close(l2_timeout_s=1.0)
@@ -400,7 +400,7 @@ def test_breaker_opens_and_lookup_and_sync_put_fail_fast(proxy, creds, s3_prefix
         assert proxy.count(path="/blocks/") == n1  # refused without a request
         assert store.get(i2, t2, 2).tobytes() == b2.tobytes()
         st = store.stats()
-        assert st["l2_retry_pending"] == 2 and st["l2_lookup_errors"] >= 20
+        assert st["gauges"]["l2_retry_pending"] == 2 and st["counters"]["l2_lookup_errors"] >= 20
     finally:
         store.close(l2_timeout_s=1.0)
     assert os.path.getsize(tmp_path / "s" / PENDING_L2) == 2 * 48
@@ -456,7 +456,7 @@ def test_store_opened_while_l2_is_down_attaches_and_bootstraps_when_it_answers(p
         assert store.lookup(i1, t1) == 0  # L2 down: not found, not waited for
         proxy.reset()
         wait_until(lambda: store.l2_health()["attached"], "L2 attached")
-        assert store.stats()["bootstrap_keys"] == 3
+        assert store.stats()["gauges"]["bootstrap_keys"] == 3
         n = proxy.count()
         assert store.lookup(i1, t1) == 3  # known from the manifests: no HEAD
         assert proxy.count() == n

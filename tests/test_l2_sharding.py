@@ -177,10 +177,10 @@ def test_block_store_reads_a_store_published_in_the_legacy_layout(tmp_path):
             shutil.move(src, dst)
     assert all(not (l2 / object_name(sk)).exists() or object_name(sk) == legacy_object_name(sk) for sk in skeys)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as b:
-        assert b.stats()["bootstrap_keys"] == 4
+        assert b.stats()["gauges"]["bootstrap_keys"] == 4
         assert b.lookup(ident, tokens) == 4
         assert b.get(ident, tokens, 4).tobytes() == blocks.tobytes()
-        assert b.stats()["l2_hits"] == 4
+        assert b.stats()["counters"]["l2_hits"] == 4
     with BlockStore.open(tmp_path / "c", object_store=l2, ram_bytes=0, index="flat", bootstrap=False) as c:
         assert c.lookup(ident, tokens) == 4  # found by HEAD under the legacy names
         assert c.get(ident, tokens, 4).tobytes() == blocks.tobytes()

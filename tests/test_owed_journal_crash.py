@@ -271,5 +271,5 @@ def test_the_store_journal_goes_through_the_io_layer(tmp_path):
         store.put(ident, tokens, blocks)
         io = store._journal.io
         assert io.fsync_counts["journal"] == 1 and io.fsync_counts["journal_dir"] == 1
-        assert store.stats()["journal_appends"] == 1
+        assert store.stats()["counters"]["journal_appends"] == 1
     assert not (tmp_path / "s" / "PENDING_L2").exists()

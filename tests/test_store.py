@@ -66,7 +66,7 @@ def test_put_lookup_get_roundtrip(tmp_path):
         assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()
         assert store.put(ident, tokens, blocks) == 0  # already stored: nothing rewritten
         st = store.stats()
-        assert st["put_blocks"] == 4 and st["put_present"] == 4 and st["l0_hits"] == 6
+        assert st["counters"]["put_blocks"] == 4 and st["counters"]["put_present"] == 4 and st["counters"]["l0_hits"] == 6
 
 
 def test_default_index_is_art_when_available(tmp_path):
@@ -147,7 +147,7 @@ def test_bad_destination_is_refused_before_reading(tmp_path):
             store.get(ident, tokens, 2, out=np.zeros((1, *ident.block_shape), np.float16))
         with pytest.raises(DTypeMismatchError):
             store.get(ident, tokens, 2, out=np.zeros((2, *ident.block_shape), np.float32))
-        assert store.stats()["get_blocks"] == 0
+        assert store.stats()["counters"]["get_blocks"] == 0
 
 
 def test_invalid_options_are_typed(tmp_path):
@@ -176,9 +176,9 @@ def test_durable_across_reopen_without_l2(tmp_path):
         assert store.lookup(ident, tokens) == 3
         assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()
         st = store.stats()
-        assert st["l1_hits"] == 3 and st["l0_hits"] == 0
+        assert st["counters"]["l1_hits"] == 3 and st["counters"]["l0_hits"] == 0
         store.get(ident, tokens, 3)  # promoted: now from RAM
-        assert store.stats()["l0_hits"] == 3
+        assert store.stats()["counters"]["l0_hits"] == 3
 
 
 def test_second_open_is_locked_in_process_and_across_processes(tmp_path):
@@ -211,10 +211,10 @@ def test_ram_eviction_then_disk_hits_promote(tmp_path):
         assert store.stats()["residency"]["l0"] == 2  # the arena holds two blocks
         assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()
         st = store.stats()
-        assert st["l1_hits"] == 2 and st["l0_hits"] == 0  # the last two blocks were in RAM
+        assert st["counters"]["l1_hits"] == 2 and st["counters"]["l0_hits"] == 0  # the last two blocks were in RAM
         assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()
         st = store.stats()
-        assert st["l1_hits"] == 2 and st["l0_hits"] == 2  # promoted
+        assert st["counters"]["l1_hits"] == 2 and st["counters"]["l0_hits"] == 2  # promoted
         assert st["residency"] == {"l0": 2, "l1": 6, "l2": 0}
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
 
@@ -253,9 +253,9 @@ def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path):
         _flip_l1_object(path, skeys[1])  # damaged at rest while the store is open
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()
         st = store.stats()
-        assert st["corrupt_l1"] == 1 and st["l2_hits"] == 1 and st["l1_hits"] == 1
+        assert st["counters"]["corrupt_l1"] == 1 and st["counters"]["l2_hits"] == 1 and st["counters"]["l1_hits"] == 1
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()  # repaired in L1
-        assert store.stats()["l1_hits"] == 3
+        assert store.stats()["counters"]["l1_hits"] == 3
     # without an L2 copy the corruption is a typed error, never bytes
     path2 = tmp_path / "s2"
     with BlockStore.open(path2, ram_bytes=0, index="flat") as store:
@@ -277,14 +277,14 @@ def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
-        before = store.stats()["l1"].volume.commits
+        before = store.stats()["tiers"]["l1"]["volume"]["commits"]
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
         st = store.stats()
-        assert st["l2_hits"] == 6
-        assert st["l1"].volume.commits - before == 1  # six promotions, one WAL fsync
+        assert st["counters"]["l2_hits"] == 6
+        assert st["tiers"]["l1"]["volume"]["commits"] - before == 1  # six promotions, one WAL fsync
     with BlockStore.open(tmp_path / "b", ram_bytes=0, index="flat") as store:  # no L2 now
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
-        assert store.stats()["l1_hits"] == 6
+        assert store.stats()["counters"]["l1_hits"] == 6
 
 
 
@@ -296,7 +296,7 @@ def test_background_l2_mode_publishes_and_manifests(tmp_path):
         store.put(ident, tokens, blocks)
         assert store.flush_l2() == 0
         st = store.stats()
-        assert st["l2_published"] + st["l2_retried"] >= 5 and st["l2_retry_pending"] == 0
+        assert st["counters"]["l2_published"] + st["counters"]["l2_retried"] >= 5 and st["gauges"]["l2_retry_pending"] == 0
     objs = LocalDirObjectStore(l2)
     skeys = {ident.namespace + k for k in chain_keys(ident, tokens, 5)}
     assert set(objs.list_keys()) == skeys
@@ -322,8 +322,8 @@ def test_found_by_key_without_manifest(tmp_path):
         a.put(ident, tokens, blocks)
         # a second process-like handle while A has not written its manifest yet
         with BlockStore.open(tmp_path / "b", object_store=l2, **SMALL) as b:
-            assert b.stats()["bootstrap_keys"] == 0
-            assert b.lookup(ident, tokens) == 3 and b.stats()["l2_heads"] == 3
+            assert b.stats()["gauges"]["bootstrap_keys"] == 0
+            assert b.lookup(ident, tokens) == 3 and b.stats()["counters"]["l2_heads"] == 3
             assert b.get(ident, tokens, 3).tobytes() == blocks.tobytes()
 
 
@@ -359,10 +359,10 @@ def test_compressed_codec_roundtrip(tmp_path):
     with BlockStore.open(tmp_path / "s", codec="zstd", **SMALL) as store:
         store.put(ident, tokens, blocks)
         assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()
-        assert store.stats()["l0_hits"] == 3 and store.stats()["l0_oversize"] == 0
+        assert store.stats()["counters"]["l0_hits"] == 3 and store.stats()["counters"]["l0_oversize"] == 0
     with BlockStore.open(tmp_path / "s", codec="zstd", **SMALL) as store:
         assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()  # from disk
-        assert store.stats()["l1_hits"] == 3
+        assert store.stats()["counters"]["l1_hits"] == 3
 
 
 def test_threads_share_one_store(tmp_path):
@@ -391,8 +391,8 @@ def test_threads_share_one_store(tmp_path):
             t.join(timeout=60)
         assert not errors, errors
         st = store.stats()
-        assert st["get_blocks"] == 4 * 5 * 4 and st["put_blocks"] == 16
-        assert st["l0_hits"] + st["l1_hits"] == st["get_blocks"]
+        assert st["counters"]["get_blocks"] == 4 * 5 * 4 and st["counters"]["put_blocks"] == 16
+        assert st["counters"]["l0_hits"] + st["counters"]["l1_hits"] == st["counters"]["get_blocks"]
 
 
 # ------------------------------------------------------------------ envelopes built in L0 slots
@@ -421,16 +421,16 @@ def test_put_builds_each_envelope_in_its_l0_slot_with_one_copy(tmp_path):
             tracemalloc.stop()
         assert peak < env // 4, f"put of 8 blocks of {env} B allocated a {peak} B peak"
         st = store.stats()
-        assert st["put_in_slot"] == 9 and st["put_heap"] == 0
-        assert st["l2_published"] == 9 and st["residency"]["l0"] == 9
+        assert st["counters"]["put_in_slot"] == 9 and st["counters"]["put_heap"] == 0
+        assert st["counters"]["l2_published"] == 9 and st["residency"]["l0"] == 9
         assert store.get(ident, tokens, 8).tobytes() == blocks.tobytes()
-        assert store.stats()["l0_hits"] == 8
+        assert store.stats()["counters"]["l0_hits"] == 8
     with BlockStore.open(tmp_path / "s2", index="flat", ram_bytes=0, object_store=tmp_path / "l2") as other:
         assert other.get(ident, tokens, 8).tobytes() == blocks.tobytes()  # the L2 copies are whole
-        assert other.stats()["l2_hits"] == 8
+        assert other.stats()["counters"]["l2_hits"] == 8
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0) as again:
         assert again.get(ident, tokens, 8).tobytes() == blocks.tobytes()  # so are the L1 copies
-        assert again.stats()["l1_hits"] == 8
+        assert again.stats()["counters"]["l1_hits"] == 8
 
 
 def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
@@ -441,7 +441,7 @@ def test_batch_larger_than_the_arena_keeps_its_last_blocks_in_slots(tmp_path):
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=2 * slot) as store:
         store.put(ident, tokens, blocks)
         st = store.stats()
-        assert st["put_in_slot"] == 2 and st["put_heap"] == 3 and st["residency"]["l0"] == 2
+        assert st["counters"]["put_in_slot"] == 2 and st["counters"]["put_heap"] == 3 and st["residency"]["l0"] == 2
         assert store._ram.stats().reserved == 0 and store._ram.stats().evictions == 0
         skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 5)]
         assert [store._ram.contains(sk) for sk in skeys] == [False, False, False, True, True]
@@ -494,7 +494,7 @@ def test_lossy_identity_stores_int8_and_serves_the_dequantized_blocks(tmp_path):
     assert np.all(err <= scale / 2 + np.abs(blocks.astype(np.float32)) * 2**-10 + 1e-7)
     with BlockStore.open(tmp_path / "s", **SMALL) as store:  # and from L1 after a reopen
         assert store.get(ident, tokens, 3).tobytes() == got.tobytes()
-        assert store.stats()["l1_hits"] == 3
+        assert store.stats()["counters"]["l1_hits"] == 3
 
 
 def test_lossy_blocks_are_never_found_under_the_exact_identity(tmp_path):
@@ -517,7 +517,7 @@ def test_lossy_blocks_are_never_found_under_the_exact_identity(tmp_path):
         assert other.lookup(lossy, tokens) == 3  # the blocks are in the shared L2...
         assert other.get(lossy, tokens, 3).tobytes() == got.tobytes()  # ...for the lossy identity
         st = other.stats()
-        assert st["l2_hits"] == 3 and st["identity_mismatches"] == 0 and st["misses"] == 1
+        assert st["counters"]["l2_hits"] == 3 and st["counters"]["identity_mismatches"] == 0 and st["counters"]["misses"] == 1
 
 
 def test_codec_and_kv_quant_must_agree(tmp_path):
@@ -564,7 +564,7 @@ def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_pat
             store.get(victim, tokens, 1, out=out)
         assert not out.any()  # not one byte copied out
         st = store.stats()
-        assert st["identity_mismatches"] == 1 and st["residency"]["l1"] == 0  # nor promoted
+        assert st["counters"]["identity_mismatches"] == 1 and st["residency"]["l1"] == 0  # nor promoted
 
 
 def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
@@ -584,7 +584,7 @@ def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
         with pytest.raises(IdentityMismatchError, match="key"):
             store.get(lossy, tokens, 1)
         st = store.stats()
-        assert st["identity_mismatches"] == 1 and st["corrupt_l1"] == 0
+        assert st["counters"]["identity_mismatches"] == 1 and st["counters"]["corrupt_l1"] == 0
         assert store._disk.contains(sk0)
 
 
@@ -609,7 +609,7 @@ def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, mon
         with pytest.raises(BlockNotFoundError):  # block 1 is missing: that is the error
             store.get(ident, tokens, 2)
         st = store.stats()
-        assert st["l1_promote_failures"] == 2 and st["l2_hits"] == 2 and st["residency"]["l1"] == 0
+        assert st["counters"]["l1_promote_failures"] == 2 and st["counters"]["l2_hits"] == 2 and st["residency"]["l1"] == 0
         monkeypatch.undo()
 
 
@@ -708,10 +708,10 @@ try:
 except Exception as exc:
     outcome = type(exc).__name__
 deadline = time.monotonic() + 30
-while mode == "background" and sys.argv[6] == "503" and store.stats()["l2_queue"] and time.monotonic() < deadline:
+while mode == "background" and sys.argv[6] == "503" and store.stats()["gauges"]["l2_queue"] and time.monotonic() < deadline:
     time.sleep(0.01)  # until the worker has tried (and failed) every key
 st = store.stats()
-print(json.dumps({"put": outcome, "failures": st["l2_failures"], "published": st["l2_published"]}), flush=True)
+print(json.dumps({"put": outcome, "failures": st["counters"]["l2_failures"], "published": st["counters"]["l2_published"]}), flush=True)
 sys.stdin.read()  # the parent kills us here: no close(), no flush
 """
 
@@ -778,10 +778,10 @@ def test_blocks_owed_to_l2_survive_sigkill_and_reach_l2_after_reopen(moto_server
                 mp.setenv(k, v)
             with BlockStore.open(path, object_store=spec, s3_options=opts, l2_mode=mode, ram_bytes=0,
                                  index="flat") as store:
-                assert store.stats()["l2_retry_pending"] == 3
+                assert store.stats()["gauges"]["l2_retry_pending"] == 3
                 assert store.put(ident, tokens, blocks) == 0  # L1 has them: put alone would never upload
                 assert store.flush_l2(timeout_s=30) == 0
-                assert store.stats()["l2_retried"] == 3
+                assert store.stats()["counters"]["l2_retried"] == 3
         assert bucket_blocks() == sorted(sk.hex() for sk in skeys)
         assert not (path / "PENDING_L2").exists()  # nothing owed any more
     finally:
@@ -801,12 +801,12 @@ def test_pending_journal_torn_tail_known_keys_and_bounded_size(tmp_path, monkeyp
     (path / "PENDING_L2").write_bytes(skeys[0] + skeys[1] + skeys[2][:10])
     with BlockStore.open(path, object_store=l2, **SMALL) as store:
         assert os.path.getsize(path / "PENDING_L2") == 2 * 48  # the torn tail is cut before any append
-        assert store.stats()["l2_retry_pending"] == 2
+        assert store.stats()["gauges"]["l2_retry_pending"] == 2
         assert store.flush_l2() == 0
         st = store.stats()
-        assert st["l2_known"] == 2 and st["l2_retried"] == 0  # the manifest says so: no request
+        assert st["counters"]["l2_known"] == 2 and st["counters"]["l2_retried"] == 0  # the manifest says so: no request
         store.put(ident, tokens, blocks)  # appends whole keys after the cut
-        assert st["l2_published"] == 0 and store.stats()["l2_published"] == 2
+        assert st["counters"]["l2_published"] == 0 and store.stats()["counters"]["l2_published"] == 2
     # Bounded: the file is rewritten from the owed set once it outgrows it.
     monkeypatch.setattr(store_mod, "JOURNAL_SLACK_KEYS", 3)
     with BlockStore.open(tmp_path / "t", object_store=l2, **SMALL) as store:
@@ -815,5 +815,5 @@ def test_pending_journal_torn_tail_known_keys_and_bounded_size(tmp_path, monkeyp
             store.put(i2, t2, b2)
             # each put owes 1 key: the file never exceeds 2 x 1 + slack 3 keys after an append
             assert os.path.getsize(tmp_path / "t" / "PENDING_L2") <= (2 * 1 + 3) * 48
-        assert store.stats()["journal_appends"] == 6 and store.stats()["journal_compactions"] >= 1
+        assert store.stats()["counters"]["journal_appends"] == 6 and store.stats()["counters"]["journal_compactions"] >= 1
     assert not (tmp_path / "t" / "PENDING_L2").exists()

@@ -220,7 +220,7 @@ def test_after_enospc_reads_are_served_and_a_smaller_budget_reopens_and_frees_sp
     _close_typed(store)
     free_before = disk.free()
     with BlockStore.open(path, ram_bytes=0, disk_bytes=2 * MiB) as store:
-        assert store.stats()["l1"].used_bytes <= 2 * MiB
+        assert store.stats()["tiers"]["l1"]["used_bytes"] <= 2 * MiB
         assert disk.free() > free_before + 2 * MiB  # eviction at open gave the space back
         _, tokens, blocks = _case(5000)
         assert store.put(IDENT, tokens, blocks) == 4
@@ -234,12 +234,12 @@ def test_the_default_disk_budget_keeps_the_disk_from_filling(disk):
     raised StoreIOError (ENOSPC)."""
     path = os.path.join(disk.root, "s")
     with BlockStore.open(path, ram_bytes=0) as store:
-        cap = store.stats()["l1"].capacity_bytes
+        cap = store.stats()["tiers"]["l1"]["capacity_bytes"]
         assert 0 < cap <= DEFAULT_DISK_FRACTION * DISK
         for seed in range(120):  # 120 x 4 x 32 KiB = 15 MiB through an 8 MiB disk
             _, tokens, blocks = _case(seed)
             store.put(IDENT, tokens, blocks)
-            assert store.stats()["l1"].used_bytes <= cap
+            assert store.stats()["tiers"]["l1"]["used_bytes"] <= cap
         assert disk.free() > 0
         assert _readable(store, [119]) == {119: 4}
 
@@ -336,7 +336,7 @@ def test_good_options_in_other_numeric_types_still_open(tmp_path):
                          index="flat") as store:
         _, tokens, blocks = _case(1)
         assert store.put(IDENT, tokens, blocks) == 4
-        assert store.stats()["l1"].capacity_bytes == 64 * MiB
+        assert store.stats()["tiers"]["l1"]["capacity_bytes"] == 64 * MiB
 
 
 def test_close_releases_the_lock_and_stays_typed_when_a_tier_fails(tmp_path, monkeypatch):
@@ -365,7 +365,7 @@ def test_close_releases_the_lock_and_stays_typed_when_a_tier_fails(tmp_path, mon
 
 def _l1_empty(path) -> bool:
     with BlockStore.open(path, index="flat", ram_bytes=0) as s:
-        return s.stats()["l1"].blocks == 0
+        return s.stats()["tiers"]["l1"]["blocks"] == 0
 
 
 def _bad_tensors():
@@ -405,7 +405,7 @@ def test_nan_or_inf_under_int8_is_typed_and_writes_nothing(tmp_path, kv_dtype, b
         assert store.lookup(ident, tokens) == 0
         assert store.put(ident, tokens, t[:2]) == 2  # finite blocks of the same identity are fine
     with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0) as store:
-        assert store.stats()["l1"].blocks == 2
+        assert store.stats()["tiers"]["l1"]["blocks"] == 2
 
 
 def test_nan_under_an_exact_identity_is_stored_bit_exact(tmp_path):

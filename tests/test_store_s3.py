@@ -88,18 +88,18 @@ def test_l2_failure_keeps_l1_and_publishes_later(s3_server, s3_profile, s3_prefi
             store.put(ident, tokens, blocks)
             assert store.flush_l2(timeout_s=30) == 3  # still failing: nothing published
         st = store.stats()
-        assert st["l2_failures"] >= 1 and st["l2_retry_pending"] == 3
+        assert st["counters"]["l2_failures"] >= 1 and st["gauges"]["l2_retry_pending"] == 3
         assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()  # from L1
         assert _bucket_keys(s3_server, s3_prefix) == []
         if mode == "background":
             proxy.reset()  # the store answers again: the same handle catches up
             assert store.flush_l2(timeout_s=30) == 0
-            assert store.stats()["l2_retried"] == 3
+            assert store.stats()["counters"]["l2_retried"] == 3
     if mode == "sync":  # closed while L2 was down: the next open of the path catches up
         assert os.path.getsize(tmp_path / "s" / "PENDING_L2") == 3 * 48
         proxy.reset()
         with BlockStore.open(tmp_path / "s", **kw) as store:
-            assert store.stats()["l2_retry_pending"] == 3
+            assert store.stats()["gauges"]["l2_retry_pending"] == 3
             assert store.flush_l2(timeout_s=30) == 0
         assert not (tmp_path / "s" / "PENDING_L2").exists()
     names = _bucket_keys(s3_server, s3_prefix)
@@ -118,8 +118,8 @@ def test_full_background_queue_defers_to_the_retry_list(s3_server, s3_profile, s
         proxy.inject("hang", method="PUT", hang_s=1.5, times=1)  # the worker's first PUT stalls
         store.put(ident, tokens, blocks)
         st = store.stats()  # put did not wait for the stalled upload: the overflow was deferred
-        assert st["l2_deferred"] >= 2 and st["l2_retry_pending"] >= 2
+        assert st["counters"]["l2_deferred"] >= 2 and st["gauges"]["l2_retry_pending"] >= 2
         assert store.flush_l2(timeout_s=30) == 0
         st = store.stats()
-        assert st["l2_published"] == 4 and st["l2_retried"] == st["l2_deferred"]
+        assert st["counters"]["l2_published"] == 4 and st["counters"]["l2_retried"] == st["counters"]["l2_deferred"]
     assert len(_bucket_keys(s3_server, s3_prefix)) == 4

@@ -15,9 +15,18 @@ from quiver.tier.objectstore import LocalDirObjectStore, ObjectStore, open_objec
 from quiver.tier.policy import EvictionPolicy, LRUPolicy, S3FIFOPolicy, make_policy
 from quiver.tier.ram import RamTier
 from quiver.tier.residency import KeyIds, ResidencySets
-from quiver.tier.s3 import S3ObjectStore
 
 __all__ = [
     "RamTier", "DiskTier", "EvictionPolicy", "LRUPolicy", "S3FIFOPolicy", "make_policy", "KeyIds", "ResidencySets",
     "ObjectStore", "LocalDirObjectStore", "S3ObjectStore", "open_object_store",
 ]
+
+
+def __getattr__(name: str):
+    """``tier.S3ObjectStore`` on first use: boto3 is imported only where S3 is used
+    (``import quiver`` and a store without an s3:// L2 never import it)."""
+    if name == "S3ObjectStore":
+        from quiver.tier.s3 import S3ObjectStore
+
+        return S3ObjectStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -200,7 +200,10 @@ class CircuitBreaker:
     Thread-safe.  Time comes from ``clock`` (time.monotonic by default;
     injectable, so the transitions are tested without waiting).  Logging: one
     WARNING when an outage begins (closed -> open), INFO when it ends, DEBUG
-    for everything in between.  ``caller_trials=False`` reserves the half-open
+    for everything in between; with ``announce=False`` the owner logs the
+    outage's WARNING and recovery INFO itself (S3 does, from the first failed
+    try), and the breaker's own open is INFO, its close DEBUG.
+    ``caller_trials=False`` reserves the half-open
     trial for ``acquire(probe=True)`` (a prober thread), so ordinary callers
     never wait on a trial: they are refused until a probe succeeds.
     ``on_open`` (if set) is called, outside the lock, on each move to open."""
@@ -208,9 +211,11 @@ class CircuitBreaker:
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
     def __init__(self, policy: BreakerPolicy | None = None, *, name: str = "object store",
-                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None,
+                 announce: bool = True) -> None:
         self.policy = policy or BreakerPolicy()
         self.name = name
+        self.announce = announce
         self.caller_trials = True
         self.on_open: Callable[[], None] | None = None
         self._clock = clock
@@ -294,7 +299,8 @@ class CircuitBreaker:
             down = self._clock() - self._outage_began
             self._enter(self.CLOSED)
             self._cooldown = self.policy.cooldown_s
-        self._log.info("%s answers again after %.1fs; circuit breaker closed", self.name, down)
+        self._log.log(logging.INFO if self.announce else logging.DEBUG,
+                      "%s answers again after %.1fs; circuit breaker closed", self.name, down)
 
     def failure(self, detail: str) -> None:
         """A try failed in a way that says the store is not answering."""
@@ -332,9 +338,10 @@ class CircuitBreaker:
         self._cooldown = self.policy.cooldown_s
         self._enter(self.OPEN)
         self.counts["outages"] += 1
-        self._log.warning("%s is not answering: %s; calls fail fast (circuit breaker open), "
-                          "probing again every %.0f-%.0fs", self.name, detail,
-                          self.policy.cooldown_s, self.policy.max_cooldown_s)
+        self._log.log(logging.WARNING if self.announce else logging.INFO,
+                      "%s is not answering: %s; calls fail fast (circuit breaker open), "
+                      "probing again every %.0f-%.0fs", self.name, detail,
+                      self.policy.cooldown_s, self.policy.max_cooldown_s)
         return True
 
     def _reopen(self) -> None:
@@ -389,6 +396,56 @@ def decode_manifest(data: bytes, name: str = "?") -> list[bytes]:
     return keys
 
 
+class OpCounts:
+    """What an object store was asked and how it went (``ObjectStore.stats``).
+
+    ``ops``/``errors``: public calls and the ones that raised, by operation;
+    ``requests``: requests sent to a server, by operation (S3: one per HTTP
+    try, retries included; a directory store sends none); ``retries``: tries
+    repeated after a failure; ``hits``/``misses``: get/get_range/head that found
+    the object or not; ``bytes_in``/``bytes_out``: object bytes put / read."""
+
+    __slots__ = ("lock", "ops", "errors", "requests", "retries", "hits", "misses", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ops: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        self.retries = 0
+        self.hits = self.misses = self.bytes_in = self.bytes_out = 0
+
+    def done(self, op: str, found: bool | None = None, nin: int = 0, nout: int = 0) -> None:
+        with self.lock:
+            self.ops[op] = self.ops.get(op, 0) + 1
+            if found is not None:
+                if found:
+                    self.hits += 1
+                else:
+                    self.misses += 1
+            self.bytes_in += nin
+            self.bytes_out += nout
+
+    def failed(self, op: str) -> None:
+        with self.lock:
+            self.ops[op] = self.ops.get(op, 0) + 1
+            self.errors[op] = self.errors.get(op, 0) + 1
+
+    def request(self, op: str, retry: bool = False) -> None:
+        with self.lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
+            self.retries += retry
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(ops=dict(self.ops), errors=dict(self.errors), requests=dict(self.requests),
+                        retries=self.retries, hits=self.hits, misses=self.misses,
+                        bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+
+
+_counts_lock = threading.Lock()
+
+
 class ObjectStore(ABC):
     """The L2 interface.  Keys are bytes; objects are immutable bytes.
 
@@ -401,6 +458,28 @@ class ObjectStore(ABC):
     #: Set False once migrate_legacy_layout has run: a miss then costs one request.
     legacy_names = True
     _breaker: CircuitBreaker | None = None
+    _op_counts: OpCounts | None = None
+
+    @property
+    def counts(self) -> OpCounts:
+        """This store's OpCounts (made on first use: subclasses need no __init__ call)."""
+        c = self._op_counts
+        if c is None:
+            with _counts_lock:
+                if self._op_counts is None:
+                    self._op_counts = OpCounts()
+                c = self._op_counts
+        return c
+
+    def stats(self) -> dict:
+        """Plain data: the OpCounts, the circuit breaker's state and counts, and
+        the store's repr (no credentials in it)."""
+        out = self.counts.snapshot()
+        br = self.breaker
+        out["breaker"] = dict(state=br.state, outages=br.counts["outages"], refused=br.counts["refused"],
+                              failures=br.counts["failures"], last_failure=br.last_failure)
+        out["store"] = repr(self)
+        return out
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -417,14 +496,26 @@ class ObjectStore(ABC):
         """Publish ``data`` under ``key`` durably; True if this call created it,
         False if the key already existed (first writer wins: both are success).
         Always under the current name (object_name), never the legacy one."""
-        return self._put_named(object_name(key), data)
+        try:
+            created = self._put_named(object_name(key), data)
+        except BaseException:
+            self.counts.failed("put")
+            raise
+        self.counts.done("put", nin=memoryview(data).nbytes)
+        return created
 
     def get(self, key: bytes) -> bytes | None:
         """The object's verified bytes, or None if there is no such object."""
-        for name in self._names(key):
-            data = self._get_named(name)
-            if data is not None:
-                return data
+        try:
+            for name in self._names(key):
+                data = self._get_named(name)
+                if data is not None:
+                    self.counts.done("get", True, nout=len(data))
+                    return data
+        except BaseException:
+            self.counts.failed("get")
+            raise
+        self.counts.done("get", False)
         return None
 
     def get_range(self, key: bytes, start: int, length: int) -> bytes | None:
@@ -433,25 +524,42 @@ class ObjectStore(ABC):
         A range past the object's end is InvalidRangeError.  The length is
         checked, the CRC32C (which covers the whole object) cannot be: a ranged
         reader relies on the envelope's header CRC above this layer."""
-        check_range(start, length)
-        for name in self._names(key):
-            data = self._get_range_named(name, start, length)
-            if data is not None:
-                return data
+        try:
+            check_range(start, length)
+            for name in self._names(key):
+                data = self._get_range_named(name, start, length)
+                if data is not None:
+                    self.counts.done("get_range", True, nout=len(data))
+                    return data
+        except BaseException:
+            self.counts.failed("get_range")
+            raise
+        self.counts.done("get_range", False)
         return None
 
     def head(self, key: bytes) -> int | None:
         """The object's size in bytes, or None if there is no such object."""
-        for name in self._names(key):
-            size = self._head_named(name)
-            if size is not None:
-                return size
+        try:
+            for name in self._names(key):
+                size = self._head_named(name)
+                if size is not None:
+                    self.counts.done("head", True)
+                    return size
+        except BaseException:
+            self.counts.failed("head")
+            raise
+        self.counts.done("head", False)
         return None
 
     def delete(self, key: bytes) -> None:
         """Remove the object (under every name it may have); a missing key is not an error."""
-        for name in object_names(key, legacy=True):
-            self._delete_named(name)
+        try:
+            for name in object_names(key, legacy=True):
+                self._delete_named(name)
+        except BaseException:
+            self.counts.failed("delete")
+            raise
+        self.counts.done("delete")
 
     def list_keys(self) -> Iterator[bytes]:
         """Every stored key (a full listing: for audits and tests, not bootstrap)."""
@@ -512,13 +620,18 @@ class ObjectStore(ABC):
         publishers can append concurrently without coordination.  Call it after
         the blocks themselves are published: a manifest is a hint that a key
         exists, and readers still confirm with head/get."""
-        self._check_open()
-        batch = sorted({check_key(k) for k in keys})
-        names = []
-        for i in range(0, len(batch), MANIFEST_MAX_KEYS):
-            name = new_manifest_name()
-            self._put_named(name, encode_manifest(batch[i : i + MANIFEST_MAX_KEYS]))
-            names.append(name)
+        try:
+            self._check_open()
+            batch = sorted({check_key(k) for k in keys})
+            names = []
+            for i in range(0, len(batch), MANIFEST_MAX_KEYS):
+                name = new_manifest_name()
+                self._put_named(name, encode_manifest(batch[i : i + MANIFEST_MAX_KEYS]))
+                names.append(name)
+        except BaseException:
+            self.counts.failed("write_manifest")
+            raise
+        self.counts.done("write_manifest")
         return names
 
     def read_manifests(self) -> set[bytes]:
@@ -526,12 +639,17 @@ class ObjectStore(ABC):
 
         Lists manifests/ only (never blocks/).  A manifest deleted by a
         concurrent compact_manifests is skipped: its keys are in the merged one."""
-        self._check_open()
-        keys: set[bytes] = set()
-        for name in self._list_named(MANIFESTS_DIR):
-            data = self._get_named(name)
-            if data is not None:
-                keys.update(decode_manifest(data, name))
+        try:
+            self._check_open()
+            keys: set[bytes] = set()
+            for name in self._list_named(MANIFESTS_DIR):
+                data = self._get_named(name)
+                if data is not None:
+                    keys.update(decode_manifest(data, name))
+        except BaseException:
+            self.counts.failed("read_manifests")
+            raise
+        self.counts.done("read_manifests")
         return keys
 
     def compact_manifests(self) -> int:
@@ -847,7 +965,10 @@ def open_object_store(
     if not isinstance(spec, str) or not spec:
         raise ObjectStoreConfigError(f"bad object store spec {spec!r}")
     if spec.startswith("s3://"):
-        from quiver.tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
+        try:
+            from quiver.tier.s3 import S3ObjectStore  # boto3 is imported only when S3 is used
+        except ImportError as exc:
+            raise ObjectStoreConfigError(f"{spec}: S3 needs boto3: pip install 'quiver-kv[s3]' ({exc})") from exc
 
         bucket, _, prefix = spec[len("s3://") :].partition("/")
         s3_options.setdefault("check_bucket", check)

@@ -15,7 +15,9 @@ Why each choice (docs/OBJECTSTORE.md has more):
   budget (``tier.objectstore.deadline``), whichever ends first; exponential
   backoff with jitter.  Each try's socket timeouts are sized to the time left
   (``try_timeouts``), so no try outlives the deadline; a silent server costs
-  at most the budget.  Retries log at DEBUG.
+  at most the budget.  Logging: the first failed try after an answer is
+  the outage's one WARNING, every further failure and retry DEBUG, and the
+  first answer after it one INFO (the breaker is told not to announce again).
 - A circuit breaker (``tier.objectstore.CircuitBreaker``) counts failed tries
   that say the server is not answering (connection errors, timeouts); once
   open, operations are refused at once (``ObjectStoreUnavailableError``) until
@@ -272,7 +274,10 @@ class S3ObjectStore(ObjectStore):
         self._sized: dict[tuple[float, float], object] = {}
         self._sized_lock = threading.Lock()
         self._breaker = CircuitBreaker(breaker, name=f"S3 s3://{bucket}/{self.prefix} at {self.endpoint}",
-                                       logger=log)
+                                       logger=log, announce=False)  # _failing() / _answered() announce
+        self._failing_since: float | None = None  # first failed try of the current outage (monotonic)
+        self._failed_tries = 0
+        self._outage_lock = threading.Lock()
         if check_bucket:
             try:
                 self._check_bucket(create_bucket)
@@ -338,6 +343,7 @@ class S3ObjectStore(ObjectStore):
                     raise self._spent(where, attempt, time.monotonic() - start, fail) from None
                 client = self._client_for(sizes)
                 attempt += 1
+                self.counts.request(op, retry=attempt > 1)
                 try:
                     result = attempt_fn(client)
                 except Exception as exc:  # noqa: BLE001 - classified below, re-raised if unknown
@@ -346,7 +352,12 @@ class S3ObjectStore(ObjectStore):
                         raise
                 else:
                     self._breaker.success()
+                    self._answered()
                     return result
+                if fail.kind in ("retry", "damaged"):
+                    self._failing(where, fail.detail)
+                else:
+                    self._answered()
                 if fail.silent:
                     self._breaker.failure(f"{op}: {fail.detail}")
                     # A trial makes one try; and once the breaker is open, another
@@ -365,6 +376,28 @@ class S3ObjectStore(ObjectStore):
         finally:
             if token == "trial":
                 self._breaker.end_trial()
+
+    def _failing(self, where: str, detail: str) -> None:
+        """A try failed: the first failure after an answer is the outage's one WARNING."""
+        with self._outage_lock:
+            first = self._failing_since is None
+            if first:
+                self._failing_since = time.monotonic()
+            self._failed_tries += 1
+        if first:
+            log.warning("S3 at %s is failing (%s: %s); retrying within each operation's budget -- further "
+                        "failures are logged at DEBUG until it answers again", self.endpoint, where, detail)
+
+    def _answered(self) -> None:
+        """A try got an answer: the end of an outage, if one was announced (one INFO)."""
+        if self._failing_since is None:  # the common case: no lock
+            return
+        with self._outage_lock:
+            since, n = self._failing_since, self._failed_tries
+            self._failing_since, self._failed_tries = None, 0
+        if since is not None:
+            log.info("S3 at %s answers again after %d failed tries in %.1fs", self.endpoint, n,
+                     time.monotonic() - since)
 
     @staticmethod
     def _spent(where: str, attempt: int, elapsed: float, fail: _Fail | None) -> Exception:
