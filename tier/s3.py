@@ -378,7 +378,13 @@ class S3ObjectStore(ObjectStore):
                 self._breaker.end_trial()
 
     def _failing(self, where: str, detail: str) -> None:
-        """A try failed: the first failure after an answer is the outage's one WARNING."""
+        """A try failed: the first failure after an answer is the outage's one WARNING.
+
+        Not for a closed store: a try that outlived close (a worker close did not
+        wait for) says nothing anyone still needs to hear."""
+        if self._closed:
+            log.debug("%s: a try failed after close (%s)", where, detail)
+            return
         with self._outage_lock:
             first = self._failing_since is None
             if first:
