@@ -1,4 +1,4 @@
-"""Numba kernels of the adaptive radix tree (see docs/ART.md for the layout).
+"""Kernels of the adaptive radix tree (see docs/ART.md for the layout).
 
 The whole tree lives in three NumPy arrays, never in Python objects:
 
@@ -14,46 +14,64 @@ The whole tree lives in three NumPy arrays, never in Python objects:
 
 Kernels never allocate the arrays they write into: a caller checks ``room_*``
 first (or a batch kernel returns a "need grow" code) and grows the arrays by
-doubling outside compiled code.  Kernels are compiled with ``cache=True`` into
-the project's ``.numba_cache`` so a fresh process loads them in milliseconds.
+doubling outside compiled code.
+
+Compilation (docs/INDEXES.md, "ART compile cache").  The kernels are plain
+Python in the Numba subset, registered by ``@kernel``; importing this module
+does not import Numba.  Each entry point (``ENTRIES``: what art.py calls) is
+first a small dispatcher that runs the *interpreted* kernel for small work
+(one key, a batch of up to SMALL_BATCH keys, a tree of up to SMALL_TREE
+records) while a background thread imports Numba and compiles the entry points
+(or loads them from the compile cache); each compiled entry then replaces its
+dispatcher as the module attribute, so the steady state is one direct call into
+machine code, as before.  Large work that arrives before its kernel is compiled
+waits for it (the compile thread takes that kernel next).  So no request
+stalls on a cold compile (30-50 s after a fresh install) or on loading the
+cache after a restart (Numba's import and set-up, about a second).
+
+``QUIVER_ART_JIT``: ``background`` (default), ``sync`` (compile each entry
+point in the calling thread at its first call: the behaviour before, for
+benchmarks of compiled code from the first call), ``off`` (interpreted only,
+Numba never imported: tests of the kernels' logic).  ``warmup()`` compiles (or
+loads) every entry point now and returns when they are all in place.
+
+The compile cache lives in ``$QUIVER_NUMBA_CACHE_DIR`` when set (else
+``$NUMBA_CACHE_DIR``), else ``$XDG_CACHE_HOME/quiver/numba``, else
+``~/.cache/quiver/numba``; the first of these that is writable.  It is attached
+to each of our dispatchers through their own cache locator: Numba's global
+configuration (``numba.config.CACHE_DIR``) is never changed, and nothing is
+written next to the package.  With no writable directory the kernels compile
+in memory in each process (a warning is logged once, on logger
+``quiver.index_backends``).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
-from pathlib import Path
+import sys
+import tempfile
+import threading
+import time
+import types as _pytypes
+
+import numpy as np
+
+log = logging.getLogger("quiver.index_backends")
+
+# name -> (plain Python function, inline in callers when compiled)
+_KERNELS: dict[str, tuple] = {}
 
 
-def _pick_cache_dir() -> str:
-    """``.numba_cache`` at the repository root when writable, else a user cache dir."""
-    repo_cache = Path(__file__).resolve().parent.parent / ".numba_cache"
-    try:
-        repo_cache.mkdir(exist_ok=True)
-        if os.access(repo_cache, os.W_OK):
-            return str(repo_cache)
-    except OSError:
-        pass
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quiver" / "numba"
-    user.mkdir(parents=True, exist_ok=True)
-    return str(user)
+def kernel(fn=None, *, inline: bool = False):
+    """Register ``fn`` as a kernel: Numba-subset Python, compiled later (see the
+    module docstring); until then it runs as it is."""
+    def register(f):
+        _KERNELS[f.__name__] = (f, inline)
+        return f
+    return register(fn) if fn is not None else register
 
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import njit, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-
-# The cache locator reads numba.config.CACHE_DIR when each @njit(cache=True)
-# below is decorated, so it is set here, before them.  An explicit
-# NUMBA_CACHE_DIR from the environment wins (numba has already read it).
-if numba.config.CACHE_DIR:
-    CACHE_DIR_SOURCE = "env"
-else:
-    numba.config.CACHE_DIR = _pick_cache_dir()
-    CACHE_DIR_SOURCE = "project"
-CACHE_DIR = numba.config.CACHE_DIR
 
 # -- layout constants -------------------------------------------------------------
 
@@ -97,30 +115,18 @@ def new_arrays(words: int = 4096, kbytes: int = 65536, vbytes: int = 65536):
     return N, np.zeros(kbytes, dtype=np.uint8), np.zeros(vbytes, dtype=np.uint8)
 
 
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """``llvm.prefetch`` of ``arr[idx]`` (read, high locality): lets a batch
-    start the cache miss of one key's next node while it works on others."""
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
+def _prefetch(arr, idx):
+    """``llvm.prefetch`` of ``arr[idx]`` (read, high locality) once compiled: lets
+    a batch start the cache miss of one key's next node while it works on
+    others.  Interpreted, nothing (the compiled namespace binds this name to
+    the intrinsic made by ``_prefetch_intrinsic``)."""
+    return None
 
 
 # -- allocation ---------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _alloc(N, cls, size):
     h = N[M_FREE + cls]
     if h != 0:
@@ -134,7 +140,7 @@ def _alloc(N, cls, size):
     return h
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _class_words(cls):
     if cls == C_LEAF:
         return LEAF_W
@@ -147,7 +153,7 @@ def _class_words(cls):
     return N256_W
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _free(N, cls, off):
     N[off] = N[M_FREE + cls]
     N[M_FREE + cls] = off
@@ -157,27 +163,27 @@ def _free(N, cls, off):
 # -- leaves -------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _klen(N, leaf):
     return N[leaf] >> 48
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _vlen(N, leaf):
     return N[leaf + 1] >> 44
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _koff(N, leaf):
     return N[leaf] & KOFF_MASK
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _voff(N, leaf):
     return N[leaf + 1] & VOFF_MASK
 
 
-@njit(cache=True)
+@kernel
 def _leaf_eq(N, K, leaf, kb, ks, kl):
     if _klen(N, leaf) != kl:
         return False
@@ -188,7 +194,7 @@ def _leaf_eq(N, K, leaf, kb, ks, kl):
     return True
 
 
-@njit(cache=True)
+@kernel
 def _new_leaf(N, K, V, kb, ks, kl, vb, vs, vl):
     leaf = _alloc(N, C_LEAF, LEAF_W)
     ko = N[M_KUSED]
@@ -206,7 +212,7 @@ def _new_leaf(N, K, V, kb, ks, kl, vb, vs, vl):
     return leaf
 
 
-@njit(cache=True)
+@kernel
 def _set_value(N, V, leaf, vb, vs, vl):
     old = _vlen(N, leaf)
     if vl == old:
@@ -220,7 +226,7 @@ def _set_value(N, V, leaf, vb, vs, vl):
         V[vo + i] = vb[vs + i]
 
 
-@njit(cache=True)
+@kernel
 def _free_leaf(N, leaf):
     N[M_KDEAD] += _klen(N, leaf)
     N[M_VDEAD] += _vlen(N, leaf)
@@ -231,35 +237,35 @@ def _free_leaf(N, leaf):
 # -- node fields --------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _type(N, n):
     return N[n] & 0xFF
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _count(N, n):
     return N[n] >> 8
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _set_tc(N, n, t, c):
     N[n] = t | (c << 8)
 
 
-@njit(cache=True)
+@kernel
 def _new_node(N, t, size):
     n = _alloc(N, t, size)
     _set_tc(N, n, t, 0)
     return n
 
 
-@njit(cache=True)
+@kernel
 def _copy_header(N, src, dst):
     for i in range(1, HDR_W):
         N[dst + i] = N[src + i]
 
 
-@njit(cache=True)
+@kernel
 def _find_slot(N, Nb, n, b):
     """Word index of the child pointer for byte ``b`` in node ``n``, or -1."""
     t = N[n] & 0xFF
@@ -282,7 +288,7 @@ def _find_slot(N, Nb, n, b):
     return s
 
 
-@njit(cache=True)
+@kernel
 def _min_leaf(N, Nb, ref):
     """Any leaf below ``ref`` (the term leaf or the leftmost child): its key holds
     the node's full compressed prefix."""
@@ -313,7 +319,7 @@ def _min_leaf(N, Nb, ref):
     return -ref
 
 
-@njit(cache=True)
+@kernel
 def _prefix_match(N, Nb, K, n, kb, ks, kl, depth):
     """How many bytes of node ``n``'s prefix equal the key from ``depth`` on
     (pessimistic: bytes beyond the inline ones are read from a leaf)."""
@@ -335,7 +341,7 @@ def _prefix_match(N, Nb, K, n, kb, ks, kl, depth):
 # -- child insertion / growth -----------------------------------------------------------
 
 
-@njit(cache=True)
+@kernel
 def _insert_sorted(N, Nb, kbase, cbase, c, b, child):
     i = c
     while i > 0 and Nb[kbase + i - 1] > b:
@@ -346,7 +352,7 @@ def _insert_sorted(N, Nb, kbase, cbase, c, b, child):
     N[cbase + i] = child
 
 
-@njit(cache=True)
+@kernel
 def _add_child(N, Nb, slot, n, b, child):
     """Add ``child`` under byte ``b`` to node ``n`` (pointed to by word ``slot``),
     growing it to the next node type when full."""
@@ -410,7 +416,7 @@ def _add_child(N, Nb, slot, n, b, child):
 # -- child removal / shrinking ------------------------------------------------------------
 
 
-@njit(cache=True)
+@kernel
 def _only_child(N, Nb, n):
     """(byte, ref) of the first child of ``n``."""
     t = N[n] & 0xFF
@@ -430,7 +436,7 @@ def _only_child(N, Nb, n):
     return 0, 0
 
 
-@njit(cache=True)
+@kernel
 def _collapse(N, Nb, slot, n):
     """Replace node ``n`` (one child, no term; or no child, a term) by what it holds."""
     t = N[n] & 0xFF
@@ -463,7 +469,7 @@ def _collapse(N, Nb, slot, n):
     _free(N, t, n)
 
 
-@njit(cache=True)
+@kernel
 def _shrink(N, Nb, slot, n):
     """Move ``n`` to a smaller node type when it has become sparse (hysteresis:
     shrink well below the size that made it grow)."""
@@ -502,7 +508,7 @@ def _shrink(N, Nb, slot, n):
     N[slot] = g
 
 
-@njit(cache=True)
+@kernel
 def _remove_child(N, Nb, slot, n, b):
     t = N[n] & 0xFF
     c = N[n] >> 8
@@ -533,7 +539,7 @@ def _remove_child(N, Nb, slot, n, b):
 # -- core operations ------------------------------------------------------------------
 
 
-@njit(cache=True)
+@kernel
 def _lookup(N, Nb, K, kb, ks, kl):
     """Leaf offset holding the key, or 0.  Optimistic: prefix bytes past the
     inline ones are skipped and the full key is compared at the leaf."""
@@ -564,7 +570,7 @@ def _lookup(N, Nb, K, kb, ks, kl):
     return 0
 
 
-@njit(cache=True)
+@kernel
 def _insert(N, Nb, K, V, kb, ks, kl, vb, vs, vl):
     """Insert or overwrite; 1 if the key is new, 0 if it was updated.  The caller
     guarantees INSERT_W free words, kl key bytes and vl value bytes of room."""
@@ -652,7 +658,7 @@ def _insert(N, Nb, K, V, kb, ks, kl, vb, vs, vl):
         depth += 1
 
 
-@njit(cache=True)
+@kernel
 def _delete(N, Nb, K, kb, ks, kl):
     """Remove the key; 1 if it was present.  Shrinks and collapses nodes."""
     ref = N[M_ROOT]
@@ -704,7 +710,7 @@ def _delete(N, Nb, K, kb, ks, kl):
 # -- ordered traversal ------------------------------------------------------------------
 
 
-@njit(cache=True)
+@kernel
 def _emit_subtree(N, Nb, root, out, cnt):
     """Append the leaves below ``root`` to ``out`` in key order (counting past
     its end); returns the new count."""
@@ -762,7 +768,7 @@ def _emit_subtree(N, Nb, root, out, cnt):
     return cnt
 
 
-@njit(cache=True)
+@kernel
 def scan_leaves(N, K, prefix, out):
     """Leaves whose key starts with ``prefix``, in key order, written to ``out``;
     returns the total count (call again with a larger ``out`` if it exceeds it)."""
@@ -798,7 +804,7 @@ def scan_leaves(N, K, prefix, out):
         depth += 1
 
 
-@njit(cache=True)
+@kernel
 def gather_pairs(N, K, V, leaves, n):
     """Keys and values of ``leaves[:n]`` packed into two buffers, their end
     offsets, and the common key / value length (-1 when lengths differ), so
@@ -843,7 +849,7 @@ def gather_pairs(N, K, V, leaves, n):
 # -- entry points called from Python ----------------------------------------------------
 
 
-@njit(cache=True)
+@kernel
 def get(N, K, key):
     """The leaf's value word (offset | length << 44) of ``key``, or -1."""
     leaf = _lookup(N, N.view(np.uint8), K, key, 0, len(key))
@@ -852,7 +858,7 @@ def get(N, K, key):
     return N[leaf + 1]
 
 
-@njit(cache=True)
+@kernel
 def put(N, K, V, key, value):
     """1 new, 0 updated; -1/-2/-3: grow N/K/V first (nothing was changed)."""
     if N.shape[0] - N[M_TOP] < INSERT_W:
@@ -864,12 +870,12 @@ def put(N, K, V, key, value):
     return _insert(N, N.view(np.uint8), K, V, key, 0, len(key), value, 0, len(value))
 
 
-@njit(cache=True)
+@kernel
 def delete(N, K, key):
     return _delete(N, N.view(np.uint8), K, key, 0, len(key))
 
 
-@njit(cache=True)
+@kernel
 def put_many(N, K, V, kbuf, klens, vbuf, vlens, start, kpos, vpos):
     """Insert records ``start..`` of a packed batch (key i is kbuf[kpos:kpos+klens[i]]
     after the previous ones).  Returns ``4 * i + why``: why 0 = done (i = n),
@@ -901,7 +907,7 @@ def put_many(N, K, V, kbuf, klens, vbuf, vlens, start, kpos, vpos):
 GROUP = 16  # lookups advanced in lock-step, so their cache misses overlap
 
 
-@njit(cache=True)
+@kernel
 def _lookup_batch(N, Nb, K, kbuf, klens, leaves):
     """``leaves[i]`` = leaf of key i or 0, for a packed batch.  Keys go through
     the tree GROUP at a time, one node step per key per round: the loads of
@@ -910,7 +916,7 @@ def _lookup_batch(N, Nb, K, kbuf, klens, leaves):
     _lookup_range(N, Nb, K, kbuf, 0, klens, 0, klens.shape[0], leaves)
 
 
-@njit(cache=True)
+@kernel
 def _lookup_range(N, Nb, K, kbuf, kpos, klens, lo, hi, leaves):
     """``_lookup_batch`` for keys lo..hi, key lo starting at kbuf[kpos]."""
     n = hi
@@ -979,7 +985,7 @@ def _lookup_range(N, Nb, K, kbuf, kpos, klens, lo, hi, leaves):
                 leaves[base + j] = 0
 
 
-@njit(cache=True)
+@kernel
 def get_many(N, K, V, kbuf, klens):
     """Values of a packed batch of keys: (value bytes, end offsets, leaves (0 =
     absent), common value length or -1, misses)."""
@@ -1018,7 +1024,7 @@ def get_many(N, K, V, kbuf, klens):
     return out, ends, leaves, width, misses
 
 
-@njit(cache=True)
+@kernel
 def longest_prefix_many(N, K, kbuf, klens, chain_lens):
     """For each chain (consecutive runs of ``chain_lens[c]`` keys), how many
     leading keys are present.  Every key is looked up (batched, misses
@@ -1036,7 +1042,7 @@ def longest_prefix_many(N, K, kbuf, klens, chain_lens):
     return out
 
 
-@njit(cache=True)
+@kernel
 def longest_prefix(N, K, kbuf, klens):
     """How many leading keys of one packed chain are present (stops at the first miss)."""
     if klens.shape[0] <= 4:
@@ -1055,7 +1061,7 @@ def longest_prefix(N, K, kbuf, klens):
     return klens.shape[0]
 
 
-@njit(cache=True)
+@kernel
 def compact_arenas(N, K, V, leaves, n, newK, newV):
     """Copy the live keys and values of ``leaves[:n]`` into fresh arenas and
     repoint the leaves (drops the bytes of deleted keys and replaced values)."""
@@ -1081,7 +1087,7 @@ def compact_arenas(N, K, V, leaves, n, newK, newV):
     N[M_VDEAD] = 0
 
 
-@njit(cache=True)
+@kernel
 def node_census(N):
     """[leaves, n4, n16, n48, n256, max depth] reachable from the root (for tests
     and stats)."""
@@ -1121,7 +1127,7 @@ def node_census(N):
     return out
 
 
-@njit(cache=True)
+@kernel
 def _copy_block(N, newN, ref, top):
     """Copy the block ``ref`` points at to ``newN[top:]``; returns (new ref, new top)."""
     if ref < 0:
@@ -1136,7 +1142,7 @@ def _copy_block(N, newN, ref, top):
     return top, top + size
 
 
-@njit(cache=True)
+@kernel
 def defrag(N, newN):
     """Copy the live tree into ``newN`` breadth-first (free-list garbage dropped,
     upper levels packed together); returns the new top.  ``newN`` must have
@@ -1190,3 +1196,439 @@ def defrag(N, newN):
                     qt += 1
     newN[M_TOP] = top
     return top
+
+
+# -- compilation: interpreted at first, machine code from a background thread -----------
+
+JIT_ENV = "QUIVER_ART_JIT"  # background (default) | sync | off
+JIT_MODES = ("background", "sync", "off")
+CACHE_ENV = "QUIVER_NUMBA_CACHE_DIR"
+# The most work an interpreted kernel takes on while its compiled one is not in
+# place (measured: about 40 us a key put, 25 us a key looked up, 25 ms per 1000
+# records of a census; so at most a few tenths of a second), else the call waits.
+SMALL_BATCH = 4096  # keys of one batch call
+SMALL_TREE = 8192  # records of a whole-tree call (scan, gather, census, defrag, compaction)
+
+# What art.py calls, in the order the background thread compiles them (the
+# first request's operations first).
+ENTRIES = ("get", "get_many", "put_many", "put", "delete", "longest_prefix", "longest_prefix_many",
+           "scan_leaves", "gather_pairs", "compact_arenas", "defrag", "node_census")
+
+# entry -> predicate on its arguments: True when the interpreted kernel may do the
+# work while the compiled one is not ready (None: always; a single key's path).
+_SMALL = {
+    "get": None,
+    "put": None,
+    "delete": None,
+    "put_many": lambda N, K, V, kbuf, klens, vbuf, vlens, start, kpos, vpos: klens.shape[0] - start <= SMALL_BATCH,
+    "get_many": lambda N, K, V, kbuf, klens: klens.shape[0] <= SMALL_BATCH,
+    "longest_prefix": lambda N, K, kbuf, klens: klens.shape[0] <= SMALL_BATCH,
+    "longest_prefix_many": lambda N, K, kbuf, klens, chain_lens: klens.shape[0] <= SMALL_BATCH,
+    "scan_leaves": lambda N, K, prefix, out: N[M_COUNT] <= SMALL_TREE,
+    "gather_pairs": lambda N, K, V, leaves, n: n <= SMALL_TREE,
+    "compact_arenas": lambda N, K, V, leaves, n, newK, newV: n <= SMALL_TREE,
+    "defrag": lambda N, newN: N[M_COUNT] <= SMALL_TREE,
+    "node_census": lambda N: N[M_COUNT] <= SMALL_TREE,
+}
+
+_PY = {name: _KERNELS[name][0] for name in ENTRIES}  # the interpreted entry points
+
+
+class _JitState:
+    """Process-wide compile state (reset in a forked child)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.ns_lock = threading.RLock()  # building the compiled namespace; compiling in a caller
+        self.ns: dict | None = None  # the compiled namespace, once built
+        self.ready: dict = {}  # entry -> compiled dispatcher, warmed for art.py's argument types
+        self.queue = list(ENTRIES)  # entries the thread has still to compile
+        self.busy: str | None = None  # the entry the thread compiles now
+        self.thread: threading.Thread | None = None
+        self.working = False  # the thread is running (importing numba, building, compiling)
+        self.stop = False
+        self.failed: str | None = None  # why compiled kernels are unavailable (interpreted for good)
+        self.mode: str | None = None
+        self.cache_dir: str | None = None
+        self.cache_tried: list[str] = []
+        self.seconds: dict = {}  # entry -> seconds its compile (or cache load) took
+        self.cache_hits: dict = {}  # entry -> True: loaded from the cache, False: compiled
+
+
+_jit = _JitState()
+
+
+def _mode() -> str:
+    if _jit.mode is None:
+        m = os.environ.get(JIT_ENV, "").strip().lower() or "background"
+        if m not in JIT_MODES:
+            log.warning("%s=%r is not one of %s: using 'background'", JIT_ENV, m, JIT_MODES)
+            m = "background"
+        _jit.mode = m
+    return _jit.mode
+
+
+def cache_dir_candidates() -> list[str]:
+    """Where the compile cache may go, in order of preference (see the module docstring)."""
+    explicit = os.environ.get(CACHE_ENV) or os.environ.get("NUMBA_CACHE_DIR")
+    if explicit:
+        return [os.path.abspath(os.path.expanduser(explicit))]
+    out = []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        out.append(os.path.join(xdg, "quiver", "numba"))
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):
+        out.append(os.path.join(home, ".cache", "quiver", "numba"))
+    return out
+
+
+def _writable_cache_dir() -> str | None:
+    """The first candidate that exists (or can be made) and takes a file; None if none does."""
+    _jit.cache_tried = cache_dir_candidates()
+    for d in _jit.cache_tried:
+        try:
+            os.makedirs(d, exist_ok=True)
+            tempfile.TemporaryFile(dir=d).close()
+        except OSError:
+            continue
+        return d
+    return None
+
+
+def _prefetch_intrinsic():
+    """The compiled ``_prefetch``: ``llvm.prefetch`` (read, high locality, data cache)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _prefetch(typingctx, arr, idx):
+        sig = types.void(arr, types.intp)
+
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _prefetch
+
+
+def _cache_class(root: str):
+    """A Numba FunctionCache whose only locator puts every kernel's cache under
+    ``root`` (attached to our dispatchers alone: Numba's configuration and
+    every other jitted function in the process are left as they are)."""
+    from numba.core import caching
+
+    locator_base = getattr(caching, "_CacheLocator")
+    source_mixin = getattr(caching, "_SourceFileBackedLocatorMixin")
+    impl_base = getattr(caching, "CompileResultCacheImpl", None) or getattr(caching, "_CompileResultCacheImpl")
+
+    class QuiverCacheLocator(source_mixin, locator_base):
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file))
+
+        def get_cache_path(self):
+            return self._cache_path
+
+    class QuiverCacheImpl(impl_base):
+        _locator_classes = [QuiverCacheLocator]
+
+    class QuiverFunctionCache(caching.FunctionCache):
+        _impl_class = QuiverCacheImpl
+
+    return QuiverFunctionCache
+
+
+_warned_no_cache = False
+
+
+def _namespace() -> dict:
+    """Numba dispatchers of every kernel, bound to one another (built once).
+
+    Each kernel is re-bound to a copy of this module's globals in which the
+    kernel names are the dispatchers and ``_prefetch`` the intrinsic: the
+    interpreted kernels keep calling one another."""
+    global _warned_no_cache
+    with _jit.ns_lock:
+        if _jit.ns is not None:
+            return _jit.ns
+        from numba import njit
+
+        root = _writable_cache_dir()
+        cache_cls = _cache_class(root) if root else None
+        if root is None and not _warned_no_cache:
+            _warned_no_cache = True
+            log.warning("ART kernels: no writable compile-cache directory (tried %s); they are compiled "
+                        "in memory in every process (set %s to a writable directory)",
+                        ", ".join(_jit.cache_tried) or "none", CACHE_ENV)
+        g = dict(globals())
+        g["_prefetch"] = _prefetch_intrinsic()
+        for name, (fn, inline) in _KERNELS.items():
+            f = _pytypes.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+            f.__qualname__ = fn.__qualname__
+            f.__doc__ = fn.__doc__
+            d = njit(inline="always" if inline else "never")(f)
+            if cache_cls is not None:
+                try:
+                    d._cache = cache_cls(f)
+                except (RuntimeError, OSError):  # no locator: this one compiles in memory
+                    pass
+            g[name] = d
+        _jit.cache_dir = root
+        _jit.ns = g
+        return g
+
+
+def _warm_args(name: str) -> tuple:
+    """Small valid arguments with the types art.py passes (C-contiguous int64 /
+    uint8 arrays, ``bytes`` keys, int64 scalars), so the compiled signature is
+    the one every later call uses."""
+    N, K, V = new_arrays(512, 256, 256)
+    kb, kl = b"ab", np.ones(2, dtype=np.int64)
+    leaves = np.zeros(4, dtype=np.int64)
+    return {
+        "get": (N, K, b"a"),
+        "put": (N, K, V, b"a", b"v"),
+        "delete": (N, K, b"a"),
+        "put_many": (N, K, V, kb, kl, b"xy", kl.copy(), 0, 0, 0),
+        "get_many": (N, K, V, kb, kl),
+        "longest_prefix": (N, K, kb, kl),
+        "longest_prefix_many": (N, K, kb, kl, np.array([2], dtype=np.int64)),
+        "scan_leaves": (N, K, b"", leaves),
+        "gather_pairs": (N, K, V, leaves, 0),
+        "compact_arenas": (N, K, V, leaves, 0, np.zeros(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)),
+        "defrag": (N, np.zeros(len(N), dtype=np.int64)),
+        "node_census": (N,),
+    }[name]
+
+
+def _compile_one(name: str):
+    """Compile (or load from the cache) entry ``name`` for art.py's argument
+    types, and make it the module attribute.  Returns the dispatcher."""
+    d = _namespace()[name]
+    t0 = time.perf_counter()
+    d(*_warm_args(name))
+    _jit.seconds[name] = round(time.perf_counter() - t0, 4)
+    _jit.cache_hits[name] = bool(sum(d._cache_hits.values())) and not sum(d._cache_misses.values())
+    with _jit.cond:
+        _jit.ready[name] = d
+        globals()[name] = d
+        _jit.cond.notify_all()
+    return d
+
+
+def _fail(exc: BaseException) -> None:
+    with _jit.cond:
+        if _jit.failed is None:
+            _jit.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("ART kernels: compilation failed (%s); the index runs the interpreted kernels "
+                        "(correct, much slower)", _jit.failed)
+        _jit.cond.notify_all()
+
+
+def _worker() -> None:
+    """The background thread: compile the queued entries, most wanted first."""
+    _jit.working = True
+    try:
+        _namespace()
+        while True:
+            with _jit.cond:
+                if _jit.stop or not _jit.queue:
+                    return
+                name = _jit.busy = _jit.queue.pop(0)
+            try:
+                if name not in _jit.ready:
+                    _compile_one(name)
+            finally:
+                with _jit.cond:
+                    _jit.busy = None
+                    _jit.cond.notify_all()
+    except BaseException as exc:  # noqa: BLE001 - any failure leaves the interpreted kernels in place
+        _fail(exc)
+    finally:
+        _jit.working = False
+
+
+def _ensure_thread() -> None:
+    with _jit.cond:
+        if _jit.thread is not None or _jit.stop or _jit.failed or not _jit.queue:
+            return
+        _jit.thread = threading.Thread(target=_worker, name="quiver-art-jit", daemon=True)
+        _jit.thread.start()
+
+
+def _shutdown() -> None:
+    """At exit: no new compile; wait for the one in flight (a few seconds at most,
+    only in the first process after an install), so the interpreter never
+    finalizes under a thread that is inside LLVM."""
+    with _jit.cond:
+        _jit.stop = True
+        t = _jit.thread
+    if t is not None and t.is_alive():
+        t.join(timeout=300)
+
+
+atexit.register(_shutdown)
+
+
+def _after_fork_in_child() -> None:
+    """The compile thread does not exist in a forked child: forget it, so the
+    child starts its own when it needs one."""
+    global _jit
+    old = _jit
+    new = _JitState()
+    new.ns, new.ready, new.mode, new.failed = old.ns, dict(old.ready), old.mode, old.failed
+    new.cache_dir, new.seconds, new.cache_hits = old.cache_dir, dict(old.seconds), dict(old.cache_hits)
+    new.queue = [n for n in ENTRIES if n not in new.ready]
+    lockmod = sys.modules.get("numba.core.compiler_lock")  # never import here: a ghost may hold its lock
+    if old.working and lockmod is not None and hasattr(lockmod, "global_compiler_lock"):
+        # The parent's thread may have been inside Numba: its compiler lock may
+        # be held by a thread this process does not have.  (A fork in the
+        # first half second, while that thread imports numba, can leave the
+        # child a half-imported numba: fork before the first ART call, or
+        # call warmup() first.)
+        lockmod.global_compiler_lock._lock = threading.RLock()
+    if old.working:
+        # Dispatchers the thread was compiling may hold half-made overloads:
+        # the child compiles with fresh ones (those already in place stay).
+        new.ns = None
+    _jit = new
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _wait_for(name: str):
+    """Block until entry ``name`` is compiled (moving it to the front of the
+    queue); compile it here if no thread will.  Returns what to call."""
+    with _jit.cond:
+        if name in _jit.queue:
+            _jit.queue.remove(name)
+            _jit.queue.insert(0, name)
+        while name not in _jit.ready and _jit.failed is None:
+            t = _jit.thread
+            if t is None or not t.is_alive() or (_jit.stop and _jit.busy != name):
+                break
+            _jit.cond.wait(timeout=1.0)
+        if name in _jit.ready:
+            return _jit.ready[name]
+        if _jit.failed is not None:
+            return _PY[name]
+    return _compile_here(name)
+
+
+def _compile_here(name: str):
+    try:
+        with _jit.ns_lock:
+            if name in _jit.ready:
+                return _jit.ready[name]
+            return _compile_one(name)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return _PY[name]
+
+
+def _resolve(name: str, small: bool):
+    """What entry ``name`` runs while its compiled kernel is not in place."""
+    mode = _mode()
+    if mode == "off" or _jit.failed is not None:
+        return _PY[name]
+    if mode == "sync":
+        return _compile_here(name)
+    _ensure_thread()
+    if name in _jit.ready:
+        return _jit.ready[name]
+    return _PY[name] if small else _wait_for(name)
+
+
+def _make_entry(name: str):
+    small = _SMALL[name]
+    py = _PY[name]
+
+    if small is None:
+        def entry(*args):
+            fn = _jit.ready.get(name)
+            return (fn or _resolve(name, True))(*args)
+    else:
+        def entry(*args):
+            fn = _jit.ready.get(name)
+            return (fn or _resolve(name, bool(small(*args))))(*args)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = py.__doc__
+    entry.py_func = py
+    return entry
+
+
+for _name in ENTRIES:
+    globals()[_name] = _make_entry(_name)
+del _name
+
+
+def require(*names: str) -> None:
+    """Block until the named entry points are compiled (all if none are named):
+    for callers about to do much work (a long log replay).  A no-op with
+    QUIVER_ART_JIT=off or once compilation has failed."""
+    for name in names or ENTRIES:
+        if name not in ENTRIES:
+            raise ValueError(f"unknown ART kernel {name!r}; known: {ENTRIES}")
+        if name not in _jit.ready:
+            _resolve(name, False)
+
+
+def warmup(wait: bool = True, timeout: float | None = None) -> dict:
+    """Compile (or load from the cache) every entry point now.  ``wait``: return
+    once all are in place (or ``timeout`` passed); else just start the thread.
+    Returns ``jit_status()``.  A no-op with QUIVER_ART_JIT=off."""
+    mode = _mode()
+    if mode == "off":
+        return jit_status()
+    if mode == "sync" or (_jit.stop and wait):
+        for name in ENTRIES:
+            if name not in _jit.ready:
+                _compile_here(name)
+        return jit_status()
+    _ensure_thread()
+    if wait:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _jit.cond:
+            while len(_jit.ready) < len(ENTRIES) and _jit.failed is None:
+                t = _jit.thread
+                if t is None or not t.is_alive():
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                _jit.cond.wait(timeout=1.0 if left is None else min(left, 1.0))
+    return jit_status()
+
+
+def jit_status() -> dict:
+    """Where compilation stands: mode, cache directory (None: none writable, or
+    not chosen yet), compiled entries with the seconds each took and whether
+    it came from the cache, pending ones, and the failure if any."""
+    return {
+        "mode": _mode(),
+        "cache_dir": _jit.cache_dir,
+        "cache_tried": list(_jit.cache_tried),
+        "compiled": sorted(_jit.ready),
+        "pending": [n for n in ENTRIES if n not in _jit.ready],
+        "seconds": dict(_jit.seconds),
+        "from_cache": dict(_jit.cache_hits),
+        "failed": _jit.failed,
+        "thread_alive": bool(_jit.thread is not None and _jit.thread.is_alive()),
+    }

@@ -2,7 +2,11 @@
 
 The tree is three NumPy arrays (node/leaf words, key arena, value arena; see
 ``_art_kernels`` and docs/ART.md); every operation is one call into compiled
-code, and the batch operations pass many keys in one call.  Persistence is a
+code, and the batch operations pass many keys in one call.  A first request
+does not wait for Numba: until the kernels are compiled (or loaded from the
+compile cache) by a background thread, small operations run the same kernels
+interpreted, and only large ones wait (``_art_kernels``, docs/INDEXES.md "ART
+compile cache").  Persistence is a
 snapshot of the arrays plus an append-only log of its own:
 
 * put / put_many / delete / set_applied_seq append a CRC32C-framed record to an
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.util
 import os
 import struct
 import time
@@ -38,6 +43,9 @@ from typing import Iterator, Sequence
 
 import crc32c
 import numpy as np
+
+if importlib.util.find_spec("numba") is None:  # interpreted-only would be correct but far too slow
+    raise ImportError("the ART index needs numba (pip install numba)")
 
 from quiver.index_backends import _art_kernels as kern
 from quiver.index_backends._common import (
@@ -78,6 +86,9 @@ _U64 = struct.Struct("<Q")
 
 _VOFF_MASK = kern.VOFF_MASK
 SPILL_BYTES = 4 << 20  # bound on the unflushed log buffer held in memory
+# A reopen with more log than this to replay waits for the compiled kernels
+# instead of replaying through the interpreted ones (about 40 us a frame).
+REPLAY_INTERPRET_BYTES = 512 << 10
 
 
 class ArtCorruptError(IndexCorruptError):
@@ -337,6 +348,8 @@ class ArtIndex:
         self._log_fd = fd
         if not existed:  # else a crash could drop the name, and every commit with it
             io.fsync_dir(self._dir, "index_dir")
+        if size > REPLAY_INTERPRET_BYTES:
+            kern.require("put", "put_many", "delete")
         pos = 0
         good = 0  # end of the last COMMIT frame
         pending: list[tuple[int, int, bytes]] = []
@@ -614,6 +627,8 @@ class ArtIndex:
         _fast_keys(deletes)  # validates every key to delete
         check_seq(applied_seq)
         self._apply_puts(*packed)
+        if len(deletes) > kern.SMALL_BATCH:  # many single-key calls: not through the interpreter
+            kern.require("delete")
         for key in deletes:
             if kern.delete(self._N, self._K, key):
                 self._append(F_DEL, key)
