@@ -11,7 +11,8 @@ counts) and ``studies/bench_walpub.py`` (the campaign figures).  Three parts:
   (or eviction) begins / is done.  Each line is one ``os.write`` of less than
   PIPE_BUF bytes, so lines never interleave.  The parent kills the child with
   SIGKILL after a random number of lines, or the child kills itself at a named
-  crash point (``QUIVER_WALPUB_CRASHPOINT``, see walpub.volume.CRASH_POINTS),
+  crash point (its ``--crashpoint`` argument, which it arms with the test-only
+  walpub.volume.arm_crash_point; see walpub.volume.CRASH_POINTS),
   sometimes inside the recovery of a second child.  Sometimes the parent then
   tears the WAL tail (appends a partial frame, zeros or junk: what a torn
   in-flight append leaves).  Then it recovers in-process and checks the five
@@ -44,7 +45,7 @@ from pathlib import Path
 from quiver.walpub import CorruptObjectError, ObjectNotFoundError, OsFileSystem, Volume
 from quiver.walpub import wal as walmod
 from quiver.walpub.crash_check import Expect, check_reads, check_recovered, explore
-from quiver.walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, object_relpath
+from quiver.walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, arm_crash_point, object_relpath
 from quiver.walpub.wal import crc32c
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,11 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--segment-bytes", type=int, default=8192)
     ap.add_argument("--compact-min", type=int, default=64)
     ap.add_argument("--recover-only", action="store_true", help="open (recover) and exit")
+    ap.add_argument("--crashpoint", default=None, metavar="POINT[@N]",
+                    help="arm this walpub crash point (walpub.volume.CRASH_POINTS) before opening the volume")
     a = ap.parse_args(argv)
+    if a.crashpoint:
+        arm_crash_point(a.crashpoint)  # ValueError (exit 1) for an unknown point
 
     out_lock = threading.Lock()
 
@@ -283,7 +288,7 @@ def tear_tail(root: str, rng: random.Random) -> str:
 
 def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ)
-    env.pop(CRASHPOINT_ENV, None)
+    env.pop(CRASHPOINT_ENV, None)  # arms nothing any more; would only log a warning
     env.update(env_extra or {})
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", "quiver.studies.walpub_campaign", *args],
@@ -293,9 +298,13 @@ def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
 def run_child(args: list[str], *, crashpoint: str | None = None, kill_after_lines: int | None = None,
               rng: random.Random | None = None, timeout_s: float = 120.0) -> tuple[Events, int, str]:
     """Run one child; SIGKILL it after ``kill_after_lines`` lines (plus a random
-    pause of up to 2 ms), or let a crash point kill it.  (events, returncode, stderr)."""
-    env = {CRASHPOINT_ENV: crashpoint} if crashpoint else None
-    proc = _spawn(args, env)
+    pause of up to 2 ms), or let a crash point kill it (``crashpoint``: passed
+    to a ``child`` as ``--crashpoint``).  (events, returncode, stderr)."""
+    if crashpoint:
+        if not args or args[0] != "child":
+            raise ValueError("a crash point can only be armed in a 'child' run")
+        args = [*args, "--crashpoint", crashpoint]
+    proc = _spawn(args)
     ev = Events()
     deadline = time.monotonic() + timeout_s
     try:

@@ -12,6 +12,14 @@ Publish = tmp write, fsync; rename into objects/ab/, fsync objects/ab/; PUT fram
 appended and fsynced (group commit); index update; acknowledge.  Delete = DELETE
 frame fsynced; index; unlink.  Recovery (in the constructor) makes the WAL the
 source of truth again.  The step-by-step argument is docs/WALPUB.md.
+
+Crash testing: ``crash_point(name)`` marks the protocol's named points
+(``CRASH_POINTS``).  They are armed only by ``arm_crash_point("<point>[@n]")``,
+a test-only call made in the process that is to die (the SIGKILL campaign's
+child, studies/walpub_campaign.py, makes it from its ``--crashpoint``
+argument); the environment arms nothing -- ``QUIVER_WALPUB_CRASHPOINT`` is
+ignored, with a warning -- so no production process can be made to SIGKILL
+itself by an inherited variable.
 """
 
 from __future__ import annotations
@@ -66,8 +74,13 @@ VERIFY_MODES = ("crc", "size", "none")
 # ---------------------------------------------------------------- crash points
 # Named points of the protocol where the real-SIGKILL suite (tests/test_walpub_kill.py,
 # studies/walpub_campaign.py) makes a child process kill itself; docs/WALPUB.md §10
-# lists what each one leaves on disk.  Armed only by the environment of the process:
-# QUIVER_WALPUB_CRASHPOINT=<name> kills at the first passage, <name>@<n> at the n-th.
+# lists what each one leaves on disk.  Armed only by a test calling
+# arm_crash_point("<name>[@n]") in the process that is to die (the campaign's
+# child does so from its --crashpoint argument): kill at the first passage, or
+# at the n-th.  Nothing in the environment arms them, so no production process
+# can be made to SIGKILL itself by a variable it inherited.
+# QUIVER_WALPUB_CRASHPOINT, which armed them before, is ignored (a process that
+# has it set logs one warning at import).
 CRASHPOINT_ENV = "QUIVER_WALPUB_CRASHPOINT"
 CRASH_POINTS = (
     "publish.object_written",    # P1 done: tmp file written, not fsynced
@@ -88,31 +101,49 @@ CRASH_POINTS = (
 )
 
 
-def _armed_crash_point() -> tuple[str, int] | None:
-    spec = os.environ.get(CRASHPOINT_ENV)
-    if not spec:
-        return None
+def _parse_crash_spec(spec: str) -> tuple[str, int]:
     name, _, nth = spec.partition("@")
     if name not in CRASH_POINTS or (nth and not (nth.isdigit() and int(nth) >= 1)):
-        raise ValueError(f"{CRASHPOINT_ENV}={spec!r}: expected one of {CRASH_POINTS} [@n]")
+        raise ValueError(f"crash point {spec!r}: expected one of {CRASH_POINTS} [@n]")
     return name, int(nth or 1)
 
 
-_CRASH_ARMED = _armed_crash_point()
+_CRASH_ARMED: tuple[str, int] | None = None
 _crash_passes = 0
 _crash_lock = threading.Lock()
 
 
+def arm_crash_point(spec: str | None) -> None:
+    """TEST ONLY: make this process SIGKILL itself at crash point ``spec``
+    ("<name>" = its first passage, "<name>@<n>" = its n-th, counted over all
+    threads); None disarms.  ValueError for an unknown name or a bad n.  The
+    one way to arm a crash point: production code never calls it."""
+    global _CRASH_ARMED, _crash_passes
+    armed = None if spec is None else _parse_crash_spec(spec)
+    with _crash_lock:
+        _CRASH_ARMED = armed
+        _crash_passes = 0
+
+
+if os.environ.get(CRASHPOINT_ENV):
+    import logging
+
+    logging.getLogger("quiver.walpub").warning(
+        "%s is set but arms nothing: walpub crash points are armed only by a test calling "
+        "walpub.volume.arm_crash_point()", CRASHPOINT_ENV)
+
+
 def crash_point(name: str) -> None:
-    """SIGKILL this process here if QUIVER_WALPUB_CRASHPOINT names this point
-    (at its n-th passage).  A no-op otherwise: one comparison."""
+    """SIGKILL this process here if a test armed this point with
+    ``arm_crash_point`` (at its n-th passage).  A no-op otherwise: one comparison."""
     global _crash_passes
-    if _CRASH_ARMED is None or _CRASH_ARMED[0] != name:
+    armed = _CRASH_ARMED
+    if armed is None or armed[0] != name:
         return
     assert name in CRASH_POINTS, name
     with _crash_lock:
         _crash_passes += 1
-        if _crash_passes >= _CRASH_ARMED[1]:
+        if _crash_passes >= armed[1]:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
