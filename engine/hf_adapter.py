@@ -38,7 +38,8 @@
    why in ``PrefillResult.restore_error``.
 5. ``model(prompt[kT:], past_key_values=cache)``.
 6. The new full blocks ``k .. len(prompt) // T`` are gathered out of the cache
-   (``gather_dynamic``) and stored (``store.put``: durable on return).  A put
+   (``gather_dynamic``) and stored (``store.put(..., start_block=k)``: only the
+   new blocks are passed; durable on return).  A put
    that fails (for example a sync L2 that is down, after L1 holds the blocks)
    leaves the logits valid: it is reported in ``PrefillResult.put_error``.
 
@@ -230,10 +231,9 @@ class HFPrefixCache:
             new = torch.empty((full - k, *self.layout.block_shape), dtype=self.layout.dtype)
             gather_dynamic(cache, new, self.layout, first_block=k)
             t["gather_s"] = time.perf_counter() - t0
-            blocks = [host[i] for i in range(k)] + [new[i] for i in range(full - k)]
             t0 = time.perf_counter()
             try:
-                stored = self.store.put(self.ident, tokens, blocks)  # blocks 0..k-1 are present: skipped
+                stored = self.store.put(self.ident, tokens, new, start_block=k)  # 0..k-1 came from the store
             except QuiverError as exc:
                 put_error = f"{type(exc).__name__}: {exc}"
             t["put_s"] = time.perf_counter() - t0

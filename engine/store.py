@@ -205,6 +205,15 @@ def _block_arrays(ident: CacheIdentity, blocks: Any) -> list[np.ndarray]:
     return [_one_block(ident, b) for b in items]
 
 
+def _check_start_block(start_block: Any) -> int:
+    """A block index to start from: a non-negative int (a bool is not one)."""
+    if isinstance(start_block, bool) or not isinstance(start_block, (int, np.integer)):
+        raise InvalidTokensError(f"start_block must be an int, got {type(start_block).__name__}")
+    if start_block < 0:
+        raise InvalidTokensError(f"start_block must be >= 0, got {start_block}")
+    return int(start_block)
+
+
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
@@ -797,29 +806,35 @@ class BlockStore:
 
     # ------------------------------------------------------------------ put
     @_operation
-    def put(self, ident: CacheIdentity, token_ids, blocks) -> int:
-        """Store the leading ``len(blocks)`` full blocks of ``token_ids``; durable on return.
+    def put(self, ident: CacheIdentity, token_ids, blocks, start_block: int = 0) -> int:
+        """Store full blocks ``start_block .. start_block + len(blocks) - 1`` of
+        ``token_ids``; durable on return.
 
-        Everything is validated first (tokens, count, shape, dtype, codec): a
-        bad call writes nothing.  Blocks already on disk are skipped.  Returns
+        ``token_ids`` is the whole prompt from its first token (a block's key
+        names its whole prefix), but only the blocks from ``start_block`` on are
+        passed: an engine that already holds blocks 0..k-1 stores k..m without
+        handing those over again.  Everything is validated first (tokens,
+        count, shape, dtype, codec): a bad call writes nothing.  Blocks already on disk are skipped.  Returns
         how many blocks were newly written.  In sync L2 mode an L2 failure
         raises its typed error *after* L1 holds every block (they are retried
         later, also after a crash: see PENDING_L2)."""
         t0 = time.perf_counter()
         try:
-            return self._put(ident, token_ids, blocks)
+            return self._put(ident, token_ids, blocks, start_block)
         finally:
             self._observe("put", "all", t0)
 
-    def _put(self, ident: CacheIdentity, token_ids, blocks) -> int:
+    def _put(self, ident: CacheIdentity, token_ids, blocks, start_block: int) -> int:
         self._check_open()
         _check_identity(ident)
+        start = _check_start_block(start_block)
         codec = self._codec_for(ident)
         arrays = _block_arrays(ident, blocks)
         if not arrays:
             return 0
-        keys, skeys = self._chain(ident, token_ids, len(arrays))
-        root = self._root(ident)
+        keys, skeys = self._chain(ident, token_ids, start + len(arrays))
+        parents = ([self._root(ident)] + keys)[start:start + len(arrays)]
+        keys, skeys = keys[start:], skeys[start:]
         with _translated("disk tier contains"):
             todo = [i for i, held in enumerate(self._disk.contains_many(skeys)) if not held]
         with self._lock:
@@ -838,7 +853,7 @@ class BlockStore:
         try:
             for j, i in enumerate(todo):
                 enc = prepare_envelope(
-                    arrays[i], fingerprint=ident.fingerprint, key=keys[i], parent=keys[i - 1] if i else root,
+                    arrays[i], fingerprint=ident.fingerprint, key=keys[i], parent=parents[i],
                     token_count=ident.block_tokens, codec=codec, dtype=ident.kv_dtype,
                     layer_offsets=uniform_layer_offsets(ident.num_layers, arrays[i].nbytes),
                     layer_crcs=codec == "none",  # verified ranged layer reads (engine.layerwise)
@@ -1264,25 +1279,35 @@ class BlockStore:
 
     # ------------------------------------------------------------------ get
     @_operation
-    def get(self, ident: CacheIdentity, token_ids, n_blocks: int | None = None, out=None):
-        """The verified payloads of the leading ``n_blocks`` blocks (all full blocks if None).
+    def get(self, ident: CacheIdentity, token_ids, n_blocks: int | None = None, out=None,
+            start_block: int = 0):
+        """The verified payloads of blocks ``start_block .. n_blocks - 1`` (to the
+        last full block if ``n_blocks`` is None; ``start_block`` 0 by default).
 
         Returns a numpy array ``[n, *block_shape]`` (bfloat16 as uint16), or
         decodes into ``out`` (array/tensor ``[n, *block_shape]`` or a sequence
-        of per-block ones) and returns it.  Raises BlockNotFoundError for a
-        block no tier holds, IdentityMismatchError when the guard refuses a
-        stored block, an EnvelopeError when every copy found was corrupt."""
+        of per-block ones) and returns it, ``n = n_blocks - start_block``.
+        Raises BlockNotFoundError for a block no tier holds,
+        IdentityMismatchError when the guard refuses a stored block, an
+        EnvelopeError when every copy found was corrupt; each carries
+        ``block_index``, the failing block's index in the prompt (the blocks
+        before it were delivered, verified)."""
         t0 = time.perf_counter()
         try:
-            return self._get(ident, token_ids, n_blocks, out)
+            return self._get(ident, token_ids, n_blocks, out, start_block)
         finally:
             self._observe("get", "all", t0)
 
-    def _get(self, ident: CacheIdentity, token_ids, n_blocks: int | None, out):
+    def _get(self, ident: CacheIdentity, token_ids, n_blocks: int | None, out, start_block: int):
         self._check_open()
         _check_identity(ident)
         _check_quant(ident)
+        start = _check_start_block(start_block)
         keys, skeys = self._chain(ident, token_ids, n_blocks)
+        if start > len(keys):
+            raise InvalidTokensError(f"start_block={start} is past the {len(keys)} blocks asked for")
+        parents = ([self._root(ident)] + keys)[start:len(keys)]
+        keys, skeys = keys[start:], skeys[start:]
         n = len(keys)
         if out is None:
             carrier = CARRIERS[ident.kv_dtype][0]
@@ -1291,16 +1316,17 @@ class BlockStore:
         else:
             dsts = check_destination(out, ident, n)
             result = out
-        root = self._root(ident)
         from_l2: list[tuple[bytes, bytes]] = []  # promoted to L1 in one group commit
         try:
             for i in range(n):
-                want = expected_for(ident, keys[i], keys[i - 1] if i else root)
+                want = expected_for(ident, keys[i], parents[i])
                 try:
                     self._read_one(skeys[i], want, dsts[i], ident, from_l2)
-                except IdentityMismatchError:
-                    with self._lock:
-                        self._n["identity_mismatches"] += 1
+                except QuiverError as exc:
+                    exc.block_index = start + i
+                    if isinstance(exc, IdentityMismatchError):
+                        with self._lock:
+                            self._n["identity_mismatches"] += 1
                     raise
         finally:  # also after an error: the blocks read so far were verified
             self._promote_to_disk(from_l2)

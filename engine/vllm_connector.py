@@ -416,15 +416,13 @@ class ReqOp:
     token_ids: list[int]           # the prompt's first max(load_end, save_end) * block_size tokens
     block_ids: list[int]           # the request's block table, at least as long as the blocks named here
     load: tuple[int, int] | None   # blocks [start, end) to load from Quiver
-    save: tuple[int, int] | None   # prompt blocks [from, to) complete after this step (save 0..to)
-    prompt_blocks: int = 0         # full blocks of the whole prompt (the host buffer's capacity)
+    save: tuple[int, int] | None   # prompt blocks [from, to) complete after this step, not yet saved
     load_fail: bool = False        # report the load's blocks as errors without reading (see update_state_after_alloc)
 
 
 @dataclass
 class QuiverConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     ops: list[ReqOp] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -465,7 +463,6 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                             "identity check will fail the request; set kv_load_failure_policy='recompute'",
                             self._kv_transfer_config.kv_load_failure_policy)
             self._reqs: dict[str, _SchedReq] = {}
-            self._finished: list[str] = []
             self._client = LookupClient(self.opts.store_path, self.world) if self.base is not None else None
         else:
             self.store = None
@@ -475,7 +472,6 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._kind: str | None = None
             self._layout: KVLayout | None = None
             self._load_errors: set[int] = set()
-            self._bufs: dict[str, tuple[torch.Tensor, int]] = {}  # req -> (host blocks, leading blocks valid)
             self.loaded_blocks = 0
 
     # ------------------------------------------------------------------ scheduler side
@@ -528,8 +524,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                      "reported as load errors")
 
     def build_connector_meta(self, scheduler_output) -> QuiverConnectorMetadata:
-        meta = QuiverConnectorMetadata(finished=self._finished)
-        self._finished = []
+        meta = QuiverConnectorMetadata()
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -566,12 +561,11 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         end = max(load[1] if load else 0, save[1] if save else 0)
         meta.ops.append(ReqOp(req_id=req_id, parts=st.parts, token_ids=list(prompt[: end * self.block_size]),
-                              block_ids=st.block_ids[:end], load=load, save=save, prompt_blocks=full,
+                              block_ids=st.block_ids[:end], load=load, save=save,
                               load_fail=load_fail))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self._reqs.pop(request.request_id, None)
-        self._finished.append(request.request_id)
         return False, None  # saves copy the blocks out synchronously: vLLM may free them now
 
     def shutdown(self) -> None:
@@ -637,46 +631,38 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             raise res
         return res
 
-    def _buf(self, op: ReqOp, need: int) -> tuple[torch.Tensor, int]:
-        buf, valid = self._bufs.get(op.req_id, (None, 0))
-        if buf is None or buf.shape[0] < need:
-            cap = max(need, op.prompt_blocks)  # once per request, even under chunked prefill
-            new = torch.empty((cap, *self._layout.block_shape), dtype=self._layout.dtype)
-            if buf is not None and valid:
-                new[:valid].copy_(buf[:valid])
-            buf = new
-        return buf, valid
+    def _host(self, n: int) -> torch.Tensor:
+        """A fresh host buffer for ``n`` blocks: a save's buffer is owned by its
+        asynchronous put until that returns, so buffers are not reused."""
+        return torch.empty((n, *self._layout.block_shape), dtype=self._layout.dtype)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         if self.store is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        for rid in meta.finished:
-            self._bufs.pop(rid, None)
         for op in meta.ops:
             if op.load is None:
                 continue
             start, end = op.load
             before = self._tier_hits()  # outside the timed load: stats() walks every tier
             t0 = time.perf_counter()
-            buf, _ = self._buf(op, end)
             try:
                 if op.load_fail:
                     raise ValueError("unaligned external hit: nothing was loaded")
                 ident = self._ident(op.parts)
-                self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf[:end])
-                scatter_paged_any(self._kind, buf[start:end], self._kv, op.block_ids[start:end], self._layout)
+                buf = self._host(end - start)  # only the blocks vLLM does not hold already
+                self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf,
+                               start_block=start)
+                scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end], self._layout)
             except Exception as exc:  # never an inference failure: vLLM recomputes these blocks
                 bad = op.block_ids[start:end]
                 self._load_errors.update(bad)
-                self._bufs.pop(op.req_id, None)
                 log.warning("QuiverConnector: load of blocks %d..%d of %s failed (%s: %s); vLLM recomputes them",
                             start, end, op.req_id, type(exc).__name__, exc)
                 self.events.emit("load_error", req=op.req_id, start=start, end=end, block_ids=list(bad),
                                  error=type(exc).__name__, message=str(exc)[:300], tiers=self._tier_hits(before))
                 continue
             seconds = time.perf_counter() - t0
-            self._bufs[op.req_id] = (buf, end)
             self.loaded_blocks += end - start
             self.events.emit("load", req=op.req_id, start=start, end=end, tokens=(end - start) * self.block_size,
                              seconds=seconds, tiers=self._tier_hits(before))
@@ -703,20 +689,17 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for op in meta.ops:
             if op.save is None:
                 continue
-            _, to = op.save
-            buf, valid = self._buf(op, to)
-            valid = min(valid, to)
-            if valid < to:  # only blocks not already in the host buffer leave vLLM's tensors
-                gather_paged_any(self._kind, self._kv, op.block_ids[valid:to], buf[valid:to], self._layout)
-            self._bufs[op.req_id] = (buf, to)
+            frm, to = op.save
+            buf = self._host(to - frm)  # blocks 0..frm-1 are in Quiver already (loaded or saved before)
+            gather_paged_any(self._kind, self._kv, op.block_ids[frm:to], buf, self._layout)
             ident = self._ident(op.parts)
             tokens = op.token_ids[: to * self.block_size]
-            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf[:to], op.save)
+            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save)
 
     def _put(self, req_id: str, ident: CacheIdentity, tokens: list[int], blocks: torch.Tensor, rng) -> int:
         t0 = time.perf_counter()
         try:
-            n = self.store.put(ident, tokens, blocks)
+            n = self.store.put(ident, tokens, blocks, start_block=rng[0])
         except QuiverError as exc:
             log.warning("QuiverConnector: saving blocks of %s failed: %s", req_id, exc)
             self.events.emit("save_error", req=req_id, error=type(exc).__name__, message=str(exc)[:300])
@@ -732,9 +715,6 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return out
 
     def get_finished(self, finished_req_ids: set[str]):
-        if not self.is_scheduler:
-            for rid in finished_req_ids:
-                self._bufs.pop(rid, None)
         return None, None
 
     def _close_worker(self) -> None:
