@@ -378,6 +378,26 @@ def cmd_l2_compact(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- warmup
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Compile (or load from the cache) the ART's kernels now, so that no later
+    process compiles them: an optional install step (the default path already
+    answers the first request without waiting for the compiler)."""
+    from quiver.index_backends import _art_kernels
+
+    st = _art_kernels.warmup(wait=True)
+    if args.json:
+        _emit_json(st)
+    else:
+        cached = sum(1 for v in st["from_cache"].values() if v)
+        print(f"ART kernels: {len(st['compiled'])} ready ({cached} from the cache), {len(st['pending'])} pending; "
+              f"cache: {st['cache_dir'] or 'none writable (compiled in memory)'}")
+    if st["failed"]:
+        print(f"quiver: warmup failed: {st['failed']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", nargs="?",
@@ -491,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     _l2_args(p, spec_flag=False)
     p.set_defaults(func=cmd_l2_compact)
     l2.set_defaults(func=None, _parser=l2)
+
+    p = sub.add_parser("warmup", help="compile (or load from the cache) the ART's kernels now",
+                       description="Compile the ART index's Numba kernels into the user's cache directory "
+                                   "($QUIVER_NUMBA_CACHE_DIR, $XDG_CACHE_HOME/quiver/numba or "
+                                   "~/.cache/quiver/numba), so no later process compiles them.")
+    _json_arg(p)
+    p.set_defaults(func=cmd_warmup)
 
     study = sub.add_parser("study", help="run the studies and write the report",
                            description="Run Quiver's studies (from a source checkout) and write the report.")

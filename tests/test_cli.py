@@ -117,11 +117,22 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- help and bad input
-@pytest.mark.parametrize("cmd", ["", "inspect", "stats", "verify", "gc", "evict", "l2", "l2 compact",
+@pytest.mark.parametrize("cmd", ["", "inspect", "stats", "verify", "gc", "evict", "l2", "l2 compact", "warmup",
                                  "study", "study run", "study report", "report"])
 def test_help_of_every_subcommand(cmd, work):
     r = quiver(*cmd.split(), "--help", cwd=work, check_rc=0)
     assert r.stdout.startswith("usage: quiver") and r.stderr == ""
+
+
+def test_warmup_fills_the_named_cache_dir(tmp_path, work):
+    """`quiver warmup` compiles the ART's kernels into the cache directory the
+    caller names (a fresh one here), and reports every kernel ready."""
+    cache = tmp_path / "numba-cache"
+    r = quiver("warmup", "--json", cwd=work, check_rc=0, extra_env={"QUIVER_NUMBA_CACHE_DIR": str(cache)})
+    st = json.loads(r.stdout)
+    assert st["pending"] == [] and not st["failed"] and st["compiled"]
+    assert st["cache_dir"] and Path(st["cache_dir"]).is_relative_to(cache)
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*"))  # numba's cache index files
 
 
 def test_missing_path_not_a_store_and_bad_flags_are_one_line_and_exit_2(tmp_path, work, store):
