@@ -455,6 +455,42 @@ def inspect(path: str | os.PathLike[str], *, index: str | None = None, object_st
     wrong_size = sum(1 for k, rec in wal.live.items() if k in files and files[k] != rec.length)
     orphans = sum(1 for k in files if k not in wal.live)
 
+    l2, read_l2 = _inspect_l2(cfg, object_store, s3_options, use_l2, l2_sizes, owed, wal, row, per)
+    applied = idx.get("applied_seq")
+    recovery = _recovery_state(idx, wal, clean)
+    rows = sorted(per.values(), key=lambda r: (-r["l1"]["blocks"], r["namespace"]))
+    total_l2 = None
+    if read_l2:
+        total_l2 = {"blocks": sum(r["l2"]["blocks"] for r in rows),
+                    "bytes": sum(r["l2"]["bytes"] for r in rows) if l2_sizes else None}
+    l1_bytes = sum(r.length for r in wal.live.values())
+    return {
+        "path": store,
+        "index": dict(idx, stale=stale),
+        "wal": {
+            "segments": len(wal.segments), "segment_ids": wal.segments, "bytes": wal.bytes,
+            "records": wal.records, "last_seq": wal.last_seq, "reset_base": wal.reset_base,
+            "applied_seq": applied, "junk": wal.junk,
+        },
+        "recovery": recovery,
+        "l1": {
+            "blocks": len(wal.live), "bytes": l1_bytes,
+            "object_files": len(files), "orphans": orphans, "missing": missing, "wrong_size": wrong_size,
+            "other_files": other_files, "tmp_files": tmp_files,
+        },
+        "l0": {"note": "RAM only: nothing of L0 persists, an offline store has none"},
+        "l2": l2,
+        "config": {"error": cfg["error"],
+                   "index": {"value": _set(cfg, "index"), "source": cfg["sources"].get("index", "default")}},
+        "identities": rows,
+        "totals": {"identities": len(rows), "l1": {"blocks": len(wal.live), "bytes": l1_bytes}, "l2": total_l2},
+    }
+
+
+def _inspect_l2(cfg: dict, object_store, s3_options, use_l2: bool, l2_sizes: bool, owed, wal: WalState,
+                row, per: dict) -> tuple[dict[str, Any], bool]:
+    """inspect's L2 part: what is configured, and the manifests' keys per
+    identity when an L2 is read.  Returns (the l2 section, whether L2 was read)."""
     l2: dict[str, Any] = {"pending_l2_keys": len(owed), "object_store": None, "error": None}
     spec_cfg = _set(cfg, "object_store")
     if spec_cfg is not None:
@@ -482,12 +518,17 @@ def inspect(path: str | os.PathLike[str], *, index: str | None = None, object_st
             for r in per.values():
                 r["l2"] = None
 
+    return l2, read_l2
+
+
+def _recovery_state(idx: dict, wal: WalState, clean: bool) -> dict[str, Any]:
+    """inspect's recovery part: how the last close went and what the next open will do."""
     applied = idx.get("applied_seq")
     if idx.get("persistent") and "summary" in idx and applied is not None and wal.reset_base <= applied <= wal.last_seq:
         next_open = f"catch up: replay {wal.last_seq - applied} WAL record(s) past the index's applied seq {applied}"
     else:
         next_open = f"rebuild the index from the whole WAL ({wal.records} record(s))"
-    recovery = {
+    return {
         "clean": clean,
         "last_close": "clean (CLEAN marker present)" if clean else
                       "not clean: killed, crashed, or never closed (no CLEAN marker)",
@@ -497,33 +538,6 @@ def inspect(path: str | os.PathLike[str], *, index: str | None = None, object_st
         "damaged_regions": [{"segment": s, "start": a, "end": b, "why": w} for s, a, b, w in wal.damaged],
         "last_recovery": None,
         "last_recovery_note": "walpub keeps no record of past recoveries; `quiver gc` runs one and prints its report",
-    }
-    rows = sorted(per.values(), key=lambda r: (-r["l1"]["blocks"], r["namespace"]))
-    total_l2 = None
-    if read_l2:
-        total_l2 = {"blocks": sum(r["l2"]["blocks"] for r in rows),
-                    "bytes": sum(r["l2"]["bytes"] for r in rows) if l2_sizes else None}
-    l1_bytes = sum(r.length for r in wal.live.values())
-    return {
-        "path": store,
-        "index": dict(idx, stale=stale),
-        "wal": {
-            "segments": len(wal.segments), "segment_ids": wal.segments, "bytes": wal.bytes,
-            "records": wal.records, "last_seq": wal.last_seq, "reset_base": wal.reset_base,
-            "applied_seq": applied, "junk": wal.junk,
-        },
-        "recovery": recovery,
-        "l1": {
-            "blocks": len(wal.live), "bytes": l1_bytes,
-            "object_files": len(files), "orphans": orphans, "missing": missing, "wrong_size": wrong_size,
-            "other_files": other_files, "tmp_files": tmp_files,
-        },
-        "l0": {"note": "RAM only: nothing of L0 persists, an offline store has none"},
-        "l2": l2,
-        "config": {"error": cfg["error"],
-                   "index": {"value": _set(cfg, "index"), "source": cfg["sources"].get("index", "default")}},
-        "identities": rows,
-        "totals": {"identities": len(rows), "l1": {"blocks": len(wal.live), "bytes": l1_bytes}, "l2": total_l2},
     }
 
 

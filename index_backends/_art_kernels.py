@@ -573,7 +573,10 @@ def _lookup(N, Nb, K, kb, ks, kl):
 @kernel
 def _insert(N, Nb, K, V, kb, ks, kl, vb, vs, vl):
     """Insert or overwrite; 1 if the key is new, 0 if it was updated.  The caller
-    guarantees INSERT_W free words, kl key bytes and vl value bytes of room."""
+    guarantees INSERT_W free words, kl key bytes and vl value bytes of room.
+
+    One descent loop with a case per node kind, kept in one function on purpose:
+    it is the insert hot path, and a call per case costs more than it reads."""
     slot = M_ROOT
     depth = 0
     while True:

@@ -429,6 +429,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long because it is the flat list of every subcommand's flags (one place to
+    # read the whole CLI); no logic.
     from quiver.studies import cli as study_cli
 
     try:

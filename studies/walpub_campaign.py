@@ -78,6 +78,8 @@ def block_data(key: bytes, length: int) -> bytes:
 
 # ------------------------------------------------------------------ the child
 def child_main(argv: list[str]) -> int:
+    # Long because it declares the child's flags and its one straight-line
+    # protocol (open, report each publish on the pipe, die); nothing repeats.
     ap = argparse.ArgumentParser(prog="walpub_campaign child")
     ap.add_argument("--root", required=True)
     ap.add_argument("--backend", default="flat")

@@ -258,6 +258,8 @@ class Volume:
         observer=None,
         adopt=None,
     ):
+        # Long only because it declares every field of the volume beside its
+        # meaning; the logic of opening is in _take_lock, _open_index and _recover.
         assert verify_on_recover in VERIFY_MODES, verify_on_recover
         assert max_group_frames >= 1 and max_pending_frames >= max_group_frames
         assert capacity_bytes is None or capacity_bytes > 0
