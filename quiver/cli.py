@@ -535,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- errors
+# An optional dependency a command needs -> the pyproject extra that installs it.
+EXTRA_OF_MODULE = {"matplotlib": "study", "pytest": "study", "pytest_benchmark": "study", "boto3": "s3",
+                   "botocore": "s3", "prometheus_client": "metrics", "torch": "torch", "transformers": "torch"}
+
 def _classify(exc: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) of an error out of a command."""
     from quiver.engine.admin import AdminError
@@ -554,6 +558,9 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     except ImportError:  # pragma: no cover
         usage_lower = ()
     msg = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_MODULE[exc.name.split(".")[0]]
+        return EXIT_USAGE, f"this command needs the '{extra}' extra: pip install 'quiver-kv[{extra}]' ({msg})"
     if isinstance(exc, locked):
         return EXIT_LOCKED, msg
     if isinstance(exc, (AdminError, StudyUsageError)):

@@ -135,6 +135,26 @@ def test_warmup_fills_the_named_cache_dir(tmp_path, work):
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))  # numba's cache index files
 
 
+def test_report_without_the_study_extra_names_the_extra(tmp_path, work):
+    """A core-only install has no matplotlib: `quiver report` says which extra to
+    install, one line, exit 2.  (Its absence is simulated by an import hook in the
+    child: building a second venv without matplotlib would cost minutes.)"""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'matplotlib':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from quiver.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    results = Path(__file__).resolve().parent.parent / "bench_results" / "results.json"  # the committed run: it has plots
+    r = subprocess.run([sys.executable, "-c", code, "report", "--input", str(results), "--out", str(tmp_path / "o")],
+                       cwd=work, capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("quiver: this command needs the 'study' extra: pip install 'quiver-kv[study]'")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
 def test_missing_path_not_a_store_and_bad_flags_are_one_line_and_exit_2(tmp_path, work, store):
     missing = tmp_path / "nope"
     for cmd in (["inspect"], ["stats"], ["verify"], ["gc"], ["evict", "--to-bytes", "1"]):
