@@ -67,7 +67,10 @@ def translate(exc: BaseException, what: str) -> QuiverError:
     """The engine error for a tier / walpub / index error (the caller chains ``exc``)."""
     table = engine_error_table()
     cls = next((table[c] for c in type(exc).__mro__ if c in table), StoreIOError)
-    return cls(f"{what}: {exc}")
+    err = cls(f"{what}: {exc}")
+    if isinstance(err, ObjectStoreUnreachableError):  # what the tier spent on it
+        err.attempts, err.elapsed_s = exc.attempts, exc.elapsed_s
+    return err
 
 
 @contextmanager

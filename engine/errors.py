@@ -9,6 +9,9 @@ original chained as ``__cause__``).
 
 from __future__ import annotations
 
+# tier.errors imports nothing; engine sits above tier, so it may subclass tier's errors.
+import quiver.tier.errors as _tier_errors
+
 
 class QuiverError(Exception):
     """Base class of every error Quiver raises on purpose."""
@@ -96,8 +99,18 @@ class StoreLockedError(QuiverError):
     """Another process holds the store's write lock."""
 
 
-class ObjectStoreUnreachableError(QuiverError):
-    """The object store did not answer within the retry budget."""
+class ObjectStoreUnreachableError(QuiverError, _tier_errors.ObjectStoreUnreachableError):
+    """The object store did not answer within the retry budget.
+
+    The one "L2 does not answer" type: it is also the tiers' own
+    :class:`quiver.tier.errors.ObjectStoreUnreachableError` (and so a TierError
+    too), so ``except quiver.tier.errors.ObjectStoreUnreachableError`` catches
+    it whichever layer raised it, and ``except QuiverError`` catches the
+    facade's.  ``attempts`` and ``elapsed_s`` are what the tier spent (0 when
+    it is not known, e.g. a message-only re-raise)."""
+
+    def __init__(self, message: str, attempts: int = 0, elapsed_s: float = 0.0) -> None:
+        _tier_errors.ObjectStoreUnreachableError.__init__(self, message, attempts, elapsed_s)
 
 
 # --- block store (engine.store) ----------------------------------------------
