@@ -4,7 +4,7 @@ Every failure a caller can act on is a subclass of :class:`QuiverError`, so an
 engine can catch one base class.  Lower layers (``walpub``, ``index_backends``)
 sit below ``engine`` in the dependency order and cannot import it; they raise
 their own typed errors, which the engine facade translates into these (with the
-original chained as ``__cause__``).
+original chained as ``__cause__``; the type table is engine.error_map).
 """
 
 from __future__ import annotations

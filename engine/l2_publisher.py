@@ -18,9 +18,11 @@ the publisher the set of keys known to be in L2 (:attr:`L2Publisher.known`).
 The publisher shares the facade's lock (an RLock guarding counters, latency
 histograms and the key sets here), its counters dict and latency histograms,
 and reads what else it needs through the callables it is given: the local
-copy of a key (L0, else L1), the disk tier (None once closed) and whether the
-store is closing / closed.  Log records go to the "quiver.engine.store"
-logger, as before the split.
+copy of a key (L0, else L1), the disk tier (None once closed), whether the
+store is closing / closed, and the store's repr for log records (which go to
+the "quiver.engine.store" logger, as before the split).  Those callables hold
+the store weakly; once L2 is configured (:meth:`L2Publisher.start`) the
+publisher holds the store itself, as L2's threads always kept it alive.
 """
 
 from __future__ import annotations
