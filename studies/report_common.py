@@ -135,6 +135,16 @@ def _ex(b: dict) -> dict:
     return b.get("extra_info") or {}
 
 
+def prefix_path_cells(benches: list[dict]) -> tuple[list[int], dict]:
+    """Of the studies keyed by prompt prefix and path (ttft, vllm): prefix lengths, and {(prefix_tokens, path): extra_info}."""
+    cells = {}
+    for b in benches:
+        e = _ex(b)
+        if _is_num(e.get("prefix_tokens")) and e.get("path") is not None:
+            cells[(e["prefix_tokens"], e["path"])] = e
+    return sorted({p for p, _ in cells}), cells
+
+
 def _div(a, b):
     """a / b, or None when either is missing or b is 0."""
     if _is_num(a) and _is_num(b) and b != 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import (DASH, _absent, _ex, _is_num, _ms, _plot_line, _section_head, _size, _txt, _verdict, _x,
+from .report_common import (DASH, prefix_path_cells, _absent, _ex, _is_num, _ms, _plot_line, _section_head, _size, _txt, _verdict, _x,
                             fmt, pyplot, reproduce_line, save_plot, table)
 
 GROUPS = ["ttft"]
@@ -14,18 +14,8 @@ TTFT_STORE_SHARE_GOAL_PCT = 10.0
 TTFT_PATHS = ["full", "l0", "l1", "l2"]
 
 
-def _ttft_cells(benches: list[dict]) -> tuple[list[int], dict]:
-    """Prefix lengths, and {(prefix_tokens, path): extra_info}."""
-    cells = {}
-    for b in benches:
-        e = _ex(b)
-        if _is_num(e.get("prefix_tokens")) and e.get("path") is not None:
-            cells[(e["prefix_tokens"], e["path"])] = e
-    return sorted({p for p, _ in cells}), cells
-
-
 def ttft_section(mode: str, benches: list[dict], plots) -> list[str]:
-    prefixes, cells = _ttft_cells(benches)
+    prefixes, cells = prefix_path_cells(benches)
     e0 = _ex(benches[0]) if benches else {}
     m = e0.get("model") or {}
     goal = TTFT_STORE_SHARE_GOAL_PCT / 100
@@ -68,7 +58,7 @@ def ttft_section(mode: str, benches: list[dict], plots) -> list[str]:
 
 def ttft_headline_rows(benches: list[dict]) -> list[list[str]]:
     """TTFT at the largest prefix: each restore path's speedup over the full prefill, and the store's share."""
-    prefixes, cells = _ttft_cells(benches)
+    prefixes, cells = prefix_path_cells(benches)
     if not prefixes:
         return [["TTFT speedup", f"{DASH} (no ttft result with prefix_tokens and path)", DASH, "[ttft](#ttft)"]]
     P = max(prefixes)

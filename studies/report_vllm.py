@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import (DASH, _absent, _div, _ex, _is_num, _ms, _plot_line, _section_head, _txt, _x, fmt,
+from .report_common import (DASH, prefix_path_cells, _absent, _div, _ex, _is_num, _ms, _plot_line, _section_head, _txt, _x, fmt,
                             pyplot, reproduce_line, save_plot, table)
 
 GROUPS = ["vllm"]
@@ -27,16 +27,6 @@ LABELS = {
     "quiver_l2": "Quiver from the object store, another process",
 }
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
-
-
-def _cells(benches: list[dict]) -> tuple[list[int], dict]:
-    """Prefix lengths, and {(prefix_tokens, path): extra_info}."""
-    cells = {}
-    for b in benches:
-        e = _ex(b)
-        if _is_num(e.get("prefix_tokens")) and e.get("path") is not None:
-            cells[(e["prefix_tokens"], e["path"])] = e
-    return sorted({p for p, _ in cells}), cells
 
 
 def _speedup(e: dict):
@@ -124,7 +114,7 @@ def _conditions(e0: dict) -> list[str]:
 def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
     lines = _section_head("vllm", "vLLM time to first token: recompute, vLLM's prefix cache, Quiver (group `vllm`)")
     benches = groups.get("vllm", [])
-    prefixes, cells = _cells(benches)
+    prefixes, cells = prefix_path_cells(benches)
     if not prefixes:
         why = ("This is a smoke run, and the study skips itself in smoke mode (QUIVER_VLLM_SMOKE=1 runs it)."
                if mode == "smoke" else "The study skips itself where the vLLM venv is missing (`make setup-vllm` "
@@ -146,7 +136,7 @@ def present(groups: dict) -> bool:
 def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
     """Quiver after a restart vs recompute at the largest prompt, beside the other paths."""
     link = "[vllm](#vllm)"
-    prefixes, cells = _cells(groups.get("vllm", []))
+    prefixes, cells = prefix_path_cells(groups.get("vllm", []))
     if not prefixes:
         return [["vLLM TTFT: Quiver after a restart vs recompute", _absent("vllm"), DASH, link]]
     P = max(prefixes)
@@ -165,7 +155,7 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
 
 def plots(groups: dict, plots_dir: Path, available: list[str]) -> list[tuple[str, str]]:
     """TTFT vs prefix length, one line per path."""
-    _prefixes, cells = _cells(groups.get("vllm", []))
+    _prefixes, cells = prefix_path_cells(groups.get("vllm", []))
     pts = {path: sorted((P, e["ttft_s"] * 1e3) for (P, p), e in cells.items()
                         if p == path and _is_num(e.get("ttft_s")) and e["ttft_s"] > 0) for path in PATHS}
     if not any(pts.values()):
