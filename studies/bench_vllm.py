@@ -156,7 +156,7 @@ def _run(spec: dict, root: Path, name: str) -> list[dict]:
     path.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2", PYTHONPATH=str(REPO),
                VLLM_NO_USAGE_STATS="1")
-    r = subprocess.run([str(VLLM_PY), __file__, "child", str(path)], cwd=REPO, env=env, capture_output=True,
+    r = subprocess.run([str(VLLM_PY), "-m", "quiver.studies.bench_vllm", "child", str(path)], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=CHILD_TIMEOUT_S)
     assert r.returncode == 0, f"vLLM child {name} failed:\n{(r.stdout + r.stderr)[-5000:]}"
     return json.loads(Path(spec["out"]).read_text())
@@ -182,7 +182,7 @@ def _all_runs() -> dict:
     model_dir = root / "model"
     build = dict(op="build", out=str(model_dir), model=dict(MODEL, max_len=MAX_LEN))
     (root / "build.json").write_text(json.dumps(build))
-    r = subprocess.run([str(VLLM_PY), __file__, "child", str(root / "build.json")], cwd=REPO, capture_output=True,
+    r = subprocess.run([str(VLLM_PY), "-m", "quiver.studies.bench_vllm", "child", str(root / "build.json")], cwd=REPO, capture_output=True,
                        text=True, timeout=CHILD_TIMEOUT_S, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr[-3000:]
     params = json.loads(r.stdout.strip().splitlines()[-1])["params"]
