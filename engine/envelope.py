@@ -536,8 +536,9 @@ def verify_layer(h: EnvelopeHeader, i: int, data) -> None:
         raise ChecksumMismatchError(f"layer {i}: CRC32C mismatch")
 
 
-def _verified(buf, allow_lossy: bool) -> tuple[EnvelopeHeader, memoryview]:
-    """Header and body of a whole envelope whose trailing CRC32C matches."""
+def _verified(buf, allow_lossy: bool, verify_body: bool = True) -> tuple[EnvelopeHeader, memoryview]:
+    """Header and body of a whole envelope whose trailing CRC32C matches
+    (header CRC and lengths always; the trailing CRC only if ``verify_body``)."""
     mv = memoryview(buf).cast("B")
     h = decode_header(mv, allow_lossy=allow_lossy)
     if len(mv) < h.total_len:
@@ -546,7 +547,7 @@ def _verified(buf, allow_lossy: bool) -> tuple[EnvelopeHeader, memoryview]:
         raise CorruptEnvelopeError(f"{len(mv) - h.total_len} bytes after the envelope's CRC")
     end = h.header_len + h.body_len
     (stored,) = _U32.unpack_from(mv, end)
-    if crc32c.crc32c(mv[:end]) != stored:
+    if verify_body and crc32c.crc32c(mv[:end]) != stored:
         raise ChecksumMismatchError("envelope CRC32C mismatch")
     return h, mv[h.header_len:end]
 
@@ -574,7 +575,7 @@ def decode_block(buf, *, allow_lossy: bool = False) -> tuple[EnvelopeHeader, np.
     return h, out
 
 
-def decode_block_into(buf, out, *, allow_lossy: bool = False) -> EnvelopeHeader:
+def decode_block_into(buf, out, *, allow_lossy: bool = False, verify_body: bool = True) -> EnvelopeHeader:
     """Verify an envelope, then decode its payload straight into ``out``.
 
     ``out`` is a writable C-contiguous numpy array (shape and dtype must match
@@ -583,8 +584,11 @@ def decode_block_into(buf, out, *, allow_lossy: bool = False) -> EnvelopeHeader:
     payload dtype, so it always means raw bytes; no dtype check is possible).  Scratch memory is one chunk.
     On any error ``out`` may hold partial data and must not be used.
     A lossy (int8) envelope is refused with LossyCodecError unless ``allow_lossy``.
+    ``verify_body=False`` skips the trailing (whole-envelope) CRC32C, never the
+    header's: only for bytes already verified on their way into the tier they
+    are read from (docs/FORMAT.md, "What each read verifies").
     """
-    h, body = _verified(buf, allow_lossy)
+    h, body = _verified(buf, allow_lossy, verify_body)
     dst = _out_array(out, h)
     _decode_body(h, body, dst)
     return h

@@ -19,8 +19,9 @@ Fast path: the request's expectation is packed once into the header's own
 byte layout (byte 7 and bytes 16..144 of docs/FORMAT.md: dtype code,
 fingerprint, key, parent, token count, ndim, reserved zeros, shape), and a
 stored header is accepted by comparing those bytes -- no parse.  The comparison runs before the
-envelope's CRC32C is verified, which is safe: ``decode_block_into`` verifies
-the CRC over header and body before one payload byte is copied, so a header
+envelope's CRC32C is verified, which is safe: ``decode_block_into`` checks
+the header's CRC (and, unless the body was verified on its way into the tier,
+the CRC over header and body) before one payload byte is copied, so a header
 that matched here and is damaged is still refused.  Only when the bytes differ
 is the header parsed (``decode_header``, which checks the header CRC: damage is
 reported as a checksum error) and compared field by field for the error

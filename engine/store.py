@@ -749,15 +749,18 @@ class BlockStore:
             self._n["get_blocks"] += n
         return result
 
-    def _decode(self, buf, want, dst, ident: CacheIdentity) -> None:
-        """Guard (identity fields, then lossiness), then verify the CRC and decode.
+    def _decode(self, buf, want, dst, ident: CacheIdentity, verify_body: bool) -> None:
+        """Guard (identity fields, then lossiness), then verify and decode.
 
-        Lossy int8 envelopes are decodable only for an identity with kv_quant
-        set; an exact identity's decode refuses codec int8 even with guard=False."""
+        The header CRC is always checked; the whole-envelope CRC only where
+        ``verify_body`` (bytes that did not just pass a CRC over the same bytes:
+        docs/FORMAT.md, "What each read verifies").  Lossy int8 envelopes are
+        decodable only for an identity with kv_quant set; an exact identity's
+        decode refuses codec int8 even with guard=False."""
         if self.guard:
             guard_envelope(buf, want)
             _guard_codec(buf, ident)
-        decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None)
+        decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None, verify_body=verify_body)
 
     def _promote_to_disk(self, items: list[tuple[bytes, bytes]]) -> None:
         """Copy verified L2 hits into L1 with one publish_many (one WAL group
@@ -783,8 +786,8 @@ class BlockStore:
         with self._lock:  # L0 slots are reused on eviction: decode under the lock
             view = self._ram.get(skey) if self._ram is not None else None
             if view is not None:
-                try:
-                    self._decode(view, want, dst, ident)
+                try:  # the arena holds bytes verified (or encoded) on their way in: header only
+                    self._decode(view, want, dst, ident, verify_body=False)
                     self._n["l0_hits"] += 1
                     self._lat["get"]["l0"].observe(time.perf_counter() - t0)
                     return
@@ -801,9 +804,9 @@ class BlockStore:
             with self._lock:
                 self._n["corrupt_l1"] += 1
         if env is not None:
-            try:
-                self._decode(env, want, dst, ident)
-            except EnvelopeError as exc:  # walpub's CRC passed, the envelope's did not
+            try:  # walpub checked length + CRC32C of these very bytes: one pass is enough
+                self._decode(env, want, dst, ident, verify_body=False)
+            except EnvelopeError as exc:  # walpub's CRC passed, the envelope's header did not
                 corrupt = exc
                 with translated("disk tier delete"):
                     self._disk.delete(skey)
@@ -825,8 +828,8 @@ class BlockStore:
                 with self._lock:
                     self._n["corrupt_l2"] += 1
             if env is not None:
-                try:
-                    self._decode(env, want, dst, ident)
+                try:  # an object without its quiver-crc32c metadata reaches here unchecked: verify
+                    self._decode(env, want, dst, ident, verify_body=True)
                 except EnvelopeError as exc:
                     with self._lock:
                         self._n["corrupt_l2"] += 1

@@ -315,6 +315,25 @@ def test_decode_into_never_writes_when_crc_fails():
     assert not dst.any()
 
 
+def test_decode_into_without_body_crc_still_checks_the_header():
+    """verify_body=False (bytes a tier verified on their way in) skips the
+    trailing CRC only: a damaged header is still a checksum error, no byte written."""
+    arr = _payload("float16", (4, 8))
+    env = bytearray(encode_block(arr, **IDS))
+    env[-10] ^= 0x40  # body damage: the pass that verify_body=False leaves to the tier
+    dst = np.zeros_like(arr)
+    decode_block_into(bytes(env), dst, verify_body=False)
+    assert not np.array_equal(dst, arr)
+    with pytest.raises(ChecksumMismatchError):
+        decode_block_into(bytes(env), dst)  # the default still checks it
+    env = bytearray(encode_block(arr, **IDS))
+    env[40] ^= 0x01  # inside the key field of the header
+    dst = np.zeros_like(arr)
+    with pytest.raises(ChecksumMismatchError):
+        decode_block_into(bytes(env), dst, verify_body=False)
+    assert not dst.any()
+
+
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
 def test_decode_scratch_is_bounded_by_one_chunk(codec):
     # 4 MiB of compressible int8 (so chunks really decompress), 16 chunks of 256 KiB.

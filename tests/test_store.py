@@ -232,6 +232,24 @@ def test_disk_budget_evicts_and_lookup_follows(tmp_path):
             store.get(ident, tokens, 1)
 
 
+def test_ram_hit_checks_the_header_and_falls_back_to_disk(tmp_path):
+    """A RAM hit skips the body CRC (docs/FORMAT.md, "What each read verifies")
+    but never the header: a slot whose header was damaged is dropped and the
+    block comes from L1, the right bytes."""
+    ident, tokens, blocks = make_case(13, 2)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 2)]
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        assert store.stats()["residency"]["l0"] == 2
+        slot, _n = store._ram._where[skeys[1]]
+        store._ram.arena[slot * store._ram.slot_bytes + 40] ^= 0x01  # inside the header's key field
+        assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()
+        c = store.stats()["counters"]
+        assert c["corrupt_l0"] == 1 and c["l0_hits"] == 1 and c["l1_hits"] == 1
+        assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()  # back in L0, whole
+        assert store.stats()["counters"]["l0_hits"] == 3
+
+
 def _flip_l1_object(store_path, skey: bytes) -> None:
     for dirpath, _, files in os.walk(os.path.join(store_path, "l1", "objects")):
         for f in files:
