@@ -1,0 +1,123 @@
+"""Report section of the engine paths through BlockStore beside their limits
+(studies/bench_paths.py, group ``engine-paths``; issue 10).
+
+extra_info per case: ``path`` (l0-batch | l0-single | l0-fixed | l1-batch | put-durable),
+``block_bytes``, ``blocks``, ``bytes``, ``rounds``, ``threads``, ``store_s`` and ``limit_s``
+(medians of interleaved rounds), ``limit`` (what the limit is), ``ratio`` (the path's
+goal metric: ÷ memcpy for L0, × readinto for L1, ÷ raw fsync'd write for put),
+``per_block_s``; put also ``lmdb_s``, ``vs_lmdb``, ``*_bytes_per_s``, ``fsyncs_per_block``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report_common import (DASH, _absent, _ex, _is_num, _section_head, _size, _txt, _us, _verdict, _x, fmt,
+                            reproduce_line, table)
+
+GROUPS = ["engine-paths"]
+ORDER = ["l0-batch", "l0-single", "l0-fixed", "l1-batch", "put-durable"]
+MiB = 1 << 20
+
+
+def _cases(groups: dict) -> list[dict]:
+    order = {p: i for i, p in enumerate(ORDER)}
+    es = [_ex(b) for b in groups.get("engine-paths", []) if _ex(b).get("path")]
+    return sorted(es, key=lambda e: (order.get(e["path"], 99), e.get("block_bytes") or 0))
+
+
+def _goal(e: dict) -> tuple[str, str]:
+    """(goal text, verdict) of a case against issue 10's targets."""
+    path, ratio = e.get("path"), e.get("ratio")
+    if path == "l0-batch":
+        return "≥ ×0.8 memcpy", _verdict(ratio, 0.8, True)
+    if path == "l0-single":
+        return "≥ ×0.5 memcpy (2 MiB)", _verdict(ratio, 0.5, True) if e.get("block_bytes") == 2 * MiB else "(goal is at 2 MiB)"
+    if path == "l0-fixed":
+        return "≤ 10 µs per block, batch of 64", _verdict(_us(e.get("per_block_s")), 10.0, False)
+    if path == "l1-batch":
+        return "≤ ×1.5 readinto", _verdict(ratio, 1.5, False)
+    if path == "put-durable":
+        if e.get("block_bytes") == 256 * 1024:
+            return "≥ LMDB (sync=True)", _verdict(e.get("vs_lmdb"), 1.0, True)
+        if e.get("block_bytes") == 2 * MiB:
+            return "≥ ×0.8 raw fsync'd write", _verdict(ratio, 0.8, True)
+        return "(goals at 256 KiB and 2 MiB)", DASH
+    return DASH, DASH
+
+
+def _mbps(nbytes, s):
+    return nbytes / s / 1e6 if _is_num(nbytes) and _is_num(s) and s > 0 else None
+
+
+def _get_row(e: dict) -> list[str]:
+    goal, verdict = _goal(e)
+    ratio = _x(e.get("ratio")) + (" of memcpy" if e["path"].startswith("l0") else " readinto")
+    return [e["path"], _size(e.get("block_bytes")), fmt(e.get("blocks"), "int"), fmt(_us(e.get("store_s"))),
+            fmt(_us(e.get("limit_s"))), fmt(_mbps(e.get("bytes"), e.get("store_s"))),
+            fmt(_mbps(e.get("bytes"), e.get("limit_s"))), ratio, fmt(_us(e.get("per_block_s"))), goal, verdict,
+            _txt(e.get("limit"))]
+
+
+def _put_row(e: dict) -> list[str]:
+    goal, verdict = _goal(e)
+    return [_size(e.get("block_bytes")), fmt(e.get("blocks"), "int"), fmt(_us(e.get("store_s"))),
+            fmt(_us(e.get("lmdb_s"))), fmt(_us(e.get("limit_s"))), fmt(_mbps(e.get("bytes"), e.get("store_s"))),
+            fmt(_mbps(e.get("bytes"), e.get("lmdb_s"))), fmt(_mbps(e.get("bytes"), e.get("limit_s"))),
+            _x(e.get("vs_lmdb")), _x(e.get("ratio")), fmt(e.get("fsyncs_per_block")), goal, verdict]
+
+
+def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
+    benches = groups["engine-paths"]
+    cases = _cases(groups)
+    e0 = cases[0] if cases else {}
+    lines = _section_head("engine-paths", "Engine paths through `BlockStore` beside their limits (group `engine-paths`)")
+    lines += [
+        "What a user pays through the public API, one thread, each contender timed in the same rounds, interleaved "
+        f"(medians of {fmt(e0.get('rounds'), 'int')} rounds; ratios compare the medians). Blocks: one layer of float16 "
+        "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
+        "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
+        "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
+        "the store's object size read with `readinto`. Goals are issue 10's constants. What a RAM or L1 hit verifies "
+        "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". 1 MB = 1e6 B.",
+        "",
+        "### Gets (L0 RAM, L1 disk)",
+        "",
+    ]
+    lines += table(["path", "block", "blocks per get", "store µs", "limit µs", "store MB/s", "limit MB/s", "ratio",
+                    "store µs per block", "goal", "verdict", "limit"],
+                   [_get_row(e) for e in cases if e["path"] != "put-durable"])
+    lines += ["### Durable put (one thread, durable on return)", "",
+              "`put` of new blocks with `ram_bytes=0` (no RAM copy, like the contenders); LMDB with `sync=True`, one "
+              "write transaction per call; the limit is the call's bytes written to one new file and fsync'd once. "
+              "`fsyncs/block` is walpub's own count over the store's puts.", ""]
+    lines += table(["block", "blocks per put", "store µs", "LMDB µs", "raw µs", "store MB/s", "LMDB MB/s", "raw MB/s",
+                    "store ÷ LMDB", "store ÷ raw", "fsyncs/block", "goal", "verdict"],
+                   [_put_row(e) for e in cases if e["path"] == "put-durable"])
+    lines += ["Not yet measured here (issue 10, open): L2 gets against the object store's raw read, gets with 2 and 4 "
+              "threads, and LMCache's storage layer side by side.", ""]
+    return lines + [reproduce_line(mode, benches), ""]
+
+
+def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
+    link = "[engine-paths](#engine-paths)"
+    label = "Engine paths through BlockStore ÷ their limits (issue 10 goals)"
+    cases = _cases(groups)
+    if not cases:
+        return [[label, _absent("engine-paths"), DASH, link]]
+    parts = []
+    for e in cases:
+        goal, verdict = _goal(e)
+        if e["path"] == "l0-fixed":
+            value = f"{fmt(_us(e.get('per_block_s')))} µs/block"
+        elif e["path"] == "put-durable":
+            value = f"{_x(e.get('vs_lmdb'))} LMDB, {_x(e.get('ratio'))} raw"
+        else:
+            value = _x(e.get("ratio"))
+        parts.append(f"{e['path']} {_size(e.get('block_bytes'))}: {value} ({verdict})")
+    return [[label, "; ".join(parts), "one thread; L0 ÷ memcpy, L1 × readinto, put ÷ LMDB and raw fsync'd write",
+             link]]
+
+
+def plots(groups: dict, plots_dir: Path, available: list[str]) -> list[tuple[str, str]]:
+    return []
