@@ -52,6 +52,7 @@ import re
 import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import blake3
@@ -103,6 +104,8 @@ PENDING_L2 = "PENDING_L2"
 #: PENDING_L2 is compacted once it holds this many keys more than twice the owed set
 #: (read when a store opens: its L2Publisher gets the value of that moment).
 JOURNAL_SLACK_KEYS = 4096
+#: L2 reads one get keeps in flight (botocore's default pool holds 10 connections).
+L2_READS_IN_FLIGHT = 8
 #: Byte offset of the codec id in an envelope header (docs/FORMAT.md).
 _CODEC_AT = 6
 assert _envelope._FIXED.format.startswith("<4sHB"), "envelope header layout changed"
@@ -315,6 +318,7 @@ class BlockStore:
         self._ram = None
         self._disk = None
         self._l2 = None
+        self._l2_pool: ThreadPoolExecutor | None = None  # a get's concurrent L2 reads (made on first use)
         self._lock_fd: int | None = None
         self._n = dict(
             put_blocks=0, put_present=0, put_in_slot=0, put_heap=0, get_blocks=0,
@@ -732,11 +736,12 @@ class BlockStore:
             dsts = check_destination(out, ident, n)
             result = out
         from_l2: list[tuple[bytes, bytes]] = []  # promoted to L1 in one group commit
+        l2_reads = self._start_l2_reads(skeys)
         try:
             for i in range(n):
                 want = expected_for(ident, keys[i], parents[i])
                 try:
-                    self._read_one(skeys[i], want, dsts[i], ident, from_l2)
+                    self._read_one(skeys[i], want, dsts[i], ident, from_l2, l2_reads.get(skeys[i]))
                 except QuiverError as exc:
                     exc.block_index = start + i
                     if isinstance(exc, IdentityMismatchError):
@@ -744,6 +749,8 @@ class BlockStore:
                             self._n["identity_mismatches"] += 1
                     raise
         finally:  # also after an error: the blocks read so far were verified
+            for fut in l2_reads.values():
+                fut.cancel()  # those not started yet (a failed block ends the get)
             self._promote_to_disk(from_l2)
         with self._lock:
             self._n["get_blocks"] += n
@@ -762,6 +769,26 @@ class BlockStore:
             _guard_codec(buf, ident)
         decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None, verify_body=verify_body)
 
+    def _start_l2_reads(self, skeys: list[bytes]) -> dict[bytes, Future]:
+        """Start the L2 reads of a get's blocks that neither L0 nor L1 holds,
+        ``L2_READS_IN_FLIGHT`` at a time, so n blocks cost about one round trip
+        per that many blocks, not n (issue 10).  ``_read_one`` takes each result
+        in order, through the same checks as a read it makes itself; a block
+        that turns out to be in L0/L1 by then just leaves its read unused."""
+        if self._l2 is None or len(skeys) < 2:
+            return {}
+        with self._lock:
+            ram = self._ram
+        wanted = [sk for sk in dict.fromkeys(skeys)
+                  if not (ram is not None and ram.contains(sk)) and not self._disk.contains(sk)]
+        if len(wanted) < 2:
+            return {}
+        with self._lock:
+            if self._l2_pool is None:
+                self._l2_pool = ThreadPoolExecutor(L2_READS_IN_FLIGHT, thread_name_prefix="quiver-l2-read")
+            pool, l2 = self._l2_pool, self._l2
+        return {sk: pool.submit(l2.get, sk) for sk in wanted}
+
     def _promote_to_disk(self, items: list[tuple[bytes, bytes]]) -> None:
         """Copy verified L2 hits into L1 with one publish_many (one WAL group
         commit for the whole get, not an fsync'd publish per block).
@@ -778,9 +805,11 @@ class BlockStore:
                 self._n["l1_promote_failures"] += 1
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
-    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list) -> None:
+    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list,
+                  l2_read: Future | None = None) -> None:
         """One block from the fastest tier holding it, verified; promotes it
-        upwards (to L0 at once; an L2 hit is appended to ``from_l2`` for L1)."""
+        upwards (to L0 at once; an L2 hit is appended to ``from_l2`` for L1).
+        ``l2_read``: this block's L2 read, already started (``_start_l2_reads``)."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
         with self._lock:  # L0 slots are reused on eviction: decode under the lock
@@ -822,7 +851,7 @@ class BlockStore:
             t2 = time.perf_counter()
             try:
                 with translated("L2 get"):
-                    env = self._l2.get(skey)
+                    env = l2_read.result() if l2_read is not None else self._l2.get(skey)
             except ChecksumMismatchError as exc:
                 corrupt, env = exc, None
                 with self._lock:
@@ -926,6 +955,9 @@ class BlockStore:
         try:
             try:
                 self._pub.stop_worker()
+                if self._l2_pool is not None:  # no get is running (close waited): its threads are idle
+                    self._l2_pool.shutdown(wait=True, cancel_futures=True)
+                    self._l2_pool = None
                 if self._l2 is not None:
                     self._pub.stop_prober()
                     self._pub.save_pending()

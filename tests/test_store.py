@@ -306,6 +306,32 @@ def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
 
 
 
+def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch):
+    """The L2 reads of one get are in flight together (issue 10: n blocks cost
+    about one round trip, not n).  A barrier in the directory store's read lets
+    no read finish until all six have started: sequential reads would break it
+    (BrokenBarrierError after its timeout, which only a failing run waits for)."""
+    import threading
+
+    ident, tokens, blocks = make_case(14, 6)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    barrier = threading.Barrier(6, timeout=60)
+    real = LocalDirObjectStore._get_named
+
+    def get_named(self, name):
+        barrier.wait()
+        return real(self, name)
+
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        monkeypatch.setattr(LocalDirObjectStore, "_get_named", get_named)
+        assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        monkeypatch.setattr(LocalDirObjectStore, "_get_named", real)
+        c = store.stats()["counters"]
+        assert c["l2_hits"] == 6 and c["l1_hits"] == 0
+
+
 def test_background_l2_mode_publishes_and_manifests(tmp_path):
     ident, tokens, blocks = make_case(11, 5)
     l2 = tmp_path / "l2"
