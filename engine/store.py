@@ -93,6 +93,7 @@ from quiver.engine.l2_publisher import L2Publisher
 from quiver.engine.metrics import latency_snapshot, new_latency
 from quiver.engine.options import check_open_options, check_path, config_record
 from quiver.engine.owed_journal import OwedJournal
+from quiver.engine.promoter import L1Promoter
 from quiver.engine.payload import block_arrays, check_identity, check_quant, check_start_block
 
 TIERS = ("l0", "l1", "l2")
@@ -106,6 +107,8 @@ PENDING_L2 = "PENDING_L2"
 JOURNAL_SLACK_KEYS = 4096
 #: L2 reads one get keeps in flight (botocore's default pool holds 10 connections).
 L2_READS_IN_FLIGHT = 8
+#: Bytes of L2 hits queued for promotion into L1 before a get writes its own (engine/promoter.py).
+PROMOTE_QUEUE_BYTES = 256 * MiB
 #: Byte offset of the codec id in an envelope header (docs/FORMAT.md).
 _CODEC_AT = 6
 assert _envelope._FIXED.format.startswith("<4sHB"), "envelope header layout changed"
@@ -319,6 +322,7 @@ class BlockStore:
         self._disk = None
         self._l2 = None
         self._l2_pool: ThreadPoolExecutor | None = None  # a get's concurrent L2 reads (made on first use)
+        self._promoter = L1Promoter(self._promote_now, PROMOTE_QUEUE_BYTES)  # L2 hits into L1, in the background
         self._lock_fd: int | None = None
         self._n = dict(
             put_blocks=0, put_present=0, put_in_slot=0, put_heap=0, get_blocks=0,
@@ -751,7 +755,7 @@ class BlockStore:
         finally:  # also after an error: the blocks read so far were verified
             for fut in l2_reads.values():
                 fut.cancel()  # those not started yet (a failed block ends the get)
-            self._promote_to_disk(from_l2)
+            self._promoter.submit(from_l2)
         with self._lock:
             self._n["get_blocks"] += n
         return result
@@ -789,9 +793,16 @@ class BlockStore:
             pool, l2 = self._l2_pool, self._l2
         return {sk: pool.submit(l2.get, sk) for sk in wanted}
 
-    def _promote_to_disk(self, items: list[tuple[bytes, bytes]]) -> None:
+    def drain_promotions(self) -> None:
+        """Return once the L2 hits of the gets that returned before this call are
+        in L1 (a get promotes them in the background: engine/promoter.py)."""
+        self._check_open()
+        self._promoter.drain()
+
+    def _promote_now(self, items: list[tuple[bytes, bytes]]) -> None:
         """Copy verified L2 hits into L1 with one publish_many (one WAL group
-        commit for the whole get, not an fsync'd publish per block).
+        commit for the whole get, not an fsync'd publish per block); run by the
+        promoter's thread, or by a get when the promoter's queue is full.
 
         Promotion is an optimisation: its failure never fails the get (nor
         replaces the get's own error); it is counted (``l1_promote_failures``)
@@ -800,7 +811,7 @@ class BlockStore:
             return
         try:
             self._disk_put_many(items, "disk tier put (promotion)")
-        except QuiverError as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort, whatever the cause (typed or not)
             with self._lock:
                 self._n["l1_promote_failures"] += 1
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
@@ -857,8 +868,8 @@ class BlockStore:
                 with self._lock:
                     self._n["corrupt_l2"] += 1
             if env is not None:
-                try:  # an object without its quiver-crc32c metadata reaches here unchecked: verify
-                    self._decode(env, want, dst, ident, verify_body=True)
+                try:  # unless the tier checked a CRC over these very bytes (S3 metadata is optional)
+                    self._decode(env, want, dst, ident, verify_body=not self._l2.verifies_reads)
                 except EnvelopeError as exc:
                     with self._lock:
                         self._n["corrupt_l2"] += 1
@@ -900,6 +911,10 @@ class BlockStore:
                          "l2": len(self._pub.known)}  # L2: the keys known to be there
             l0 = dataclasses.asdict(self._ram.stats()) if self._ram is not None else None
             latency = latency_snapshot(self._lat)
+        promoted = self._promoter.counts_snapshot()
+        counters.update(l1_promoted_blocks=promoted["blocks"], l1_promote_batches=promoted["batches"],
+                        l1_promote_inline=promoted["inline_batches"])
+        gauges["l1_promote_queued_bytes"] = promoted["queued_bytes"]
         config = dict(self._config, index=self.index, guard=self.guard, naive=self.naive)
         disk, l2 = self._disk, self._l2  # close() may clear them meanwhile
         l1 = dataclasses.asdict(disk.stats()) if disk is not None else None
@@ -954,6 +969,7 @@ class BlockStore:
             server.server_close()
         try:
             try:
+                self._promoter.stop()  # the queued promotions reach L1 before it closes
                 self._pub.stop_worker()
                 if self._l2_pool is not None:  # no get is running (close waited): its threads are idle
                     self._l2_pool.shutdown(wait=True, cancel_futures=True)

@@ -15,6 +15,11 @@ Paths (``path`` in extra_info), per block size:
 - ``l1-batch``: ``ram_bytes=0`` (every get is an L1 read, as after a restart), page
   cache warm (one untimed get first), beside a plain-file ``readinto`` of the same
   number of files of the same size into the same ``out`` (open, readinto, close each).
+- ``l2-batch``: a get of ``L1_BATCH`` blocks that only a local-directory L2 holds
+  (each round a fresh store directory sharing the L2; open and close untimed), so
+  it includes the L2 reads (8 in flight), verification, and the promotion into L1
+  (durable, one group commit), beside reading the same L2 object files with
+  ``readinto`` (page cache warm): that directory's raw read bandwidth.
 - ``put-durable``: ``put`` of ``PUT_BLOCKS`` new blocks (durable on return: L1's
   group commit; ``ram_bytes=0`` so no RAM copy is made, like the contenders), beside
   LMDB (``sync=True``, one write transaction per call, the same values under 32-byte
@@ -23,7 +28,7 @@ Paths (``path`` in extra_info), per block size:
   count (``stats()["tiers"]["l1"]["volume"]["fsyncs"]``) over the store's puts.
 
 Goals (issue 10's, constants here; the report marks them): L0 batch ≥ 0.8 of memcpy,
-single ≥ 0.5; fixed cost ≤ 10 µs per block in a batch of 64; L1 ≤ 1.5× readinto;
+single ≥ 0.5; fixed cost ≤ 10 µs per block in a batch of 64; L1 ≤ 1.5× readinto; L2 (directory) ≥ 0.7 of its raw read;
 durable put at 256 KiB ≥ LMDB, at 2 MiB ≥ 0.8 of the raw fsync'd write.
 """
 
@@ -46,7 +51,7 @@ BATCH = pick(smoke=8, quick=64, full=64)
 L1_BATCH = pick(smoke=8, quick=16, full=32)
 PUT_BLOCKS = {64 * KiB: 8, 256 * KiB: 16, 2 * MiB: 8}
 ROUNDS = pick(smoke=3, quick=21, full=41)
-PATHS = ["l0-batch", "l0-single", "l0-fixed", "l1-batch", "put-durable"]
+PATHS = ["l0-batch", "l0-single", "l0-fixed", "l1-batch", "l2-batch", "put-durable"]
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
@@ -108,6 +113,19 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
             "per_block_s": med["store"] / n, "bytes": n * block_bytes}
 
 
+def _plain_reader(paths: list[Path], out: np.ndarray, extra: int):
+    """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch)."""
+    views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
+    tail = bytearray(max(extra, 1))
+
+    def read():
+        for p, v in zip(paths, views):
+            with open(p, "rb", buffering=0) as f:
+                f.readinto(v)
+                f.readinto(tail)
+    return read
+
+
 def _l1(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
 
@@ -124,15 +142,7 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
             p = files / f"{i:04d}"
             p.write_bytes(blocks[i].tobytes() + bytes(env_bytes - block_bytes))
             paths.append(p)
-        views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(n)]
-        tail = bytearray(env_bytes)
-
-        def plain():
-            for p, v in zip(paths, views):
-                with open(p, "rb", buffering=0) as f:
-                    f.readinto(v)
-                    f.readinto(tail)  # the rest of the file (the envelope's header and CRC in the store's)
-
+        plain = _plain_reader(paths, out, env_bytes - block_bytes)  # the rest: the envelope's header and CRC
         st.get(ident, tokens, out=out)  # page cache warm, code loaded
         plain()
         hits = st.stats()["counters"]["l1_hits"]
@@ -144,6 +154,44 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
             "limit": "plain files, open + readinto + close each (page cache warm)", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
             "bytes": n * block_bytes}
+
+
+def _l2(root: Path, block_bytes: int, n: int) -> dict:
+    from quiver import BlockStore
+
+    ident = _ident(block_bytes)
+    tokens, blocks = _case(ident, n)
+    out = np.empty_like(blocks)
+    l2 = root / "l2"
+    with BlockStore.open(root / "writer", index="art", ram_bytes=0, object_store=l2) as st:
+        st.put(ident, tokens, blocks)
+        assert st.flush_l2(timeout_s=300) == 0
+    paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file())
+    assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
+    plain = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes)
+    stores = iter(range(10**6))
+
+    def store():
+        i = next(stores)
+        with BlockStore.open(root / f"reader{i}", index="art", ram_bytes=0, object_store=l2) as st:
+            t = time.perf_counter()
+            st.get(ident, tokens, out=out)
+            dt = time.perf_counter() - t
+            assert st.stats()["counters"]["l2_hits"] == n, "a timed get did not come from L2"
+        shutil.rmtree(root / f"reader{i}")
+        return dt
+
+    store()  # code loaded, L2 files in the page cache
+    assert out.tobytes() == blocks.tobytes()
+    plain()
+    times: dict[str, list[float]] = {"store": [], "limit": []}
+    for _ in range(ROUNDS):
+        times["store"].append(store())
+        times["limit"].append(_timed(plain))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
+            "limit": "the L2 directory's object files, open + readinto + close each (page cache warm)",
+            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes}
 
 
 def _fsyncs(st) -> int:
@@ -221,6 +269,8 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _l0(root, 512, BATCH))
         elif path == "l1-batch":
             out = run_once(benchmark, lambda: _l1(root, block_bytes, L1_BATCH))
+        elif path == "l2-batch":
+            out = run_once(benchmark, lambda: _l2(root, block_bytes, L1_BATCH))
         else:
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:

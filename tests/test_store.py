@@ -272,6 +272,7 @@ def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path):
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()
         st = store.stats()
         assert st["counters"]["corrupt_l1"] == 1 and st["counters"]["l2_hits"] == 1 and st["counters"]["l1_hits"] == 1
+        store.drain_promotions()  # the L2 copy is written back to L1 in the background
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()  # repaired in L1
         assert store.stats()["counters"]["l1_hits"] == 3
     # without an L2 copy the corruption is a typed error, never bytes
@@ -297,6 +298,7 @@ def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
         before = store.stats()["tiers"]["l1"]["volume"]["commits"]
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        store.drain_promotions()  # promoted in the background
         st = store.stats()
         assert st["counters"]["l2_hits"] == 6
         assert st["tiers"]["l1"]["volume"]["commits"] - before == 1  # six promotions, one WAL fsync
@@ -635,6 +637,66 @@ def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
 # ------------------------------------------------------------------ reviewer fixes: promotion, eviction, close
 
 
+def test_l2_hits_reach_l1_after_the_get_returns(tmp_path, monkeypatch):
+    """Promotion into L1 is off the get's critical path (engine/promoter.py): the
+    get returns while the L1 write is held back by an event, and the blocks are
+    in L1 once it is released (drain_promotions), and after close."""
+    import threading
+
+    ident, tokens, blocks = make_case(51, 4)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    release, seen = threading.Event(), []
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        real = store._disk.volume.publish_many
+
+        def held(items):
+            seen.append(release.wait(timeout=60))  # False only if the get itself waited for this write
+            return real(items)
+
+        monkeypatch.setattr(store._disk.volume, "publish_many", held)
+        assert store.get(ident, tokens, 4).tobytes() == blocks.tobytes()
+        release.set()  # the get has returned: now let the promotion write
+        store.drain_promotions()
+        c = store.stats()["counters"]
+        assert seen == [True] and store.stats()["residency"]["l1"] == 4
+        assert c["l1_promoted_blocks"] == 4 and c["l1_promote_batches"] == 1 and c["l1_promote_inline"] == 0
+    with BlockStore.open(tmp_path / "b", ram_bytes=0, index="flat") as store:  # no L2: L1 has them, durable
+        assert store.get(ident, tokens, 4).tobytes() == blocks.tobytes()
+        assert store.stats()["counters"]["l1_hits"] == 4
+
+
+def test_a_full_promotion_queue_makes_the_get_write_its_own(tmp_path, monkeypatch):
+    """Back-pressure, not loss: while the queue holds a batch and the next would
+    pass its byte bound, the get promotes its own blocks inline."""
+    import threading
+
+    ident, tokens, blocks = make_case(52, 4)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    release = threading.Event()
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        store._promoter.max_bytes = 1  # any second batch overflows
+        real = store._disk.volume.publish_many
+
+        def held(items):
+            if threading.current_thread().name == "quiver-l1-promote":
+                release.wait(timeout=60)
+            return real(items)
+
+        monkeypatch.setattr(store._disk.volume, "publish_many", held)
+        assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()  # queued; the writer holds it
+        assert store.get(ident, tokens, 4, start_block=2).tobytes() == blocks[2:].tobytes()  # inline
+        assert store.stats()["counters"]["l1_promote_inline"] == 1
+        release.set()
+        store.drain_promotions()
+        c = store.stats()["counters"]
+        assert c["l1_promote_inline"] == 1 and c["l1_promoted_blocks"] == 4 and c["l1_promote_batches"] == 2
+        assert store.stats()["residency"]["l1"] == 4
+
+
 def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, monkeypatch):
     """Promoting L2 hits to L1 is an optimisation: when it fails, get still returns the
     verified blocks, or raises its own error (not the promotion's); the failure is counted."""
@@ -652,6 +714,7 @@ def test_failed_promotion_never_fails_a_get_nor_replaces_its_error(tmp_path, mon
         assert store.get(ident, tokens, 1).tobytes() == blocks[:1].tobytes()
         with pytest.raises(BlockNotFoundError):  # block 1 is missing: that is the error
             store.get(ident, tokens, 2)
+        store.drain_promotions()
         st = store.stats()
         assert st["counters"]["l1_promote_failures"] == 2 and st["counters"]["l2_hits"] == 2 and st["residency"]["l1"] == 0
         monkeypatch.undo()

@@ -454,6 +454,11 @@ class ObjectStore(ABC):
     """
 
     _closed = False
+    #: True when every successful get has checked a CRC32C over exactly the bytes it
+    #: returns (a local directory's trailer); False where the check can be absent
+    #: (an S3 object without quiver-crc32c metadata).  The store then skips its own
+    #: second pass over the body (docs/FORMAT.md, "What each read verifies").
+    verifies_reads = False
     #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss.
     #: Set False once migrate_legacy_layout has run: a miss then costs one request.
     legacy_names = True
@@ -732,6 +737,8 @@ class LocalDirObjectStore(ObjectStore):
     enumerate what a power loss leaves; the fsyncs carry the "l2_*" labels of
     ``walpub.io.FSYNC_LABELS`` (docs/OBJECTSTORE.md says what each protects).
     """
+
+    verifies_reads = True  # every object carries a CRC32C trailer, checked on every get
 
     def __init__(self, root: str | os.PathLike[str], io: FileSystem | None = None) -> None:
         self._io: FileSystem = io if io is not None else OsFileSystem()
