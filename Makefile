@@ -12,7 +12,15 @@ VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.quiver-vllm-installed
 VLLM_LOG   := $(VLLM_VENV).log
 
-.PHONY: test report setup setup-vllm clean
+# LMCache (the comparison in the report, issue 10): a third venv, built only by `make report`.
+# torch 2.13.0 first (lmcache 0.5.6 accepts it: no CUDA torch is pulled), then lmcache, then
+# this project (editable, core), so one process can time both stores.
+LMC_VENV  := .venv-lmcache
+LMC_PY    := $(LMC_VENV)/bin/python
+LMC_STAMP := $(LMC_VENV)/.quiver-lmcache-installed
+LMC_LOG   := $(LMC_VENV).log
+
+.PHONY: test report setup setup-vllm setup-lmcache clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,12 +54,29 @@ setup-vllm:
 	  || echo "!!! make setup-vllm failed (see $(VLLM_LOG)); the vLLM tests will skip loudly"; \
 	fi
 
+$(LMC_STAMP): pyproject.toml
+	test -x $(LMC_PY) || $(PYTHON) -m venv $(LMC_VENV)
+	$(LMC_PY) -m pip install -q --upgrade pip
+	$(LMC_PY) -m pip install -q torch==2.13.0
+	$(LMC_PY) -m pip install -q lmcache==0.5.6
+	$(LMC_PY) -m pip install -q -e .
+	$(LMC_PY) -c "import lmcache, torch, quiver; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(LMC_STAMP)
+
+# Never fails the build either: without it the report's LMCache section says why.
+setup-lmcache:
+	@if ! $(MAKE) -q $(LMC_STAMP) 2>/dev/null; then \
+	  echo "make setup-lmcache: installing lmcache into $(LMC_VENV) (log: $(LMC_LOG))"; \
+	  $(MAKE) --no-print-directory $(LMC_STAMP) > $(LMC_LOG) 2>&1 \
+	  || echo "!!! make setup-lmcache failed (see $(LMC_LOG)); the report's LMCache section will say so"; \
+	fi
+
 test: $(STAMP) setup-vllm
 	$(PY) -m pytest tests -q -m "not slow"
 
-report: $(STAMP) setup-vllm
+report: $(STAMP) setup-vllm setup-lmcache
 	$(PY) -m quiver.studies.cli run $(if $(FULL),--full,)
 	$(PY) -m quiver.studies.cli report
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_LOG) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_LOG) $(LMC_VENV) $(LMC_LOG) .pytest_cache .benchmarks

@@ -27,7 +27,7 @@ Layout: header (machine, sizes, command) → headline figures (each linking to i
 section, in the order of ``STUDIES``; the index rows first, measured through
 BlockStore) → contents → the sections in the order of ``STUDIES``: physical limits →
 the index through the product → first request → residency indexes → ART targets →
-Mooncake → keys → walpub → faults → `quiver verify` → engine paths → tiers → identity → object store →
+Mooncake → keys → walpub → faults → `quiver verify` → engine paths → LMCache → tiers → identity → object store →
 copy → KV codecs → layerwise → TTFT → vLLM; any other group (codecs, a new study) gets
 a generic table.
 """
@@ -40,7 +40,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from . import (report_art, report_copy, report_faults, report_firstreq, report_identity, report_index, report_keys,
-               report_kv_codecs, report_layerwise, report_limits, report_mooncake, report_objectstore, report_paths,
+               report_kv_codecs, report_layerwise, report_limits, report_lmcache, report_mooncake, report_objectstore, report_paths,
                report_product, report_tiers, report_ttft, report_verify, report_vllm, report_walpub)
 from .report_common import DASH, _anchor, _groups, _is_num, _us, fmt, reproduce_line, table  # noqa: F401
 
@@ -57,6 +57,7 @@ STUDIES = [
     report_faults,
     report_verify,
     report_paths,
+    report_lmcache,
     report_tiers,
     report_identity,
     report_objectstore,

@@ -218,3 +218,31 @@ def test_report_engine_paths_section(tmp_path):
     assert "| l0-fixed | 512 B | 64 |" in sec and "**missed by ×2.00**" in sec  # 20 µs per block against 10
     assert "| 256 KiB | 16 | 20,000 | 10,000 | 5,000 |" in sec and "| 2.50 | ≥ LMDB (sync=True) | **missed by ×2.00** |" in sec
     assert "## Group `engine-paths`" not in report
+
+
+def test_report_lmcache_section(tmp_path):
+    """The LMCache comparison: verdicts from the medians, like against like, and a skip says why."""
+    from quiver.studies.report import write_report
+
+    med_ram = {"lmcache_store": 0.002, "quiver_store": 0.04, "lmcache_lookup": 4e-5, "quiver_lookup": 2e-4,
+               "lmcache_retrieve": 0.002, "quiver_retrieve": 0.001}
+    med_disk = {"lmcache_store": 0.01, "lmcache_fsync": 0.01, "lmcache_store_fsync": 0.02, "quiver_store": 0.03,
+                "lmcache_lookup": 4e-5, "quiver_lookup": 2e-4, "lmcache_retrieve": 0.005, "quiver_retrieve": 0.005}
+    cases = [dict(tier="ram", chunk_bytes=262144, chunks=32, request_bytes=8 << 20, rounds=15, medians_s=med_ram),
+             dict(tier="disk", chunk_bytes=262144, chunks=32, request_bytes=8 << 20, rounds=15, medians_s=med_disk)]
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "quick"}}, "benchmarks": [
+        _bench("lmcache", "test_lmcache_side_by_side", lmcache_version="0.5.6", torch="2.13.0+cpu", cases=cases)]}))
+    report = write_report(src, tmp_path / "out").read_text()
+    sec = report[report.index('<a id="lmcache">'):]
+    assert "| 256 KiB × 32 | RAM: retrieve (into the caller's buffer) | LocalCPUBackend | 2,000 | L0 `get(out=)` | 1,000 |" in sec
+    assert "Quiver ahead ×2.00" in sec  # RAM retrieve: 2 ms vs 1 ms
+    assert "| 256 KiB × 32 | disk: durable store + retrieve | the two above | 25,000 | the two above | 35,000 |" in sec
+    assert "**LMCache ahead ×1.40**" in sec and "(not comparable)" in sec
+    headline = report[report.index("## Headline figures"):report.index("## Contents")]
+    assert "RAM retrieve 256 KiB: Quiver ahead ×2.00" in headline
+
+    src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "quick"}}, "benchmarks": [
+        _bench("lmcache", "test_lmcache_side_by_side", skipped="no .venv-lmcache here")]}))
+    report = write_report(src, tmp_path / "out2").read_text()
+    assert "The LMCache comparison did not run: no .venv-lmcache here" in report

@@ -82,6 +82,10 @@ class FileSystem(ABC):
     (FileNotFoundError, FileExistsError, ...), as from ``os``.
     """
 
+    #: How many object writes + fsyncs walpub may run at once.  1 keeps the calls
+    #: in one deterministic order (the crash simulator's file system).
+    write_parallelism = 1
+
     def __init__(self) -> None:
         self.disabled_fsyncs: set[str] = set()
         self.fsync_counts: Counter[str] = Counter()
@@ -186,6 +190,11 @@ class FileSystem(ABC):
 
 class OsFileSystem(FileSystem):
     """The real file system: ``os.*`` calls, ``O_DIRECTORY`` dir fsyncs, flock."""
+
+    #: Object writes + fsyncs a publish runs at once: concurrent fsyncs let the file
+    #: system commit them together (measured on ext4 here: 16 x 256 KiB files written
+    #: and fsync'd 1.5-2x faster with 8 threads than one after another).
+    write_parallelism = 8
 
     def _fsync(self, fd: int) -> None:
         os.fsync(fd)
