@@ -823,22 +823,31 @@ class BlockStore:
         ``l2_read``: this block's L2 read, already started (``_start_l2_reads``)."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
-        with self._lock:  # L0 slots are reused on eviction: decode under the lock
-            view = self._ram.get(skey) if self._ram is not None else None
-            if view is not None:
-                try:  # the arena holds bytes verified (or encoded) on their way in: header only
-                    self._decode(view, want, dst, ident, verify_body=False)
+        ram = self._ram
+        pinned = ram.pin(skey) if ram is not None else None
+        if pinned is not None:  # the slot is not reused until unpin: decode outside any lock
+            view, slot = pinned
+            try:  # the arena holds bytes verified (or encoded) on their way in: header only
+                self._decode(view, want, dst, ident, verify_body=False)
+            except EnvelopeError as exc:
+                corrupt = exc
+                ram.delete(skey)
+                with self._lock:
+                    self._n["corrupt_l0"] += 1
+            else:
+                with self._lock:
                     self._n["l0_hits"] += 1
                     self._lat["get"]["l0"].observe(time.perf_counter() - t0)
-                    return
-                except EnvelopeError as exc:
-                    corrupt = exc
-                    self._ram.delete(skey)
-                    self._n["corrupt_l0"] += 1
+                return
+            finally:
+                ram.unpin(slot)
         t1 = time.perf_counter()
         try:
             with translated("disk tier get"):
-                env = self._disk.get(skey)
+                # A block whose L2 read started because L1 lacked it skips L1's miss
+                # path (a stat looking for an unindexed object) unless it arrived since.
+                skip = l2_read is not None and not self._disk.contains(skey)
+                env = None if skip else self._disk.get(skey)
         except ChecksumMismatchError as exc:  # walpub dropped the record already
             corrupt, env = exc, None
             with self._lock:

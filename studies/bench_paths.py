@@ -12,11 +12,15 @@ Paths (``path`` in extra_info), per block size:
 - ``l0-single``: the same for one block.
 - ``l0-fixed``: a batch of ``BATCH`` tiny blocks (512 B payload), so the time per
   block is the fixed cost of a get (keying, guard, bookkeeping), not the bytes.
+- ``l0-threads-T``: T threads (1, 2, 4), each a get of its own ``THREAD_BLOCKS`` L0
+  blocks per round, beside T threads each ``np.copyto`` of the same bytes (both from one
+  persistent thread pool): aggregate bytes/s, the same threads on both sides.
 - ``l1-batch``: ``ram_bytes=0`` (every get is an L1 read, as after a restart), page
   cache warm (one untimed get first), beside a plain-file ``readinto`` of the same
   number of files of the same size into the same ``out`` (open, readinto, close each).
 - ``l2-batch``: a get of ``L1_BATCH`` blocks that only a local-directory L2 holds
-  (each round a fresh store directory sharing the L2; open and close untimed), so
+  (each round a fresh store directory sharing the L2; open, a first get of 8 other
+  blocks that starts the store's L2 read threads, and close untimed), so
   it includes the L2 reads (8 in flight), verification, and the promotion into L1
   (durable, one group commit), beside reading the same L2 object files with
   ``readinto`` (page cache warm): that directory's raw read bandwidth.
@@ -51,7 +55,10 @@ BATCH = pick(smoke=8, quick=64, full=64)
 L1_BATCH = pick(smoke=8, quick=16, full=32)
 PUT_BLOCKS = {64 * KiB: 8, 256 * KiB: 16, 2 * MiB: 8}
 ROUNDS = pick(smoke=3, quick=21, full=41)
-PATHS = ["l0-batch", "l0-single", "l0-fixed", "l1-batch", "l2-batch", "put-durable"]
+THREADS = pick(smoke=[2], quick=[1, 2, 4], full=[1, 2, 4])
+THREAD_BLOCKS = pick(smoke=4, quick=16, full=16)
+PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREADS], "l1-batch", "l2-batch",
+         "put-durable"]
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
@@ -113,6 +120,39 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
             "per_block_s": med["store"] / n, "bytes": n * block_bytes}
 
 
+def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quiver import BlockStore
+
+    ident = _ident(block_bytes)
+    n = THREAD_BLOCKS
+    cases = [_case(ident, n) for _ in range(threads)]
+    outs = [np.empty_like(blocks) for _, blocks in cases]
+    ram = threads * n * (block_bytes + 64 * KiB) + 64 * MiB
+    with BlockStore.open(root / "store", index="flat", ram_bytes=ram) as st, ThreadPoolExecutor(threads) as pool:
+        for tokens, blocks in cases:
+            st.put(ident, tokens, blocks)
+        assert st.stats()["residency"]["l0"] == threads * n, "the blocks must all be in L0"
+
+        def gets():
+            list(pool.map(lambda i: st.get(ident, cases[i][0], out=outs[i]), range(threads)))
+
+        def copies():
+            list(pool.map(lambda i: np.copyto(outs[i], cases[i][1]), range(threads)))
+
+        gets()
+        assert all(o.tobytes() == b.tobytes() for o, (_, b) in zip(outs, cases))
+        hits = st.stats()["counters"]["l0_hits"]
+        med = _rounds({"store": gets, "limit": copies})
+        assert st.stats()["counters"]["l0_hits"] - hits == ROUNDS * threads * n, "a timed get left L0"
+    nbytes = threads * n * block_bytes
+    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
+            "limit": f"memcpy (np.copyto) of the same bytes by the same {threads} thread(s)", "blocks": threads * n,
+            "threads": threads, "block_bytes": block_bytes, "per_block_s": med["store"] / (threads * n),
+            "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"]}
+
+
 def _plain_reader(paths: list[Path], out: np.ndarray, extra: int):
     """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch)."""
     views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
@@ -159,14 +199,19 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
 def _l2(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
 
+    from quiver.engine.store import L2_READS_IN_FLIGHT
+
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
+    warm_tokens, warm_blocks = _case(ident, L2_READS_IN_FLIGHT)
     out = np.empty_like(blocks)
     l2 = root / "l2"
     with BlockStore.open(root / "writer", index="art", ram_bytes=0, object_store=l2) as st:
+        st.put(ident, warm_tokens, warm_blocks)
+        before = {p for p in (l2 / "blocks").rglob("*") if p.is_file()}
         st.put(ident, tokens, blocks)
         assert st.flush_l2(timeout_s=300) == 0
-    paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file())
+    paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
     plain = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes)
     stores = iter(range(10**6))
@@ -174,10 +219,12 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
     def store():
         i = next(stores)
         with BlockStore.open(root / f"reader{i}", index="art", ram_bytes=0, object_store=l2) as st:
+            st.get(ident, warm_tokens)  # untimed: the store's L2 read threads started, as in a running server
+            st.drain_promotions()  # and its L1 write done, not running under the timed get
             t = time.perf_counter()
             st.get(ident, tokens, out=out)
             dt = time.perf_counter() - t
-            assert st.stats()["counters"]["l2_hits"] == n, "a timed get did not come from L2"
+            assert st.stats()["counters"]["l2_hits"] == n + len(warm_blocks), "a timed get did not come from L2"
         shutil.rmtree(root / f"reader{i}")
         return dt
 
@@ -267,6 +314,8 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _l0(root, block_bytes, 1))
         elif path == "l0-fixed":
             out = run_once(benchmark, lambda: _l0(root, 512, BATCH))
+        elif path.startswith("l0-threads-"):
+            out = run_once(benchmark, lambda: _l0_threads(root, block_bytes, int(path.rsplit("-", 1)[1])))
         elif path == "l1-batch":
             out = run_once(benchmark, lambda: _l1(root, block_bytes, L1_BATCH))
         elif path == "l2-batch":
@@ -275,5 +324,5 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    benchmark.extra_info.update(out, path=path, rounds=ROUNDS, threads=1)
+    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS)
     assert out["store_s"] > 0 and out["limit_s"] > 0

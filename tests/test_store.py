@@ -250,6 +250,44 @@ def test_ram_hit_checks_the_header_and_falls_back_to_disk(tmp_path):
         assert store.stats()["counters"]["l0_hits"] == 3
 
 
+def test_ram_hits_of_two_threads_decode_at_the_same_time(tmp_path, monkeypatch):
+    """No lock around the bytes of an L0 hit (issue 10): a barrier inside the decode
+    lets neither thread finish until both are decoding, which a decode under the
+    store lock would never allow (BrokenBarrierError after its timeout, only
+    in a failing run)."""
+    import threading
+
+    from quiver.engine import store as store_mod
+
+    ident, tokens, blocks = make_case(15, 2)
+    barrier = threading.Barrier(2, timeout=60)
+    real = store_mod.decode_block_into
+    errors = []
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
+        store.put(ident, tokens, blocks)
+
+        def decode(*a, **kw):
+            barrier.wait()
+            return real(*a, **kw)
+
+        monkeypatch.setattr(store_mod, "decode_block_into", decode)
+
+        def reader(start):
+            try:
+                got = store.get(ident, tokens, start + 1, start_block=start)
+                assert got.tobytes() == blocks[start:start + 1].tobytes()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        monkeypatch.setattr(store_mod, "decode_block_into", real)
+        assert errors == [] and store.stats()["counters"]["l0_hits"] == 2
+
+
 def _flip_l1_object(store_path, skey: bytes) -> None:
     for dirpath, _, files in os.walk(os.path.join(store_path, "l1", "objects")):
         for f in files:

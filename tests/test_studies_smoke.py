@@ -201,10 +201,10 @@ def test_report_engine_paths_section(tmp_path):
     from quiver.studies.report import write_report
 
     MiB = 1 << 20
-    rows = [_bench("engine-paths", "test_engine_path[l0-batch-2MiB]", path="l0-batch", block_bytes=2 * MiB, blocks=64,
+    rows = [_bench("engine-paths", "test_engine_path[l0-batch-2MiB]", path="l0-batch", threads=1, block_bytes=2 * MiB, blocks=64,
                    bytes=128 * MiB, rounds=21, store_s=0.02, limit_s=0.018, ratio=0.9, per_block_s=0.02 / 64,
                    limit="memcpy"),
-            _bench("engine-paths", "test_engine_path[l0-fixed-2MiB]", path="l0-fixed", block_bytes=512, blocks=64,
+            _bench("engine-paths", "test_engine_path[l0-fixed-2MiB]", path="l0-fixed", threads=1, block_bytes=512, blocks=64,
                    bytes=64 * 512, rounds=21, store_s=64 * 20e-6, limit_s=1e-6, ratio=1e-6 / (64 * 20e-6),
                    per_block_s=20e-6, limit="memcpy"),
             _bench("engine-paths", "test_engine_path[put-durable-256KiB]", path="put-durable", block_bytes=256 << 10,
@@ -214,8 +214,8 @@ def test_report_engine_paths_section(tmp_path):
     src.write_text(json.dumps({"machine_info": {"quiver": {"mode": "quick"}}, "benchmarks": rows}))
     report = write_report(src, tmp_path / "out").read_text()
     sec = report[report.index('<a id="engine-paths">'):]
-    assert "| l0-batch | 2 MiB | 64 | 20,000 | 18,000 |" in sec and "met (×1.12 of the target)" in sec
-    assert "| l0-fixed | 512 B | 64 |" in sec and "**missed by ×2.00**" in sec  # 20 µs per block against 10
+    assert "| l0-batch | 2 MiB | 1 | 64 | 20,000 | 18,000 |" in sec and "met (×1.12 of the target)" in sec
+    assert "| l0-fixed | 512 B | 1 | 64 |" in sec and "**missed by ×2.00**" in sec  # 20 µs per block against 10
     assert "| 256 KiB | 16 | 20,000 | 10,000 | 5,000 |" in sec and "| 2.50 | ≥ LMDB (sync=True) | **missed by ×2.00** |" in sec
     assert "## Group `engine-paths`" not in report
 

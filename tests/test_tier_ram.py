@@ -38,6 +38,49 @@ def test_arena_is_one_preallocated_array_and_get_is_a_view_into_it():
     t.check_invariants()
 
 
+def test_a_pinned_slot_is_not_reused_until_unpinned():
+    """pin() lets a reader copy without a lock: eviction and delete take the key at
+    once, but the slot's bytes stay until the last unpin."""
+    t = RamTier(capacity_bytes=3 * 64, slot_bytes=64)
+    for i in range(3):
+        t.put(k(i), bytes([i]) * 64)
+    view, slot = t.pin(k(0))
+    view2, slot2 = t.pin(k(0))  # two readers of one block
+    assert slot2 == slot and t.pin(b"absent") is None
+    for i in range(3, 9):  # churn: k(0) is evicted, its slot must not be handed out
+        t.put(k(i), bytes([i]) * 64)
+        t.check_invariants()
+    assert not t.contains(k(0)) and bytes(view) == bytes([0]) * 64 and len(t) == 2
+    t.unpin(slot)
+    t.put(k(9), b"\x09" * 64)
+    assert bytes(view2) == bytes([0]) * 64  # still pinned once
+    t.unpin(slot)
+    t.check_invariants()
+    t.put(k(10), b"\x0a" * 64)
+    t.put(k(11), b"\x0b" * 64)
+    assert len(t) == 3  # the slot is back in use
+    t.check_invariants()
+
+
+def test_delete_of_a_pinned_block_frees_its_slot_at_the_unpin():
+    t = RamTier(capacity_bytes=2 * 64, slot_bytes=64)
+    t.put(k(0), b"a" * 64)
+    view, slot = t.pin(k(0))
+    assert t.delete(k(0)) and not t.contains(k(0))
+    t.put(k(1), b"b" * 64)  # the one free slot
+    gone: list[bytes] = []
+    t.reserve(k(2), 64, evicted=gone)  # evicts k(1) for its slot
+    assert gone == [k(1)]
+    with pytest.raises(TierFullError):  # one slot reserved, the other waits for the unpin
+        t.reserve(k(3), 64, evicted=gone)
+    assert bytes(view) == b"a" * 64
+    t.unpin(slot)
+    t.check_invariants()
+    t.reserve(k(3), 64, evicted=gone)  # the unpinned slot
+    t.check_invariants()
+
+
+
 def test_put_accepts_buffers_and_refuses_what_it_cannot_copy_exactly():
     t = RamTier(4 * 256, 256)
     arr = np.arange(32, dtype=np.float32)                 # 128 bytes

@@ -3,8 +3,8 @@
 Why an arena: a Python ``bytes`` per block costs an allocation and a page-fault
 storm on every insert, and lets the heap fragment under churn.  Here the bytes
 of every block live in ONE numpy ``uint8`` array of ``n_slots * slot_bytes``
-(``n_slots = capacity_bytes // slot_bytes``), written once at construction so
-that no later insert pays for first-touch page faults.  A block occupies one
+(``n_slots = capacity_bytes // slot_bytes``), mapped lazily (``np.zeros``: a
+slot's pages are faulted in by its first insert, once).  A block occupies one
 slot; what the tier keeps per block is a dict entry ``key -> (slot, nbytes)``
 and a policy entry, never a copy of its bytes.  Free slots are a stack (the
 most recently freed slot, still hot in cache, is reused first).
@@ -25,7 +25,10 @@ Two ways in:
 the arena: it is valid until the key is evicted or deleted, after which the
 slot may hold another block.  Consume it (decode and CRC-check it into the
 destination) before the next ``put``/``reserve``/``delete`` on this tier, or
-use ``get_into``, which copies under the tier's lock.
+use ``get_into``, which copies under the tier's lock, or ``pin``: the view
+stays valid until ``unpin``, without holding any lock meanwhile (a pinned
+block can still be evicted or deleted: its key goes at once, its slot is
+reused only after the last unpin), so readers copy in parallel.
 """
 
 from __future__ import annotations
@@ -118,24 +121,34 @@ class RamTier:
         self._where: dict[bytes, tuple[int, int]] = {}            # key -> (slot, nbytes), committed
         self._reserved: dict[bytes, tuple[int, int, list[bytes]]] = {}  # key -> (slot, nbytes, evicted)
         self._used = 0
+        self._pins: dict[int, int] = {}   # slot -> readers holding a pinned view of it
+        self._unpinned_free: set[int] = set()  # slots freed while pinned: to _free at the last unpin
         self._lock = threading.Lock()
         self._n = dict(hits=0, misses=0, inserts=0, refreshes=0, evictions=0, deletes=0,
                        bytes_in=0, bytes_out=0, bytes_evicted=0)
 
     # ------------------------------------------------------------------ slots
     def _take_slot(self, evicted: list[bytes]) -> int:
-        """A free slot, evicting the policy's victim if there is none (lock held)."""
-        if self._free:
-            return self._free.pop()
-        if not self._where:
-            raise TierFullError(f"all {self.n_slots} slots are held by uncommitted reservations")
-        key = self._policy.evict()
-        slot, n = self._where.pop(key)
-        self._used -= n
-        self._n["evictions"] += 1
-        self._n["bytes_evicted"] += n
-        evicted.append(key)
-        return slot
+        """A free slot, evicting the policy's victims until one frees an unpinned
+        slot if there is none (lock held)."""
+        while not self._free:
+            if not self._where:
+                raise TierFullError(f"all {self.n_slots} slots are held by uncommitted reservations or pinned readers")
+            key = self._policy.evict()
+            slot, n = self._where.pop(key)
+            self._used -= n
+            self._n["evictions"] += 1
+            self._n["bytes_evicted"] += n
+            evicted.append(key)
+            self._release_slot(slot)
+        return self._free.pop()
+
+    def _release_slot(self, slot: int) -> None:
+        """A slot no key names any more: free now, or at its last unpin (lock held)."""
+        if slot in self._pins:
+            self._unpinned_free.add(slot)
+        else:
+            self._free.append(slot)
 
     def _view(self, slot: int, nbytes: int) -> memoryview:
         off = slot * self.slot_bytes
@@ -224,7 +237,7 @@ class RamTier:
             if entry is None:
                 return False
             self._policy.remove(key)
-            self._free.append(entry[0])
+            self._release_slot(entry[0])
             self._used -= entry[1]
             self._n["deletes"] += 1
             return True
@@ -243,6 +256,34 @@ class RamTier:
             self._n["hits"] += 1
             self._n["bytes_out"] += entry[1]
             return self._view(*entry).toreadonly()
+
+    def pin(self, key: bytes) -> tuple[memoryview, int] | None:
+        """A read-only view of the block and its slot number, or None; counts as an
+        access.  The slot is not reused until ``unpin(slot)``, so the view may be
+        read without any lock held."""
+        with self._lock:
+            entry = self._where.get(key)
+            if entry is None:
+                self._n["misses"] += 1
+                return None
+            slot, n = entry
+            self._policy.access(key)
+            self._n["hits"] += 1
+            self._n["bytes_out"] += n
+            self._pins[slot] = self._pins.get(slot, 0) + 1
+            return self._view(slot, n).toreadonly(), slot
+
+    def unpin(self, slot: int) -> None:
+        """End one ``pin`` of ``slot``."""
+        with self._lock:
+            left = self._pins[slot] - 1
+            if left:
+                self._pins[slot] = left
+                return
+            del self._pins[slot]
+            if slot in self._unpinned_free:
+                self._unpinned_free.discard(slot)
+                self._free.append(slot)
 
     def get_into(self, key: bytes, out) -> int | None:
         """Copy the block into ``out`` (a writable buffer at least as large) under
@@ -299,9 +340,11 @@ class RamTier:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (tests call it after every step)."""
         with self._lock:
-            slots = [s for s, _ in self._where.values()] + [s for s, _, _ in self._reserved.values()]
+            slots = ([s for s, _ in self._where.values()] + [s for s, _, _ in self._reserved.values()]
+                     + list(self._unpinned_free))
             assert len(slots) + len(self._free) == self.n_slots, "a slot leaked or is counted twice"
             assert len(set(slots) | set(self._free)) == self.n_slots, "a slot is in two places"
+            assert self._unpinned_free <= self._pins.keys(), "a slot waits for an unpin nobody holds"
             assert all(0 <= s < self.n_slots for s in self._free)
             assert len(self._policy) == len(self._where), "policy and content disagree in size"
             assert all(k in self._policy for k in self._where), "a stored key is unknown to the policy"
