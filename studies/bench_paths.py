@@ -24,6 +24,12 @@ Paths (``path`` in extra_info), per block size:
   it includes the L2 reads (8 in flight), verification, and the promotion into L1
   (durable, one group commit), beside reading the same L2 object files with
   ``readinto`` (page cache warm): that directory's raw read bandwidth.
+- ``l2-s3``: the same get of ``L1_BATCH`` blocks from an S3 L2 (moto in server mode,
+  SigV4 on, over loopback HTTP; tests/s3servers.py), each round a fresh store as above,
+  beside that store's object store fetching the same objects one after another
+  (``ObjectStore.get`` in a loop: n round trips, the path a get took before its reads ran
+  in flight together) and fetching one object (one round trip).  Goal: n blocks in about
+  one round trip plus the bytes, not n round trips.
 - ``put-durable``: ``put`` of ``PUT_BLOCKS`` new blocks (durable on return: L1's
   group commit; ``ram_bytes=0`` so no RAM copy is made, like the contenders), beside
   LMDB (``sync=True``, one write transaction per call, the same values under 32-byte
@@ -58,7 +64,7 @@ ROUNDS = pick(smoke=3, quick=21, full=41)
 THREADS = pick(smoke=[2], quick=[1, 2, 4], full=[1, 2, 4])
 THREAD_BLOCKS = pick(smoke=4, quick=16, full=16)
 PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREADS], "l1-batch", "l2-batch",
-         "put-durable"]
+         "l2-s3", "put-durable"]
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
@@ -241,6 +247,72 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes}
 
 
+def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
+    import sys
+
+    from quiver import BlockStore
+    from quiver.engine.keys import chain_keys
+    from quiver.engine.store import L2_READS_IN_FLIGHT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from s3servers import MotoServer
+
+    ident = _ident(block_bytes)
+    tokens, blocks = _case(ident, n)
+    warm_tokens, warm_blocks = _case(ident, L2_READS_IN_FLIGHT)
+    out = np.empty_like(blocks)
+    moto = MotoServer()
+    saved = {k: os.environ.get(k) for k in moto.server.env()}
+    os.environ.update(moto.server.env())  # the standard credential chain, as an engine would use it
+    try:
+        moto.server.client().create_bucket(Bucket="quiver-paths")
+        spec = "s3://quiver-paths/p"
+        with BlockStore.open(root / "writer", index="art", ram_bytes=0, object_store=spec) as st:
+            st.put(ident, warm_tokens, warm_blocks)
+            st.put(ident, tokens, blocks)
+            assert st.flush_l2(timeout_s=300) == 0
+        skeys = [ident.namespace + k for k in chain_keys(ident, tokens)]
+        stores = iter(range(10**6))
+
+        def fresh():
+            i = next(stores)
+            st = BlockStore.open(root / f"reader{i}", index="art", ram_bytes=0, object_store=spec)
+            st.get(ident, warm_tokens)  # untimed: read threads and HTTP connections up
+            st.drain_promotions()
+            return st, root / f"reader{i}"
+
+        times: dict[str, list[float]] = {"store": [], "sequential": [], "one": []}
+        for r in range(ROUNDS + 1):
+            st, path = fresh()
+            try:
+                l2 = st._l2  # the store's own object store: same client, same connections
+                t_store = _timed(lambda: st.get(ident, tokens, out=out))
+                assert st.stats()["counters"]["l2_hits"] == n + len(warm_blocks), "a timed get did not come from L2"
+                t_seq = _timed(lambda: [l2.get(k) for k in skeys])
+                t_one = _timed(lambda: l2.get(skeys[0]))
+            finally:
+                st.close()
+                shutil.rmtree(path)
+            if r == 0:
+                assert out.tobytes() == blocks.tobytes()
+                continue
+            for k, v in (("store", t_store), ("sequential", t_seq), ("one", t_one)):
+                times[k].append(v)
+    finally:
+        moto.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"store_s": med["store"], "limit_s": med["one"], "sequential_s": med["sequential"],
+            "ratio": med["store"] / med["one"], "vs_sequential": med["sequential"] / med["store"],
+            "limit": "one object fetched by the store's object store (one round trip), moto over loopback",
+            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
+            "server": "moto"}
+
+
 def _fsyncs(st) -> int:
     return sum(st.stats()["tiers"]["l1"]["volume"]["fsyncs"].values())
 
@@ -320,6 +392,8 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _l1(root, block_bytes, L1_BATCH))
         elif path == "l2-batch":
             out = run_once(benchmark, lambda: _l2(root, block_bytes, L1_BATCH))
+        elif path == "l2-s3":
+            out = run_once(benchmark, lambda: _l2_s3(root, block_bytes, L1_BATCH))
         else:
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:

@@ -74,7 +74,8 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
 
 
 def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
-    """Hit ratio through L0 + L1 at the largest budgets, and one block's restore p50 per tier."""
+    """Hit ratio through L0 + L1 at the largest budgets, and one block's restore p50 per tier
+    (tier internals; the through-the-API figures are the engine-paths rows)."""
     rows = []
     mc = [_ex(b) for b in groups.get("tiers-mooncake", [])]
     if mc:
@@ -92,7 +93,7 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
     if rs:
         size = max(e.get("payload_bytes") or 0 for e in rs)
         p50 = {e.get("tier"): e.get("p50_us") for e in rs if e.get("payload_bytes") == size}
-        rows.append(["Restore one block: L0 / L1 warm / L2 warm (p50)",
+        rows.append(["Restore one block, tier internals (RamTier / DiskTier / ObjectStore, not BlockStore: see the engine-paths rows): L0 / L1 warm / L2 warm (p50)",
                      f"{fmt(p50.get('l0'))} / {fmt(p50.get('l1-warm'))} / {fmt(p50.get('l2-warm'))} µs "
                      f"(memcpy {fmt(p50.get('memcpy'))} µs)", f"{_size(size)} block", "[tiers](#tiers)"])
     if not mc and not rs:
