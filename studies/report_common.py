@@ -152,6 +152,11 @@ def _div(a, b):
     return None
 
 
+def mb_per_s(nbytes, seconds):
+    """Bytes over seconds in MB/s (1e6 B), or None when either is missing or seconds is not positive."""
+    return nbytes / seconds / 1e6 if _is_num(nbytes) and _is_num(seconds) and seconds > 0 else None
+
+
 def _x(r) -> str:
     """A ratio as "×1.23" (three significant digits below 0.1); "—" when absent."""
     if not _is_num(r):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import DASH, _absent, _div, _ex, _is_num, _section_head, _size, _txt, _us, _x, fmt, reproduce_line, table
+from .report_common import DASH, mb_per_s, _absent, _div, _ex, _is_num, _section_head, _size, _txt, _us, _x, fmt, reproduce_line, table
 
 GROUPS = ["lmcache"]
 
@@ -20,10 +20,6 @@ GROUPS = ["lmcache"]
 def _run(groups: dict) -> dict:
     bs = groups.get("lmcache", [])
     return _ex(bs[0]) if bs else {}
-
-
-def _mbps(nbytes, s):
-    return nbytes / s / 1e6 if _is_num(nbytes) and _is_num(s) and s > 0 else None
 
 
 def _ahead(lm, q) -> str:
@@ -42,30 +38,30 @@ def _rows(cases: list[dict]) -> list[list[str]]:
         size = f"{_size(c.get('chunk_bytes'))} × {fmt(c.get('chunks'), 'int')}"
         if c.get("tier") == "ram":
             rows.append([size, "RAM: retrieve (into the caller's buffer)", "LocalCPUBackend", fmt(_us(m.get("lmcache_retrieve"))),
-                         "L0 `get(out=)`", fmt(_us(m.get("quiver_retrieve"))), fmt(_mbps(nb, m.get("lmcache_retrieve"))),
-                         fmt(_mbps(nb, m.get("quiver_retrieve"))), _ahead(m.get("lmcache_retrieve"), m.get("quiver_retrieve"))])
+                         "L0 `get(out=)`", fmt(_us(m.get("quiver_retrieve"))), fmt(mb_per_s(nb, m.get("lmcache_retrieve"))),
+                         fmt(mb_per_s(nb, m.get("quiver_retrieve"))), _ahead(m.get("lmcache_retrieve"), m.get("quiver_retrieve"))])
             rows.append([size, "RAM: lookup", "batched_contains", fmt(_us(m.get("lmcache_lookup"))), "`lookup`",
                          fmt(_us(m.get("quiver_lookup"))), DASH, DASH, _ahead(m.get("lmcache_lookup"), m.get("quiver_lookup"))])
             rows.append([size, "store (not like for like: LMCache RAM only, Quiver durable in L1 too)", "batched_put",
                          fmt(_us(m.get("lmcache_store"))), "`put` (durable)", fmt(_us(m.get("quiver_store"))),
-                         fmt(_mbps(nb, m.get("lmcache_store"))), fmt(_mbps(nb, m.get("quiver_store"))), "(not comparable)"])
+                         fmt(mb_per_s(nb, m.get("lmcache_store"))), fmt(mb_per_s(nb, m.get("quiver_store"))), "(not comparable)"])
         else:
             store_q, store_lm = m.get("quiver_store"), m.get("lmcache_store_fsync")
             rows.append([size, "disk: durable store", "batched_put, landed, + fsync of each file", fmt(_us(store_lm)),
-                         "`put` (durable on return)", fmt(_us(store_q)), fmt(_mbps(nb, store_lm)), fmt(_mbps(nb, store_q)),
+                         "`put` (durable on return)", fmt(_us(store_q)), fmt(mb_per_s(nb, store_lm)), fmt(mb_per_s(nb, store_q)),
                          _ahead(store_lm, store_q)])
             rows.append([size, "disk: store as LMCache does it (asynchronous, no fsync) vs Quiver durable", "batched_put, landed",
                          fmt(_us(m.get("lmcache_store"))), "`put` (durable on return)", fmt(_us(store_q)),
-                         fmt(_mbps(nb, m.get("lmcache_store"))), fmt(_mbps(nb, store_q)),
+                         fmt(mb_per_s(nb, m.get("lmcache_store"))), fmt(mb_per_s(nb, store_q)),
                          _ahead(m.get("lmcache_store"), store_q) + " (different durability)"])
             rows.append([size, "disk: retrieve (page cache warm)", "batched_get from LocalDiskBackend",
                          fmt(_us(m.get("lmcache_retrieve"))), "L1 `get(out=)`", fmt(_us(m.get("quiver_retrieve"))),
-                         fmt(_mbps(nb, m.get("lmcache_retrieve"))), fmt(_mbps(nb, m.get("quiver_retrieve"))),
+                         fmt(mb_per_s(nb, m.get("lmcache_retrieve"))), fmt(mb_per_s(nb, m.get("quiver_retrieve"))),
                          _ahead(m.get("lmcache_retrieve"), m.get("quiver_retrieve"))])
             both_lm = _sum(store_lm, m.get("lmcache_retrieve"))
             both_q = _sum(store_q, m.get("quiver_retrieve"))
             rows.append([size, "disk: durable store + retrieve", "the two above", fmt(_us(both_lm)), "the two above",
-                         fmt(_us(both_q)), fmt(_mbps(nb, both_lm)), fmt(_mbps(nb, both_q)), _ahead(both_lm, both_q)])
+                         fmt(_us(both_q)), fmt(mb_per_s(nb, both_lm)), fmt(mb_per_s(nb, both_q)), _ahead(both_lm, both_q)])
             rows.append([size, "disk: lookup", "batched_contains", fmt(_us(m.get("lmcache_lookup"))), "`lookup`",
                          fmt(_us(m.get("quiver_lookup"))), DASH, DASH, _ahead(m.get("lmcache_lookup"), m.get("quiver_lookup"))])
     return rows

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import (DASH, _absent, _ex, _is_num, _section_head, _size, _txt, _us, _verdict, _x, fmt,
+from .report_common import (DASH, mb_per_s, _absent, _ex, _section_head, _size, _txt, _us, _verdict, _x, fmt,
                             reproduce_line, table)
 
 GROUPS = ["engine-paths"]
@@ -53,10 +53,6 @@ def _goal(e: dict) -> tuple[str, str]:
     return DASH, DASH
 
 
-def _mbps(nbytes, s):
-    return nbytes / s / 1e6 if _is_num(nbytes) and _is_num(s) and s > 0 else None
-
-
 def _get_row(e: dict) -> list[str]:
     goal, verdict = _goal(e)
     ratio = _x(e.get("ratio")) + {"l0": " of memcpy", "l1": " readinto", "l2": " of raw read"}.get(e["path"][:2], "")
@@ -65,16 +61,16 @@ def _get_row(e: dict) -> list[str]:
                  f"{fmt(_us(e.get('sequential_s')))} µs ({_x(e.get('vs_sequential'))} the get)")
     return [e["path"], _size(e.get("block_bytes")), fmt(e.get("threads"), "int"), fmt(e.get("blocks"), "int"),
             fmt(_us(e.get("store_s"))),
-            fmt(_us(e.get("limit_s"))), fmt(_mbps(e.get("bytes"), e.get("store_s"))),
-            fmt(_mbps(e.get("block_bytes") if e["path"] == "l2-s3" else e.get("bytes"), e.get("limit_s"))), ratio, fmt(_us(e.get("per_block_s"))), goal, verdict,
+            fmt(_us(e.get("limit_s"))), fmt(mb_per_s(e.get("bytes"), e.get("store_s"))),
+            fmt(mb_per_s(e.get("block_bytes") if e["path"] == "l2-s3" else e.get("bytes"), e.get("limit_s"))), ratio, fmt(_us(e.get("per_block_s"))), goal, verdict,
             _txt(e.get("limit"))]
 
 
 def _put_row(e: dict) -> list[str]:
     goal, verdict = _goal(e)
     return [_size(e.get("block_bytes")), fmt(e.get("blocks"), "int"), fmt(_us(e.get("store_s"))),
-            fmt(_us(e.get("lmdb_s"))), fmt(_us(e.get("limit_s"))), fmt(_mbps(e.get("bytes"), e.get("store_s"))),
-            fmt(_mbps(e.get("bytes"), e.get("lmdb_s"))), fmt(_mbps(e.get("bytes"), e.get("limit_s"))),
+            fmt(_us(e.get("lmdb_s"))), fmt(_us(e.get("limit_s"))), fmt(mb_per_s(e.get("bytes"), e.get("store_s"))),
+            fmt(mb_per_s(e.get("bytes"), e.get("lmdb_s"))), fmt(mb_per_s(e.get("bytes"), e.get("limit_s"))),
             _x(e.get("vs_lmdb")), _x(e.get("ratio")), fmt(e.get("fsyncs_per_block")), goal, verdict]
 
 
@@ -124,7 +120,7 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
         if e["path"] == "l0-fixed":
             value = f"{fmt(_us(e.get('per_block_s')))} µs/block"
         elif e["path"] == "put-durable":
-            value = (f"{fmt(_mbps(e.get('bytes'), e.get('store_s')))} MB/s = {_x(e.get('vs_lmdb'))} LMDB, "
+            value = (f"{fmt(mb_per_s(e.get('bytes'), e.get('store_s')))} MB/s = {_x(e.get('vs_lmdb'))} LMDB, "
                      f"{_x(e.get('ratio'))} raw fsync'd write, {fmt(e.get('fsyncs_per_block'))} fsyncs/block")
         else:
             value = (f"{fmt(_us(e.get('per_block_s')))} µs/block, {_x(e.get('ratio'))}"
