@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-
 from .config import pick
 from .conftest import REPO_ROOT, make_bench_dir, run_once
 
