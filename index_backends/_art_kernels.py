@@ -48,7 +48,6 @@ in memory in each process (a warning is logged once, on logger
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import os
 import sys
@@ -1443,40 +1442,6 @@ def _fail(exc: BaseException) -> None:
         _jit.cond.notify_all()
 
 
-def _marker_path(root: str | None) -> str | None:
-    """The file saying every kernel of this source is in the cache under ``root``."""
-    if root is None:
-        return None
-    with open(__file__, "rb") as f:
-        digest = hashlib.blake2b(f.read(), digest_size=8).hexdigest()
-    return os.path.join(root, f"quiver-art-{digest}.complete")
-
-
-def kernels_cached() -> bool:
-    """True when a previous process left every kernel in the compile cache (loading
-    one then takes milliseconds, not the seconds a compile takes)."""
-    if _mode() == "off" or _jit.failed is not None:
-        return False
-    try:
-        marker = _marker_path(_jit.cache_dir or _writable_cache_dir())
-        return marker is not None and os.path.exists(marker)
-    except OSError:
-        return False
-
-
-def _mark_complete() -> None:
-    """Leave the marker once every entry is compiled with a cache in place."""
-    if _jit.cache_dir is None or any(name not in _jit.ready for name in ENTRIES):
-        return
-    try:
-        marker = _marker_path(_jit.cache_dir)
-        if not os.path.exists(marker):
-            with open(marker, "w") as f:
-                f.write("every ART kernel of this source is in this cache\n")
-    except OSError:  # a read-only cache: the next process just does not wait
-        pass
-
-
 def _worker() -> None:
     """The background thread: compile the queued entries, most wanted first."""
     _jit.working = True
@@ -1485,8 +1450,6 @@ def _worker() -> None:
         while True:
             with _jit.cond:
                 if _jit.stop or not _jit.queue:
-                    if not _jit.stop:
-                        _mark_complete()
                     return
                 name = _jit.busy = _jit.queue.pop(0)
             try:
@@ -1641,7 +1604,6 @@ def warmup(wait: bool = True, timeout: float | None = None) -> dict:
         for name in ENTRIES:
             if name not in _jit.ready:
                 _compile_here(name)
-        _mark_complete()
         return jit_status()
     _ensure_thread()
     if wait:
