@@ -32,6 +32,7 @@ per layer in the header, so a ranged read of one layer is verified on its own
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -223,13 +224,23 @@ def _out_array(out, header: EnvelopeHeader) -> np.ndarray:
             raise DTypeMismatchError(f"destination dtype {out.dtype} cannot hold {header.dtype}")
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("destination must be a writable C-contiguous array")
-        return out.reshape(-1).view(np.uint8)
+        return raw_view(out)
     mv = memoryview(out)
     if mv.readonly or not mv.c_contiguous:
         raise ValueError("destination buffer must be writable and C-contiguous")
     if mv.nbytes != header.raw_len:
         raise ShapeMismatchError(f"destination holds {mv.nbytes} bytes, envelope payload is {header.raw_len}")
     return np.frombuffer(mv.cast("B"), dtype=np.uint8)
+
+
+def raw_view(out) -> np.ndarray:
+    """The bytes of a C-contiguous numpy array or CPU torch tensor as a flat uint8
+    array (a view, no copy): where a reader puts an envelope's body in place."""
+    if type(out).__module__.split(".")[0] == "torch":
+        import torch
+
+        out = (out.view(torch.int16) if out.dtype == torch.bfloat16 else out).numpy()
+    return out.reshape(-1).view(np.uint8)
 
 
 def _check_key(name: str, value) -> bytes:
@@ -560,6 +571,102 @@ def _decode_body(h: EnvelopeHeader, body: memoryview, dst: np.ndarray) -> None:
                                 itemsize=h.itemsize)
 
 
+def body_in_place(head, out, *, allow_lossy: bool = False, layout: RawLayout | None = None) -> bool:
+    """For an envelope read in pieces, its body straight into ``out``
+    (``raw_view(out)``) and its header into ``head``: True when ``out`` now
+    holds the payload (codec none, no shuffle), False when the body needs
+    decoding (the caller decodes the joined pieces instead).
+
+    Checks the header (its CRC, fields, lengths) and ``out`` against it, as
+    ``decode_block_into(..., verify_body=False)`` does; the trailing CRC is not
+    checked, so the pieces must have passed a CRC over the whole object on
+    their way in (docs/FORMAT.md, "What each read verifies").  With ``layout``
+    (the one ``out`` was checked against), a header of that layout is accepted
+    without a parse (:class:`RawLayout`)."""
+    mv = _bytes_view(head)
+    if layout is not None and len(mv) == layout.header_len and raw_view(out).nbytes == layout.raw_len \
+            and layout.matches(mv):
+        return True
+    h = decode_header(head, allow_lossy=allow_lossy)
+    if len(memoryview(head)) != h.header_len:
+        raise CorruptEnvelopeError(f"header is {h.header_len} bytes, {len(memoryview(head))} were read as one")
+    dst = _out_array(out, h)
+    return h.codec == codecs.CODEC_NONE and not h.shuffle and h.body_len == dst.nbytes
+
+
+# Header bytes 16..112 (fingerprint, key, parent) may hold any bytes in a valid header.
+_PER_BLOCK_AT, _PER_BLOCK_END = 16, 112
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """The header bytes that every codec-none envelope of one layout (dtype,
+    shape, token count, uniform layer offsets with layer CRCs: what BlockStore
+    writes for one identity) has in common: all but the fingerprint, keys,
+    layer CRCs and header CRC.
+
+    A header equal to them there, with a right header CRC, is one that
+    :func:`decode_header` accepts with this layout, so :func:`decode_raw_into`
+    skips the parse (~6 us of field checks per block: issue 10's fixed cost).
+    Build with :func:`raw_layout` (cached)."""
+
+    header_len: int
+    raw_len: int
+    lead: bytes     # header bytes 0..16: magic, version, codec, dtype, flags, header_len
+    rest: bytes     # header bytes 112..(168 + 8 * layers): token count .. layer offsets
+
+    @property
+    def total_len(self) -> int:
+        return self.header_len + self.raw_len + _CRC_SIZE
+
+    def matches(self, head: memoryview) -> bool:
+        """True if ``head`` (a 'B' memoryview) starts with a header of this layout
+        and that header's CRC32C is right."""
+        n = self.header_len
+        return (len(head) >= n and head[:_PER_BLOCK_AT] == self.lead
+                and head[_PER_BLOCK_END:_PER_BLOCK_END + len(self.rest)] == self.rest
+                and crc32c.crc32c(head[:n - _CRC_SIZE]) == _U32.unpack_from(head, n - _CRC_SIZE)[0])
+
+
+@functools.lru_cache(maxsize=256)
+def raw_layout(shape: tuple[int, ...], dtype: str, layer_count: int, token_count: int) -> RawLayout:
+    """The :class:`RawLayout` of codec-none envelopes with layer CRCs of ``shape``
+    and ``dtype`` split into ``layer_count`` equal layers (taken from one such
+    header, built by :func:`prepare_envelope`)."""
+    payload = np.zeros(shape, dtype=DTYPES[dtype][1])
+    zero = bytes(32)
+    head = prepare_envelope(payload, fingerprint=zero, key=zero, parent=zero, token_count=token_count,
+                            dtype=dtype, layer_offsets=uniform_layer_offsets(layer_count, payload.nbytes),
+                            layer_crcs=True).head
+    return RawLayout(header_len=len(head), raw_len=payload.nbytes, lead=head[:_PER_BLOCK_AT],
+                     rest=head[_PER_BLOCK_END:_FIXED.size + 8 * layer_count])
+
+
+def _bytes_view(buf) -> memoryview:
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def decode_raw_into(buf, out, layout: RawLayout, *, verify_body: bool = True) -> bool:
+    """:func:`decode_block_into`'s fast path for an envelope of a known layout:
+    True when ``buf`` is one (``RawLayout.matches``, exact length) and its
+    payload is now in ``out``; False, with ``out`` untouched, when it is not
+    (the caller then decodes it with ``decode_block_into``, which says why).
+
+    ``out`` must already be checked to hold exactly this layout's payload
+    (BlockStore's ``check_destination``); a size mismatch also returns False.
+    The trailing CRC is checked only when ``verify_body``, as in decode_block_into."""
+    mv = _bytes_view(buf)
+    dst = raw_view(out)
+    if len(mv) != layout.total_len or dst.nbytes != layout.raw_len or not layout.matches(mv):
+        return False
+    end = layout.header_len + layout.raw_len
+    if verify_body and crc32c.crc32c(mv[:end]) != _U32.unpack_from(mv, end)[0]:
+        raise ChecksumMismatchError("envelope CRC32C mismatch")
+    dst[:] = np.frombuffer(mv, dtype=np.uint8, count=layout.raw_len, offset=layout.header_len)
+    return True
+
+
 def decode_block(buf, *, allow_lossy: bool = False) -> tuple[EnvelopeHeader, np.ndarray]:
     """Verify and decode a whole envelope; the payload comes back as a new array.
 
@@ -606,6 +713,11 @@ __all__ = [
     "decode_header",
     "decode_block",
     "decode_block_into",
+    "body_in_place",
+    "decode_raw_into",
+    "RawLayout",
+    "raw_layout",
+    "raw_view",
     "header_size",
     "uniform_layer_offsets",
     "verify_layer",

@@ -32,8 +32,8 @@ goal).
 
 from __future__ import annotations
 
+import functools
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,26 +63,32 @@ assert struct.calcsize("<4sHB") == _DTYPE_AT and struct.calcsize("<4sHBBII") == 
 assert struct.calcsize("<4sHBBII32s32s32sIB3s6I") == _REGION_END
 
 
-@dataclass(frozen=True)
 class Expected:
-    """What the request says a block must be (and the same, as header bytes)."""
+    """What the request says a block must be (and the same, as header bytes).
 
-    fingerprint: bytes
-    key: bytes
-    parent: bytes
-    token_count: int
-    dtype: str
-    shape: tuple[int, ...]
-    region: bytes = field(init=False, repr=False)   # header bytes 16..144 as they must be
-    dtype_code: int = field(init=False, repr=False)
+    A plain slotted class built once per block of a get: the constant part of
+    the header bytes (token count, ndim, shape) is packed once per identity."""
 
-    def __post_init__(self) -> None:
-        shape6 = tuple(self.shape) + (0,) * (_envelope.MAX_NDIM - len(self.shape))
-        region = (self.fingerprint + self.key + self.parent
-                  + struct.pack("<IB3x6I", self.token_count, len(self.shape), *shape6))
-        assert len(region) == _REGION_END - _REGION_AT
-        object.__setattr__(self, "region", region)
-        object.__setattr__(self, "dtype_code", _envelope.DTYPES[self.dtype][0])
+    __slots__ = ("fingerprint", "key", "parent", "token_count", "dtype", "shape", "region", "dtype_code")
+
+    def __init__(self, fingerprint: bytes, key: bytes, parent: bytes, token_count: int, dtype: str,
+                 shape: tuple[int, ...]) -> None:
+        self.fingerprint, self.key, self.parent = fingerprint, key, parent
+        self.token_count, self.dtype, self.shape = token_count, dtype, tuple(shape)
+        self.region = fingerprint + key + parent + _region_tail(token_count, self.shape)  # bytes 16..144
+        assert len(self.region) == _REGION_END - _REGION_AT
+        self.dtype_code = _envelope.DTYPES[dtype][0]
+
+    def __repr__(self) -> str:
+        return (f"Expected(key={self.key[:8].hex()}, parent={self.parent[:8].hex()}, tokens={self.token_count}, "
+                f"dtype={self.dtype}, shape={self.shape})")
+
+
+@functools.lru_cache(maxsize=256)
+def _region_tail(token_count: int, shape: tuple[int, ...]) -> bytes:
+    """Header bytes 112..144: token count, ndim, 3 reserved zeros, shape (6 dims)."""
+    shape6 = shape + (0,) * (_envelope.MAX_NDIM - len(shape))
+    return struct.pack("<IB3x6I", token_count, len(shape), *shape6)
 
 
 def expected_for(ident: CacheIdentity, key: bytes, parent: bytes) -> Expected:

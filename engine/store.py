@@ -63,10 +63,15 @@ from quiver.engine import codecs, quant
 from quiver.engine import config as _config
 from quiver.engine import envelope as _envelope
 from quiver.engine.envelope import (
+    body_in_place,
     decode_block_into,
     decode_header,
+    decode_raw_into,
     envelope_size,
     prepare_envelope,
+    RawLayout,
+    raw_layout,
+    raw_view,
     uniform_layer_offsets,
 )
 from quiver.engine.error_map import translated
@@ -155,6 +160,12 @@ def envelope_bound(ident: CacheIdentity, codec: str, chunk_size: int = codecs.DE
     Exact for codecs none and int8, an upper bound for lz4/zstd (engine.envelope.envelope_size)."""
     return envelope_size(ident.block_shape, ident.kv_dtype, codec=codec, layer_count=ident.num_layers,
                          layer_crcs=codec == "none", chunk_size=chunk_size)
+
+
+def _layout(ident: CacheIdentity) -> RawLayout:
+    """The header layout of ``ident``'s blocks as this store writes them with codec
+    none (what a read checks first: envelope.RawLayout)."""
+    return raw_layout(ident.block_shape, ident.kv_dtype, ident.num_layers, ident.block_tokens)
 
 
 def _guard_codec(buf, ident: CacheIdentity) -> None:
@@ -646,24 +657,24 @@ class BlockStore:
                 else:
                     self._ram.abort(sk)
 
-    def _ram_put(self, skey: bytes, env: bytes, ident: CacheIdentity) -> None:
-        """Copy a finished envelope (a promotion from L1/L2) into L0."""
-        from quiver.tier.errors import TierFullError, TierReservationError
-
+    def _ram_put(self, skey: bytes, pieces: list, ident: CacheIdentity) -> None:
+        """Copy a finished envelope (a promotion from L1/L2), given as the pieces
+        it was read in, into L0: a reserved slot filled outside the store lock."""
         if self._ram_bytes == 0:
             return
         with self._lock:
             if self._ram is None:
                 exact = "none" if self.codec == "int8" else self.codec
                 self._make_ram(envelope_bound(ident, "int8" if ident.kv_quant is not None else exact))
-            if len(env) > self._ram_slot:
-                self._n["l0_oversize"] += 1
-                return
-            with translated("RAM tier put"):
-                try:
-                    self._ram.put(skey, env)
-                except (TierFullError, TierReservationError):  # every slot held by in-flight puts
-                    self._n["l0_busy"] += 1
+        views = [memoryview(p).cast("B") for p in pieces]
+        slot = self._l0_reserve(skey, sum(v.nbytes for v in views))
+        if slot is None:  # already in L0, too big, or every slot held by in-flight puts
+            return
+        pos = 0
+        for v in views:
+            slot[pos:pos + v.nbytes] = v
+            pos += v.nbytes
+        self._l0_finish([skey], commit=True)
 
 
     # ------------------------------------------------------------------ L2 (engine.l2_publisher)
@@ -740,12 +751,19 @@ class BlockStore:
             dsts = check_destination(out, ident, n)
             result = out
         from_l2: list[tuple[bytes, bytes]] = []  # promoted to L1 in one group commit
-        l2_reads = self._start_l2_reads(skeys)
+        served: list[tuple[str, float]] = []      # (tier, seconds) per block delivered
+        with self._lock:
+            ram = self._ram
+        # One lock acquisition pins every L0 hit of the get (their slots are not
+        # reused until unpinned, so each decodes with no lock held).
+        pins = ram.pin_many(skeys) if ram is not None else [None] * n
+        l2_reads = self._start_l2_reads([sk for sk, pin in zip(skeys, pins) if pin is None])
         try:
             for i in range(n):
                 want = expected_for(ident, keys[i], parents[i])
                 try:
-                    self._read_one(skeys[i], want, dsts[i], ident, from_l2, l2_reads.get(skeys[i]))
+                    served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2,
+                                                 l2_reads.get(skeys[i])))
                 except QuiverError as exc:
                     exc.block_index = start + i
                     if isinstance(exc, IdentityMismatchError):
@@ -753,11 +771,16 @@ class BlockStore:
                             self._n["identity_mismatches"] += 1
                     raise
         finally:  # also after an error: the blocks read so far were verified
+            if ram is not None:
+                ram.unpin_many([pin[1] for pin in pins if pin is not None])
             for fut in l2_reads.values():
                 fut.cancel()  # those not started yet (a failed block ends the get)
             self._promoter.submit(from_l2)
-        with self._lock:
-            self._n["get_blocks"] += n
+            with self._lock:  # the get's counters and latencies, once per get
+                self._n["get_blocks"] += len(served)
+                for tier, seconds in served:
+                    self._n[f"{tier}_hits"] += 1
+                    self._lat["get"][tier].observe(seconds)
         return result
 
     def _decode(self, buf, want, dst, ident: CacheIdentity, verify_body: bool) -> None:
@@ -771,7 +794,42 @@ class BlockStore:
         if self.guard:
             guard_envelope(buf, want)
             _guard_codec(buf, ident)
-        decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None, verify_body=verify_body)
+        if not decode_raw_into(buf, dst, _layout(ident), verify_body=verify_body):
+            decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None, verify_body=verify_body)
+
+    @staticmethod
+    def _l1_buffers(ident: CacheIdentity, dst):
+        """Where an L1 read of a block for ``dst`` lands (``DiskTier.get_into``):
+        an object of the size the identity's codec-none envelope has is read in
+        three pieces, header, body straight into ``dst`` and trailing CRC (the
+        payload is copied once, by the kernel); any other size (lz4, zstd, int8)
+        into one buffer, decoded from there."""
+        head_len = _layout(ident).header_len
+        body = raw_view(dst)
+
+        def buffers_for(length: int) -> list:
+            if length == head_len + body.nbytes + 4:
+                return [bytearray(head_len), body, bytearray(4)]
+            return [bytearray(length)]
+        return buffers_for
+
+    def _decode_pieces(self, pieces: list, want, dst, ident: CacheIdentity) -> None:
+        """``_decode`` of an L1 read (``_l1_buffers``), whose bytes passed walpub's
+        CRC: a body read into ``dst`` is checked in place (its header guarded and
+        verified); anything else is decoded from the bytes read."""
+        if len(pieces) == 3:
+            head, body = pieces[0], pieces[1]
+            try:
+                if self.guard:
+                    guard_envelope(head, want)
+                    _guard_codec(head, ident)
+                if body_in_place(head, dst, allow_lossy=ident.kv_quant is not None, layout=_layout(ident)):
+                    return
+            except Exception:
+                body.fill(0)  # a refused block's bytes do not stay in the caller's array
+                raise
+            pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
+        self._decode(pieces[0], want, dst, ident, verify_body=False)
 
     def _start_l2_reads(self, skeys: list[bytes]) -> dict[bytes, Future]:
         """Start the L2 reads of a get's blocks that neither L0 nor L1 holds,
@@ -816,45 +874,40 @@ class BlockStore:
                 self._n["l1_promote_failures"] += 1
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
-    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, from_l2: list,
-                  l2_read: Future | None = None) -> None:
-        """One block from the fastest tier holding it, verified; promotes it
-        upwards (to L0 at once; an L2 hit is appended to ``from_l2`` for L1).
-        ``l2_read``: this block's L2 read, already started (``_start_l2_reads``)."""
+    def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, pin: tuple | None, from_l2: list,
+                  l2_read: Future | None = None) -> tuple[str, float]:
+        """One block from the fastest tier holding it, verified, into ``dst``;
+        (tier, seconds) of the read.  Promotes it upwards (to L0 at once; an L2
+        hit is appended to ``from_l2`` for L1).  ``pin``: its L0 slot pinned by
+        the get (``RamTier.pin_many``), or None; ``l2_read``: its L2 read,
+        already started (``_start_l2_reads``)."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
-        ram = self._ram
-        pinned = ram.pin(skey) if ram is not None else None
-        if pinned is not None:  # the slot is not reused until unpin: decode outside any lock
-            view, slot = pinned
+        if pin is not None:  # the slot is not reused until the get unpins it: decode outside any lock
             try:  # the arena holds bytes verified (or encoded) on their way in: header only
-                self._decode(view, want, dst, ident, verify_body=False)
+                self._decode(pin[0], want, dst, ident, verify_body=False)
             except EnvelopeError as exc:
                 corrupt = exc
-                ram.delete(skey)
+                self._ram.delete(skey)
                 with self._lock:
                     self._n["corrupt_l0"] += 1
             else:
-                with self._lock:
-                    self._n["l0_hits"] += 1
-                    self._lat["get"]["l0"].observe(time.perf_counter() - t0)
-                return
-            finally:
-                ram.unpin(slot)
+                return "l0", time.perf_counter() - t0
         t1 = time.perf_counter()
         try:
             with translated("disk tier get"):
                 # A block whose L2 read started because L1 lacked it skips L1's miss
                 # path (a stat looking for an unindexed object) unless it arrived since.
                 skip = l2_read is not None and not self._disk.contains(skey)
-                env = None if skip else self._disk.get(skey)
+                pieces = None if skip else self._disk.get_into(skey, self._l1_buffers(ident, dst))
         except ChecksumMismatchError as exc:  # walpub dropped the record already
-            corrupt, env = exc, None
+            corrupt, pieces = exc, None
+            raw_view(dst).fill(0)  # the refused bytes may have been read into it
             with self._lock:
                 self._n["corrupt_l1"] += 1
-        if env is not None:
+        if pieces is not None:
             try:  # walpub checked length + CRC32C of these very bytes: one pass is enough
-                self._decode(env, want, dst, ident, verify_body=False)
+                self._decode_pieces(pieces, want, dst, ident)
             except EnvelopeError as exc:  # walpub's CRC passed, the envelope's header did not
                 corrupt = exc
                 with translated("disk tier delete"):
@@ -862,11 +915,8 @@ class BlockStore:
                 with self._lock:
                     self._n["corrupt_l1"] += 1
             else:
-                with self._lock:
-                    self._n["l1_hits"] += 1
-                    self._lat["get"]["l1"].observe(time.perf_counter() - t1)
-                self._ram_put(skey, env, ident)
-                return
+                self._ram_put(skey, pieces, ident)
+                return "l1", time.perf_counter() - t1
         if self._l2 is not None:
             t2 = time.perf_counter()
             try:
@@ -884,12 +934,10 @@ class BlockStore:
                         self._n["corrupt_l2"] += 1
                     raise type(exc)(f"L2 copy of block {skey[16:24].hex()}: {exc}") from exc
                 with self._lock:
-                    self._n["l2_hits"] += 1
-                    self._lat["get"]["l2"].observe(time.perf_counter() - t2)
                     self._pub.known.add(skey)
                 from_l2.append((skey, env))
-                self._ram_put(skey, env, ident)
-                return
+                self._ram_put(skey, [env], ident)
+                return "l2", time.perf_counter() - t2
             with self._lock:
                 self._pub.known.discard(skey)
         with self._lock:

@@ -574,3 +574,78 @@ def test_encode_into_copies_a_codec_none_payload_once():
     assert bytes(dest) == env
     assert bytes_peak >= arr.nbytes  # the measurement sees a payload-sized allocation
     assert into_peak < arr.nbytes // 16, into_peak
+
+
+# --------------------------------------------------------------------------- known layouts (issue 10)
+
+
+def _layout_case(dtype="float16", shape=(2, 2, 16, 4, 8), layers=2):
+    from quiver.engine.envelope import raw_layout
+
+    arr = _payload(dtype, shape)
+    env = encode_block(arr, **IDS, dtype=dtype, layer_offsets=uniform_layer_offsets(layers, arr.nbytes),
+                       layer_crcs=True)
+    return arr, env, raw_layout(shape, dtype, layers, IDS["token_count"])
+
+
+def test_decode_raw_into_takes_a_header_of_the_layout_without_a_parse():
+    from quiver.engine.envelope import decode_raw_into
+
+    arr, env, layout = _layout_case()
+    assert layout.header_len == decode_header(env).header_len and layout.total_len == len(env)
+    dst = np.zeros_like(arr)
+    assert decode_raw_into(env, dst, layout) and np.array_equal(dst, arr)
+
+
+@pytest.mark.parametrize("change", ["token_count", "layers", "codec", "shape"])
+def test_decode_raw_into_leaves_any_other_layout_to_decode_block_into(change):
+    """A header that differs from the layout anywhere outside fingerprint, keys and
+    CRCs is not taken by the fast path (False, out untouched)."""
+    from quiver.engine.envelope import decode_raw_into, raw_layout
+
+    arr, _, layout = _layout_case()
+    kw = dict(IDS, dtype="float16", layer_offsets=uniform_layer_offsets(2, arr.nbytes), layer_crcs=True)
+    if change == "token_count":
+        kw["token_count"] = 15
+    elif change == "layers":
+        kw["layer_offsets"] = uniform_layer_offsets(4, arr.nbytes)
+    elif change == "codec":
+        kw.update(codec="lz4", layer_crcs=False)
+    else:
+        arr = arr.reshape(2, 2, 16, 8, 4)
+    env = encode_block(arr, **kw)
+    dst = np.zeros_like(arr)
+    assert not decode_raw_into(env, dst, layout) and not dst.any()
+    decode_block_into(env, dst)  # the general path decodes it
+    assert np.array_equal(dst, arr)
+
+
+def test_decode_raw_into_checks_the_header_crc_and_on_request_the_body_crc():
+    from quiver.engine.envelope import decode_raw_into
+
+    arr, env, layout = _layout_case()
+    bad = bytearray(env)
+    bad[50] ^= 0x01  # the key field: outside the compared bytes, inside the header CRC
+    dst = np.zeros_like(arr)
+    assert not decode_raw_into(bytes(bad), dst, layout) and not dst.any()
+    with pytest.raises(ChecksumMismatchError):
+        decode_block_into(bytes(bad), dst, verify_body=False)
+    bad = bytearray(env)
+    bad[-10] ^= 0x01  # the body
+    with pytest.raises(ChecksumMismatchError):
+        decode_raw_into(bytes(bad), dst, layout)
+    assert decode_raw_into(bytes(bad), dst, layout, verify_body=False)  # a tier verified it on the way in
+
+
+def test_body_in_place_accepts_the_layout_or_parses():
+    from quiver.engine.envelope import body_in_place, raw_layout
+
+    arr, env, layout = _layout_case()
+    head = env[:layout.header_len]
+    assert body_in_place(head, arr, layout=layout) and body_in_place(head, arr)
+    other = raw_layout((2, 2, 16, 4, 8), "float16", 2, 99)  # another token count: the parse decides
+    assert body_in_place(head, arr, layout=other)
+    with pytest.raises(CorruptEnvelopeError):
+        body_in_place(env[:layout.header_len + 1], arr)  # the header read as more bytes than it has
+    lz4 = encode_block(arr, **IDS, codec="lz4")
+    assert not body_in_place(lz4[:decode_header(lz4).header_len], arr)

@@ -796,14 +796,14 @@ def test_close_waits_for_calls_in_progress_and_refuses_new_ones(tmp_path, monkey
     store = BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat")
     store.put(ident, tokens, blocks)
     inside, release = threading.Event(), threading.Event()
-    real_get = store._disk.get
+    real_get = store._disk.get_into
 
-    def slow_get(key):
+    def slow_get(key, buffers_for):
         inside.set()
         release.wait(30)
-        return real_get(key)
+        return real_get(key, buffers_for)
 
-    monkeypatch.setattr(store._disk, "get", slow_get)
+    monkeypatch.setattr(store._disk, "get_into", slow_get)
     got, errors = [], []
 
     def reader():
@@ -962,3 +962,81 @@ def test_pending_journal_torn_tail_known_keys_and_bounded_size(tmp_path, monkeyp
             assert os.path.getsize(tmp_path / "t" / "PENDING_L2") <= (2 * 1 + 3) * 48
         assert store.stats()["counters"]["journal_appends"] == 6 and store.stats()["counters"]["journal_compactions"] >= 1
     assert not (tmp_path / "t" / "PENDING_L2").exists()
+
+
+# ------------------------------------------------------------------ issue 10: L1 reads land in the caller's array
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_l1_get_reads_the_body_into_out_and_takes_the_right_path(tmp_path, monkeypatch, codec):
+    """Codec none: the object is read in three pieces, the body straight into the
+    caller's array (the pieces the tier was asked for include ``out``'s own
+    memory); another codec: one buffer, decoded from there.  Both deliver the
+    stored bytes."""
+    ident, tokens, blocks = make_case(61, 3)
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat", codec=codec) as store:
+        store.put(ident, tokens, blocks)
+        layouts = []
+        real = store._disk.get_into
+
+        def spy(key, buffers_for):
+            pieces = real(key, buffers_for)
+            layouts.append([memoryview(p).nbytes for p in pieces])
+            return pieces
+
+        monkeypatch.setattr(store._disk, "get_into", spy)
+        out = np.zeros_like(blocks)
+        store.get(ident, tokens, out=out)
+        assert np.array_equal(out, blocks)
+        if codec == "none":
+            assert all(len(sizes) == 3 and sizes[1] == blocks[0].nbytes for sizes in layouts)
+        else:
+            assert all(len(sizes) == 1 for sizes in layouts)
+        assert len(layouts) == 3 and store.stats()["counters"]["l1_hits"] == 3
+
+
+def test_l1_block_refused_by_the_guard_leaves_no_byte_in_out(tmp_path):
+    """The body of a codec-none L1 read lands in ``out`` before its header is
+    guarded: a refused block (another block's envelope under this key) is
+    wiped from ``out`` before the IdentityMismatchError."""
+    from quiver.engine.errors import IdentityMismatchError
+
+    ident, tokens, blocks = make_case(62, 2)
+    keys = chain_keys(ident, tokens, 2)
+    sk0, sk1 = ident.namespace + keys[0], ident.namespace + keys[1]
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        env1 = store._disk.get(sk1)
+        store._disk.delete(sk0)
+        store._disk.put_many([(sk0, env1)])  # block 1's envelope under block 0's key
+        out = np.full_like(blocks[:1], 7)
+        with pytest.raises(IdentityMismatchError):
+            store.get(ident, tokens, 1, out=out)
+        assert not out.any()
+
+
+def test_l1_damaged_object_is_refused_and_wiped_from_out(tmp_path):
+    """A body flip in an L1 object fails walpub's CRC over the pieces read into
+    ``out``: a checksum error (the only copy), nothing of it left in ``out``."""
+    ident, tokens, blocks = make_case(63, 1)
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        _flip_l1_object(tmp_path / "s", ident.namespace + chain_keys(ident, tokens, 1)[0])
+        out = np.full_like(blocks, 7)
+        with pytest.raises(ChecksumMismatchError):
+            store.get(ident, tokens, out=out)
+        assert not out.any() and store.stats()["counters"]["corrupt_l1"] == 1
+
+
+def test_a_get_pins_its_l0_hits_once_and_unpins_them_all(tmp_path):
+    """A get takes every L0 hit's pin in one call and releases them all, also
+    when a later block is missing."""
+    ident, tokens, blocks = make_case(64, 3)
+    with BlockStore.open(tmp_path / "s", **SMALL) as store:
+        store.put(ident, tokens[:2 * ident.block_tokens], blocks[:2])
+        with pytest.raises(BlockNotFoundError) as info:
+            store.get(ident, tokens, 3)
+        assert info.value.block_index == 2
+        assert store._ram._pins == {}
+        assert np.array_equal(store.get(ident, tokens, 2), blocks[:2])
+        assert store._ram._pins == {} and store.stats()["counters"]["l0_hits"] == 4

@@ -39,7 +39,7 @@ def test_wal_flips_cost_only_the_flipped_frame(tmp_path):
 def test_campaign_catches_a_checksum_blind_volume(tmp_path, monkeypatch):
     """Planted bug: walpub's CRC32C replaced by a constant.  The flips then go
     unnoticed and the campaign must report wrong bytes served."""
-    monkeypatch.setattr(walpub.volume, "crc32c", lambda data: 0)
+    monkeypatch.setattr(walpub.volume, "crc32c", lambda data, value=0: 0)
     st = wc.object_flip_batches(str(tmp_path), 2, 20, seed=6)
     # Every read of a flipped object returns its wrong bytes: 20 in the verify="crc"
     # batch (nothing dropped), 2 x 20 in the verify="size" one (read twice).

@@ -317,17 +317,31 @@ class DiskTier:
 
         TierCorruptError if the bytes fail verification: walpub has already
         dropped the record, so the next get of the key is a miss."""
+        data = self._counted_read(self.volume.read, key)
+        if data is not None:
+            self._count(bytes_out=len(data))
+        return data
+
+    def get_into(self, key: bytes, buffers_for) -> list | None:
+        """The block read into ``buffers_for(length)`` (see ``Volume.read_into``),
+        verified as by :meth:`get`; those buffers, or None on a miss."""
+        pieces = self._counted_read(self.volume.read_into, key, buffers_for)
+        if pieces is not None:
+            self._count(bytes_out=sum(memoryview(p).nbytes for p in pieces))
+        return pieces
+
+    def _counted_read(self, read, *args):
         try:
             with _translated("get"):
-                data = self.volume.read(key)
+                got = read(*args)
         except ObjectNotFoundError:
             self._count(misses=1)
             return None
         except TierCorruptError:
             self._count(corrupt_reads=1)
             raise
-        self._count(hits=1, bytes_out=len(data))
-        return data
+        self._count(hits=1)
+        return got
 
     def contains(self, key: bytes) -> bool:
         """True if the key is stored; not an access."""

@@ -262,28 +262,42 @@ class RamTier:
         access.  The slot is not reused until ``unpin(slot)``, so the view may be
         read without any lock held."""
         with self._lock:
-            entry = self._where.get(key)
-            if entry is None:
-                self._n["misses"] += 1
-                return None
-            slot, n = entry
-            self._policy.access(key)
-            self._n["hits"] += 1
-            self._n["bytes_out"] += n
-            self._pins[slot] = self._pins.get(slot, 0) + 1
-            return self._view(slot, n).toreadonly(), slot
+            return self._pin_locked(key)
+
+    def pin_many(self, keys: list[bytes]) -> list[tuple[memoryview, int] | None]:
+        """``pin`` of each key under one lock acquisition (a get of n blocks takes
+        the lock once, not n times)."""
+        with self._lock:
+            return [self._pin_locked(k) for k in keys]
+
+    def _pin_locked(self, key: bytes) -> tuple[memoryview, int] | None:
+        entry = self._where.get(key)
+        if entry is None:
+            self._n["misses"] += 1
+            return None
+        slot, n = entry
+        self._policy.access(key)
+        self._n["hits"] += 1
+        self._n["bytes_out"] += n
+        self._pins[slot] = self._pins.get(slot, 0) + 1
+        return self._view(slot, n).toreadonly(), slot
 
     def unpin(self, slot: int) -> None:
         """End one ``pin`` of ``slot``."""
+        self.unpin_many([slot])
+
+    def unpin_many(self, slots: list[int]) -> None:
+        """End one ``pin`` of each slot listed (a slot twice: two pins)."""
         with self._lock:
-            left = self._pins[slot] - 1
-            if left:
-                self._pins[slot] = left
-                return
-            del self._pins[slot]
-            if slot in self._unpinned_free:
-                self._unpinned_free.discard(slot)
-                self._free.append(slot)
+            for slot in slots:
+                left = self._pins[slot] - 1
+                if left:
+                    self._pins[slot] = left
+                    continue
+                del self._pins[slot]
+                if slot in self._unpinned_free:
+                    self._unpinned_free.discard(slot)
+                    self._free.append(slot)
 
     def get_into(self, key: bytes, out) -> int | None:
         """Copy the block into ``out`` (a writable buffer at least as large) under

@@ -149,6 +149,24 @@ class FileSystem(ABC):
     def read_head(self, path: str, n: int) -> bytes:
         """The first ``n`` bytes of a file (fewer if it is shorter)."""
 
+    def read_into(self, path: str, buffers: list) -> int:
+        """Read a file's bytes in order into ``buffers`` (writable, C-contiguous),
+        filling each before the next; the file's size when it fits them, or their
+        total + 1 when the file is longer (a short file leaves the rest unwritten).
+
+        Lets a reader put an object's bytes where they are used (issue 10: an
+        envelope's body straight into the caller's array) instead of a new
+        ``bytes``.  This default copies from ``read_file``; OsFileSystem reads
+        with one ``preadv``."""
+        data = memoryview(self.read_file(path)).cast("B")
+        pos = 0
+        for buf in buffers:
+            dst = memoryview(buf).cast("B")
+            piece = data[pos:pos + dst.nbytes]
+            dst[:piece.nbytes] = piece
+            pos += piece.nbytes
+        return min(data.nbytes, pos + 1)
+
     @abstractmethod
     def file_size(self, path: str) -> int: ...
 
@@ -224,6 +242,25 @@ class OsFileSystem(FileSystem):
     def read_head(self, path: str, n: int) -> bytes:
         with open(path, "rb", buffering=0) as f:
             return f.read(n)
+
+    def read_into(self, path: str, buffers: list) -> int:
+        views = [memoryview(b).cast("B") for b in buffers] + [memoryview(bytearray(1))]  # 1 byte: longer?
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            total = 0
+            while views:
+                asked = sum(v.nbytes for v in views)
+                n = os.preadv(fd, views, total)
+                total += n
+                if n < asked:
+                    break  # a regular file reads short only at its end: one call per read
+                while views and n >= views[0].nbytes:
+                    n -= views.pop(0).nbytes
+                if n:
+                    views[0] = views[0][n:]
+            return total
+        finally:
+            os.close(fd)
 
     def file_size(self, path: str) -> int:
         return os.stat(path).st_size

@@ -159,6 +159,14 @@ def pack_index_value(key: bytes, rec: PutRecord, flags: int = 0) -> bytes:
     return head + struct.pack("<I", crc32c(key + head))
 
 
+def _crc_of(pieces) -> int:
+    """CRC32C of the pieces' bytes in order: one pass, no join."""
+    crc = 0
+    for piece in pieces:
+        crc = crc32c(piece, crc)
+    return crc
+
+
 def unpack_index_value(key: bytes, value: bytes) -> tuple[int, int, int, int]:
     """(length, crc32c, seq, flags) of ``key``'s record; DamagedRecordError when
     the record does not verify against its key."""
@@ -1041,6 +1049,20 @@ class Volume:
     # ------------------------------------------------------------------ read
     def read(self, key: bytes) -> bytes:
         """The object's bytes, verified (length + CRC32C) on every read.
+        See :meth:`read_into` for the same read into a caller's buffers."""
+        return self._read_verified(key, None)
+
+    def read_into(self, key: bytes, buffers_for) -> list:
+        """The object's bytes read into ``buffers_for(length)`` (writable buffers
+        of ``length`` bytes in all, ``length`` from the index), verified as by
+        :meth:`read` (length, then one CRC32C pass over the buffers in order);
+        returns those buffers.  The caller picks where the bytes land: the
+        store reads an envelope's body straight into the destination array.
+        On an error the buffers may hold any bytes and must not be used."""
+        return self._read_verified(key, buffers_for)
+
+    def _read_verified(self, key: bytes, buffers_for):
+        """read / read_into (``buffers_for`` None: a new ``bytes``).
 
         ObjectNotFoundError on a miss; CorruptObjectError (after dropping the
         record) when the bytes fail verification: never wrong bytes.
@@ -1052,10 +1074,10 @@ class Volume:
         as a miss).  Only a failure against an unchanged entry is corruption."""
         check_key(key)
         try:
-            return self._read(key)
+            return self._read(key, buffers_for)
         except (DamagedRecordError, IndexCorruptError) as exc:
             self.repair_index(str(exc))  # derived state is never trusted over the object
-            return self._read(key)
+            return self._read(key, buffers_for)
         except ObjectNotFoundError:
             if not self._unnamed_object(key):
                 raise
@@ -1065,7 +1087,7 @@ class Volume:
         # absent, the object is an orphan and goes.
         self.repair_index(f"object {key.hex()} exists but the index has no record of it")
         try:
-            return self._read(key)
+            return self._read(key, buffers_for)
         except ObjectNotFoundError:
             claimed = self._claim([key])
             try:
@@ -1083,7 +1105,7 @@ class Volume:
                 return False
         return self.io.exists(f"{self.root}/{object_relpath(key)}")
 
-    def _read(self, key: bytes) -> bytes:
+    def _read(self, key: bytes, buffers_for):
         with self._cond:
             self._check_usable()
             value = self.index.get(self._prefix + key)
@@ -1092,13 +1114,19 @@ class Volume:
             self._touch(key)
         for attempt in range(2):
             length, crc, seq, _flags = unpack_index_value(key, value)
+            path = f"{self.root}/{object_relpath(key)}"
             try:
-                data = self.io.read_file(f"{self.root}/{object_relpath(key)}")
+                if buffers_for is None:
+                    data = self.io.read_file(path)
+                    got, pieces = len(data), (data,)
+                else:
+                    data = pieces = buffers_for(length)
+                    got = self.io.read_into(path, pieces)
             except FileNotFoundError:
                 data = None
             except OSError as exc:
                 raise VolumeIOError(f"reading {key.hex()} failed: {exc}") from exc
-            if data is not None and len(data) == length and crc32c(data) == crc:
+            if data is not None and got == length and _crc_of(pieces) == crc:
                 return data
             with self._cond:
                 now = self.index.get(self._prefix + key)
@@ -1109,7 +1137,7 @@ class Volume:
             if attempt == 1:
                 raise ObjectNotFoundError(key) from None  # replaced twice during one read
             value = now  # deleted and published again meanwhile: read the new one
-        why = "missing" if data is None else ("wrong length" if len(data) != length else "bad crc")
+        why = "missing" if data is None else ("wrong length" if got != length else "bad crc")
         self._drop(key, seq)
         with self._cond:
             self._n["corrupt_reads"] += 1

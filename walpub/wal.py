@@ -48,8 +48,9 @@ MAX_PAYLOAD = PUT_FIXED.size + MAX_KEY_BYTES
 SEGMENT_RE = re.compile(r"^(\d{16})\.log$")
 
 
-def crc32c(data: bytes) -> int:
-    return _crc32c.crc32c(data)
+def crc32c(data: bytes, value: int = 0) -> int:
+    """CRC32C of ``data``, continuing from ``value`` (the CRC of the bytes before it)."""
+    return _crc32c.crc32c(data, value)
 
 
 @dataclass(frozen=True)
