@@ -217,3 +217,103 @@ def test_cuda_paged_and_dynamic_round_trip():
     gather_dynamic(cache, back, layout).wait()
     assert torch.equal(back, pageable)
     assert np.array_equal(back.numpy(), pageable.numpy())
+
+
+# --- the CPU paths' cheap views (torch.as_strided) against their definitions -------------
+
+
+def test_seq_strided_is_seq_view_on_sliced_batched_offset_tensors():
+    from quiver.engine.torch_io import _seq_strided, _seq_view
+
+    layout = _layout(torch.float32)
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(3, H, 7 * T + 3, D, generator=g)
+    cases = [
+        big,                                              # contiguous
+        big[:, :, 3:, :],                                 # a token slice: storage offset != 0
+        big[1:],                                          # a batch slice
+        torch.randn(2, 6 * T, H, D, generator=g).transpose(1, 2),  # heads outside tokens, head_dim still unit stride
+    ]
+    for t in cases:
+        for b in range(t.shape[0]):
+            for s0, n in ((0, 1), (T, 2), (2 * T, 4)):
+                want = _seq_view(t, b, s0, n, layout)
+                got = _seq_strided(t, b, s0, n, layout)
+                assert got.shape == want.shape and got.stride() == want.stride()
+                assert got.data_ptr() == want.data_ptr()  # a view of the same bytes, not a copy
+                assert torch.equal(got, want)
+
+
+def test_host_slices_are_the_layer_kv_views_even_at_a_storage_offset():
+    from quiver.engine.torch_io import _host_slices
+
+    layout = _layout(torch.float16)
+    whole = host_blocks(5, layout)
+    whole.copy_(torch.randn(whole.shape).half())
+    out = whole[1:4]  # contiguous, storage offset one block in
+    assert out.storage_offset() != 0
+    views = _host_slices(out, layout)
+    assert len(views) == 2 * L
+    for layer in range(L):
+        for kv in range(2):
+            v = views[2 * layer + kv]
+            assert v.data_ptr() == out[:, layer, kv].data_ptr() and v.stride() == out[:, layer, kv].stride()
+            assert torch.equal(v, out[:, layer, kv])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_paged_scattered_and_repeated_ids_into_an_offset_buffer(dtype):
+    layout = _layout(dtype)
+    kv = _paged(16, dtype, seed=4)
+    ids = [15, 3, 4, 5, 0, 9, 9, 2]  # a run (3, 4, 5), a repeat: a gather may name a block twice
+    whole = host_blocks(len(ids) + 1, layout)
+    out = whole[1:]
+    rep = gather_paged(kv, ids, out, layout)
+    assert torch.equal(out, _reference(kv, ids)) and int(whole[0].abs().sum()) == 0
+    assert rep.copy_ops == 2 * L and rep.host_passes == 1
+    dst = _paged(16, dtype, seed=5)
+    with pytest.raises(BlockTableError):  # a scatter may not
+        scatter_paged(out, dst, ids, layout)
+    uniq = [15, 3, 4, 5, 0, 9, 1, 2]
+    scatter_paged(out, dst, uniq, layout)
+    for j, b in enumerate(uniq):
+        assert torch.equal(kv_block(dst, b), out[j])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dynamic_copies_on_sliced_batched_caches_and_offset_buffers(dtype):
+    from quiver.engine.torch_io import scatter_dynamic_tensors
+
+    layout = _layout(dtype)
+    g = torch.Generator().manual_seed(6)
+    # keys/values that are views: batch of 2, a longer buffer sliced from token 1 (storage offset != 0)
+    pairs = [tuple(torch.randn(2, H, 5 * T + 1, D, generator=g).to(dtype)[:, :, 1:, :] for _ in range(2))
+             for _ in range(L)]
+
+    class _C:
+        layers = [type("Layer", (), {"keys": k, "values": v, "is_sliding": False})() for k, v in pairs]
+
+    whole = host_blocks(4, layout)
+    out = whole[1:]  # 3 blocks at a storage offset
+    gather_dynamic(_C(), out, layout, first_block=2, batch_index=1)
+    for j in range(3):
+        for layer in range(L):
+            for kv in range(2):
+                want = pairs[layer][kv][1, :, (2 + j) * T:(3 + j) * T].transpose(0, 1)
+                assert torch.equal(out[j, layer, kv], want)
+    assert int(whole[0].abs().sum()) == 0
+    # scatter into existing (sliced) tensors: writes tokens [0, 3T) of batch row 0, nothing else
+    before = [tuple(t.clone() for t in p) for p in pairs]
+    _, rep = scatter_dynamic_tensors(out, layout, into=pairs)
+    assert rep.host_passes == 1 and rep.copy_ops == 2 * L
+    for layer in range(L):
+        for kv in range(2):
+            t = pairs[layer][kv]
+            assert torch.equal(t[0, :, :3 * T].unflatten(1, (3, T)).permute(1, 2, 0, 3), out[:, layer, kv])
+            assert torch.equal(t[0, :, 3 * T:], before[layer][kv][0, :, 3 * T:])
+            assert torch.equal(t[1], before[layer][kv][1])
+    # and into fresh tensors
+    fresh, _ = scatter_dynamic_tensors(out, layout)
+    for layer in range(L):
+        for kv in range(2):
+            assert torch.equal(fresh[layer][kv][0], pairs[layer][kv][0, :, :3 * T])
