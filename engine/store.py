@@ -162,6 +162,18 @@ def envelope_bound(ident: CacheIdentity, codec: str, chunk_size: int = codecs.DE
                          layer_crcs=codec == "none", chunk_size=chunk_size)
 
 
+def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool with all ``workers`` threads already running: a plain
+    ThreadPoolExecutor starts them one per submit, inside the gets that need
+    them (a few ms each on a loaded host).  A barrier that only ``workers``
+    concurrent tasks pass makes each thread exist before this returns."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers)
+    for fut in [pool.submit(barrier.wait) for _ in range(workers)]:
+        fut.result()
+    return pool
+
+
 def _layout(ident: CacheIdentity) -> RawLayout:
     """The header layout of ``ident``'s blocks as this store writes them with codec
     none (what a read checks first: envelope.RawLayout)."""
@@ -847,7 +859,7 @@ class BlockStore:
             return {}
         with self._lock:
             if self._l2_pool is None:
-                self._l2_pool = ThreadPoolExecutor(L2_READS_IN_FLIGHT, thread_name_prefix="quiver-l2-read")
+                self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
             pool, l2 = self._l2_pool, self._l2
         return {sk: pool.submit(l2.get, sk) for sk in wanted}
 

@@ -509,8 +509,9 @@ class ObjectStore(ABC):
         self.counts.done("put", nin=memoryview(data).nbytes)
         return created
 
-    def get(self, key: bytes) -> bytes | None:
-        """The object's verified bytes, or None if there is no such object."""
+    def get(self, key: bytes) -> bytes | bytearray | None:
+        """The object's verified bytes (bytes, or a bytearray the local directory
+        read them into), or None if there is no such object."""
         try:
             for name in self._names(key):
                 data = self._get_named(name)
@@ -692,7 +693,7 @@ class ObjectStore(ABC):
         """Publish an object by its relative name (first writer wins)."""
 
     @abstractmethod
-    def _get_named(self, name: str) -> bytes | None:
+    def _get_named(self, name: str) -> bytes | bytearray | None:
         """Read an object by its relative name, verified; None if missing."""
 
     @abstractmethod
@@ -881,15 +882,16 @@ class LocalDirObjectStore(ObjectStore):
         self._check_open()
         path = self._path(name)
         with _fs_errors(f"read {name}", self.root):
-            try:
-                raw = self._io.read_file(path)
+            try:  # the body and the trailer into buffers of their own: the body is returned, not copied
+                size = self._io.file_size(path)
+                body, trailer = bytearray(max(0, size - _TRAILER.size)), bytearray(_TRAILER.size)
+                got = self._io.read_into(path, [body, trailer])
             except FileNotFoundError:
                 return None
-        if len(raw) >= _TRAILER.size:
-            crc, magic = _TRAILER.unpack_from(raw, len(raw) - _TRAILER.size)
-            body = memoryview(raw)[: -_TRAILER.size]
+        if got == size >= _TRAILER.size:
+            crc, magic = _TRAILER.unpack(trailer)
             if magic == _TRAILER_MAGIC and crc32c.crc32c(body) == crc:
-                return bytes(body)
+                return body
         # Damaged at rest.  Remove it so the key can be published again (an
         # immutable store would otherwise refuse the good copy forever).
         self._delete_named(name)
