@@ -619,6 +619,22 @@ class RawLayout:
     def total_len(self) -> int:
         return self.header_len + self.raw_len + _CRC_SIZE
 
+    def matching_rows(self, heads: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """:meth:`matches` for many headers at once, each also naming its block:
+        ``heads`` is ``[m, header_len]`` uint8, ``ids`` ``[m, 96]`` the
+        fingerprint, key and parent each header must hold (the guard's
+        identity fields; None: not compared).  A bool per row: the bytes
+        compare in numpy comparisons over all rows, then each row's header CRC."""
+        n, at, end = self.header_len, _PER_BLOCK_END, _PER_BLOCK_END + len(self.rest)
+        ok = ((heads[:, :_PER_BLOCK_AT] == np.frombuffer(self.lead, np.uint8)).all(axis=1)
+              & (heads[:, at:end] == np.frombuffer(self.rest, np.uint8)).all(axis=1))
+        if ids is not None:
+            ok &= (heads[:, _PER_BLOCK_AT:at] == ids).all(axis=1)
+        stored = heads[:, n - _CRC_SIZE:n].copy().view("<u4")[:, 0]
+        for j in np.flatnonzero(ok):
+            ok[j] = crc32c.crc32c(heads[j, :n - _CRC_SIZE]) == stored[j]
+        return ok
+
     def matches(self, head: memoryview) -> bool:
         """True if ``head`` (a 'B' memoryview) starts with a header of this layout
         and that header's CRC32C is right."""

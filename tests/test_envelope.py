@@ -649,3 +649,19 @@ def test_body_in_place_accepts_the_layout_or_parses():
         body_in_place(env[:layout.header_len + 1], arr)  # the header read as more bytes than it has
     lz4 = encode_block(arr, **IDS, codec="lz4")
     assert not body_in_place(lz4[:decode_header(lz4).header_len], arr)
+
+
+def test_matching_rows_checks_layout_identity_fields_and_header_crc_per_row():
+    from quiver.engine.envelope import raw_layout
+
+    arr, env, layout = _layout_case()
+    hl = layout.header_len
+    other = encode_block(arr, **dict(IDS, key=bytes(32)), layer_offsets=uniform_layer_offsets(2, arr.nbytes),
+                         layer_crcs=True)
+    damaged = bytearray(env)
+    damaged[hl - 1] ^= 0x01  # the header CRC itself
+    lz4 = encode_block(arr, **IDS, codec="lz4").ljust(hl, b"\0")
+    heads = np.stack([np.frombuffer(e[:hl], np.uint8) for e in (env, other, bytes(damaged), lz4)])
+    ids = np.frombuffer((FP + KEY + PARENT) * 4, np.uint8).reshape(4, 96)
+    assert layout.matching_rows(heads, ids).tolist() == [True, False, False, False]
+    assert layout.matching_rows(heads, None).tolist() == [True, True, False, False]  # no identity compare

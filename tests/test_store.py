@@ -257,20 +257,20 @@ def test_ram_hits_of_two_threads_decode_at_the_same_time(tmp_path, monkeypatch):
     in a failing run)."""
     import threading
 
-    from quiver.engine import store as store_mod
-
     ident, tokens, blocks = make_case(15, 2)
     barrier = threading.Barrier(2, timeout=60)
-    real = store_mod.decode_block_into
     errors = []
     with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
         store.put(ident, tokens, blocks)
+        real = store._ram.heads  # the batched L0 lane reads the pinned headers, then copies the bodies
+        inside = []
 
-        def decode(*a, **kw):
+        def heads(*a, **kw):
+            inside.append(1)
             barrier.wait()
             return real(*a, **kw)
 
-        monkeypatch.setattr(store_mod, "decode_block_into", decode)
+        monkeypatch.setattr(store._ram, "heads", heads)
 
         def reader(start):
             try:
@@ -284,8 +284,7 @@ def test_ram_hits_of_two_threads_decode_at_the_same_time(tmp_path, monkeypatch):
             th.start()
         for th in threads:
             th.join()
-        monkeypatch.setattr(store_mod, "decode_block_into", real)
-        assert errors == [] and store.stats()["counters"]["l0_hits"] == 2
+        assert errors == [] and len(inside) == 2 and store.stats()["counters"]["l0_hits"] == 2
 
 
 def _flip_l1_object(store_path, skey: bytes) -> None:
@@ -1040,3 +1039,37 @@ def test_a_get_pins_its_l0_hits_once_and_unpins_them_all(tmp_path):
         assert store._ram._pins == {}
         assert np.array_equal(store.get(ident, tokens, 2), blocks[:2])
         assert store._ram._pins == {} and store.stats()["counters"]["l0_hits"] == 4
+
+
+def test_a_get_serves_its_l0_hits_in_one_batch_and_the_rest_block_by_block(tmp_path, monkeypatch):
+    """The batched L0 lane serves every hit whose header is the identity's layout
+    naming that very block; the blocks it leaves go through the per-block path,
+    which decides: a block only in L1 is read from there, and a slot holding
+    another block's envelope is refused by the guard (IdentityMismatchError at
+    that block), exactly as before the lane existed."""
+    from quiver.engine.errors import IdentityMismatchError
+
+    ident, tokens, blocks = make_case(66, 4)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 4)]
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        store._ram.delete(skeys[2])  # block 2 only in L1
+        per_block = []
+        real = store._read_one
+        monkeypatch.setattr(store, "_read_one", lambda sk, *a, **kw: per_block.append(sk) or real(sk, *a, **kw))
+        out = np.zeros_like(blocks)
+        store.get(ident, tokens, out=out)
+        assert np.array_equal(out, blocks) and per_block == [skeys[2]]  # 0, 1 and 3 in the batch
+        c = store.stats()["counters"]
+        assert c["l0_hits"] == 3 and c["l1_hits"] == 1
+        per_block.clear()
+        dsts = list(np.zeros_like(blocks))
+        store.get(ident, tokens, out=dsts)  # per-block destinations: no batch
+        assert per_block == skeys and all(np.array_equal(d, b) for d, b in zip(dsts, blocks))
+        ram = store._ram  # block 3's envelope in block 1's slot
+        (s1, n1), (s3, _) = ram._where[skeys[1]], ram._where[skeys[3]]
+        ram.arena[s1 * ram.slot_bytes:s1 * ram.slot_bytes + n1] = ram.arena[s3 * ram.slot_bytes:s3 * ram.slot_bytes + n1]
+        per_block.clear()
+        with pytest.raises(IdentityMismatchError) as info:
+            store.get(ident, tokens, out=np.zeros_like(blocks))
+        assert info.value.block_index == 1 and per_block[0] == skeys[1]

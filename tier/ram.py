@@ -282,6 +282,12 @@ class RamTier:
         self._pins[slot] = self._pins.get(slot, 0) + 1
         return self._view(slot, n).toreadonly(), slot
 
+    def heads(self, slots: list[int], nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of each listed slot, ``[len(slots), nbytes]``
+        (one numpy gather: a get checks the headers of all its hits at once).
+        Read without the lock: only for slots the caller has pinned."""
+        return self.arena.reshape(self.n_slots, self.slot_bytes)[slots, :nbytes]
+
     def unpin(self, slot: int) -> None:
         """End one ``pin`` of ``slot``."""
         self.unpin_many([slot])
