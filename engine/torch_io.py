@@ -463,7 +463,7 @@ def _check_dynamic(pairs, layout: KVLayout, need_tokens: int, batch_index: int) 
 
 def _seq_view(t: torch.Tensor, b: int, s0: int, n: int, layout: KVLayout) -> torch.Tensor:
     """``t[b, :, s0:s0+n*T, :]`` as ``[n, T, H, D]`` (a strided view, no copy)."""
-    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    T = layout.block_tokens
     return t[b, :, s0:s0 + n * T, :].unflatten(1, (n, T)).permute(1, 2, 0, 3)
 
 

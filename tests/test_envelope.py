@@ -601,7 +601,7 @@ def test_decode_raw_into_takes_a_header_of_the_layout_without_a_parse():
 def test_decode_raw_into_leaves_any_other_layout_to_decode_block_into(change):
     """A header that differs from the layout anywhere outside fingerprint, keys and
     CRCs is not taken by the fast path (False, out untouched)."""
-    from quiver.engine.envelope import decode_raw_into, raw_layout
+    from quiver.engine.envelope import decode_raw_into
 
     arr, _, layout = _layout_case()
     kw = dict(IDS, dtype="float16", layer_offsets=uniform_layer_offsets(2, arr.nbytes), layer_crcs=True)
@@ -652,8 +652,6 @@ def test_body_in_place_accepts_the_layout_or_parses():
 
 
 def test_matching_rows_checks_layout_identity_fields_and_header_crc_per_row():
-    from quiver.engine.envelope import raw_layout
-
     arr, env, layout = _layout_case()
     hl = layout.header_len
     other = encode_block(arr, **dict(IDS, key=bytes(32)), layer_offsets=uniform_layer_offsets(2, arr.nbytes),
