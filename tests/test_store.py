@@ -257,7 +257,10 @@ def test_ram_hits_of_two_threads_decode_at_the_same_time(tmp_path, monkeypatch):
     in a failing run)."""
     import threading
 
-    ident, tokens, blocks = make_case(15, 2)
+    from quiver.engine.store import L0_BATCH_MIN
+
+    n = L0_BATCH_MIN  # per thread: enough hits for the batched lane
+    ident, tokens, blocks = make_case(15, 2 * n)
     barrier = threading.Barrier(2, timeout=60)
     errors = []
     with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
@@ -274,17 +277,17 @@ def test_ram_hits_of_two_threads_decode_at_the_same_time(tmp_path, monkeypatch):
 
         def reader(start):
             try:
-                got = store.get(ident, tokens, start + 1, start_block=start)
-                assert got.tobytes() == blocks[start:start + 1].tobytes()
+                got = store.get(ident, tokens, start + n, start_block=start)
+                assert got.tobytes() == blocks[start:start + n].tobytes()
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=reader, args=(i * n,)) for i in range(2)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        assert errors == [] and len(inside) == 2 and store.stats()["counters"]["l0_hits"] == 2
+        assert errors == [] and len(inside) == 2 and store.stats()["counters"]["l0_hits"] == 2 * n
 
 
 def _flip_l1_object(store_path, skey: bytes) -> None:
@@ -1048,10 +1051,12 @@ def test_a_get_serves_its_l0_hits_in_one_batch_and_the_rest_block_by_block(tmp_p
     another block's envelope is refused by the guard (IdentityMismatchError at
     that block), exactly as before the lane existed."""
     from quiver.engine.errors import IdentityMismatchError
+    from quiver.engine.store import L0_BATCH_MIN
 
-    ident, tokens, blocks = make_case(66, 4)
-    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 4)]
-    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 20, index="flat") as store:
+    n = L0_BATCH_MIN + 2
+    ident, tokens, blocks = make_case(66, n)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 22, index="flat") as store:
         store.put(ident, tokens, blocks)
         store._ram.delete(skeys[2])  # block 2 only in L1
         per_block = []
@@ -1059,9 +1064,12 @@ def test_a_get_serves_its_l0_hits_in_one_batch_and_the_rest_block_by_block(tmp_p
         monkeypatch.setattr(store, "_read_one", lambda sk, *a, **kw: per_block.append(sk) or real(sk, *a, **kw))
         out = np.zeros_like(blocks)
         store.get(ident, tokens, out=out)
-        assert np.array_equal(out, blocks) and per_block == [skeys[2]]  # 0, 1 and 3 in the batch
+        assert np.array_equal(out, blocks) and per_block == [skeys[2]]  # the other L0 hits in the batch
         c = store.stats()["counters"]
-        assert c["l0_hits"] == 3 and c["l1_hits"] == 1
+        assert c["l0_hits"] == n - 1 and c["l1_hits"] == 1
+        per_block.clear()
+        store.get(ident, tokens, L0_BATCH_MIN - 1, out=np.zeros_like(blocks[:L0_BATCH_MIN - 1]))
+        assert per_block == skeys[:L0_BATCH_MIN - 1]  # too few hits for the batch: block by block
         per_block.clear()
         dsts = list(np.zeros_like(blocks))
         store.get(ident, tokens, out=dsts)  # per-block destinations: no batch
@@ -1072,4 +1080,4 @@ def test_a_get_serves_its_l0_hits_in_one_batch_and_the_rest_block_by_block(tmp_p
         per_block.clear()
         with pytest.raises(IdentityMismatchError) as info:
             store.get(ident, tokens, out=np.zeros_like(blocks))
-        assert info.value.block_index == 1 and per_block[0] == skeys[1]
+        assert info.value.block_index == 1 and per_block == [skeys[1]]
