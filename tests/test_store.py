@@ -653,6 +653,16 @@ def test_planted_envelope_of_the_other_lossiness_is_refused_by_the_guard(tmp_pat
         assert st["counters"]["identity_mismatches"] == 1 and st["residency"]["l1"] == 0  # nor promoted
 
 
+def _second_envelope_under_first_key(store, ident, tokens) -> bytes:
+    """Put block 1's L1 envelope under block 0's key (a wrong object behind a
+    right name); returns block 0's store key."""
+    sk0, sk1 = (ident.namespace + k for k in chain_keys(ident, tokens, 2))
+    env1 = store._disk.get(sk1)
+    store._disk.delete(sk0)
+    store._disk.put_many([(sk0, env1)])
+    return sk0
+
+
 def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
     """An int8 envelope found under another block's key is refused as an identity mismatch;
     it is not mistaken for corruption (a LossyCodecError from the guard) and deleted."""
@@ -660,13 +670,9 @@ def test_lossy_block_under_another_key_is_a_mismatch_and_is_kept(tmp_path):
 
     lossy = make_ident(kv_quant="int8-channel")
     _, tokens, blocks = make_case(28, 2, lossy)
-    keys = chain_keys(lossy, tokens, 2)
-    sk0, sk1 = lossy.namespace + keys[0], lossy.namespace + keys[1]
     with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
         store.put(lossy, tokens, blocks)
-        env1 = store._disk.get(sk1)
-        store._disk.delete(sk0)
-        store._disk.put_many([(sk0, env1)])  # block 1's envelope under block 0's key
+        sk0 = _second_envelope_under_first_key(store, lossy, tokens)
         with pytest.raises(IdentityMismatchError, match="key"):
             store.get(lossy, tokens, 1)
         st = store.stats()
@@ -1004,13 +1010,9 @@ def test_l1_block_refused_by_the_guard_leaves_no_byte_in_out(tmp_path):
     from quiver.engine.errors import IdentityMismatchError
 
     ident, tokens, blocks = make_case(62, 2)
-    keys = chain_keys(ident, tokens, 2)
-    sk0, sk1 = ident.namespace + keys[0], ident.namespace + keys[1]
     with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-        env1 = store._disk.get(sk1)
-        store._disk.delete(sk0)
-        store._disk.put_many([(sk0, env1)])  # block 1's envelope under block 0's key
+        _second_envelope_under_first_key(store, ident, tokens)
         out = np.full_like(blocks[:1], 7)
         with pytest.raises(IdentityMismatchError):
             store.get(ident, tokens, 1, out=out)
