@@ -1,7 +1,8 @@
 """Promotion of L2 hits into L1, off the get's critical path (issue 10).
 
-A get that finds blocks only in L2 hands the verified envelopes to this
-promoter and returns; one background thread writes them into L1 with one
+A get that finds blocks only in L2 hands the verified envelopes (or, where
+it read them straight into its caller's array, ``FromL2``: read them again)
+to this promoter and returns; one background thread writes them into L1 with one
 ``publish_many`` (one WAL group commit) per get, as the get used to do inline.
 Promotion is a cache copy: the blocks stay in L2, so a crash before the write
 loses nothing but the copy, and a failed write is counted and logged, never
@@ -19,9 +20,20 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 Items = list[tuple[bytes, Any]]
+
+
+class FromL2(NamedTuple):
+    """An item to promote whose bytes the writer reads from L2 again: the get read
+    them straight into its caller's array (issue 10), which is the caller's once
+    the get returns.  ``nbytes``: the envelope's size, for the queue's bound."""
+    nbytes: int
+
+
+def _nbytes(env: Any) -> int:
+    return env.nbytes if isinstance(env, FromL2) else memoryview(env).nbytes
 
 
 class L1Promoter:
@@ -42,7 +54,7 @@ class L1Promoter:
         """Queue ``items`` for L1, or write them now if the queue is full."""
         if not items:
             return
-        nbytes = sum(memoryview(env).nbytes for _, env in items)
+        nbytes = sum(_nbytes(env) for _, env in items)
         with self._cv:
             queued = not self._stopping and (self._queued_bytes == 0 or self._queued_bytes + nbytes <= self.max_bytes)
             if queued:

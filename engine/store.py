@@ -53,6 +53,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from typing import Any
 
 import blake3
@@ -98,7 +99,7 @@ from quiver.engine.l2_publisher import L2Publisher
 from quiver.engine.metrics import latency_snapshot, new_latency
 from quiver.engine.options import check_open_options, check_path, config_record
 from quiver.engine.owed_journal import OwedJournal
-from quiver.engine.promoter import L1Promoter
+from quiver.engine.promoter import FromL2, L1Promoter
 from quiver.engine.payload import block_arrays, check_identity, check_quant, check_start_block
 
 TIERS = ("l0", "l1", "l2")
@@ -179,6 +180,12 @@ def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
     for fut in [pool.submit(barrier.wait) for _ in range(workers)]:
         fut.result()
     return pool
+
+
+def _l2_found(read: Future) -> bool:
+    """Whether a started L2 read (``BlockStore._start_l2_reads``) found its block;
+    waits for it."""
+    return read.exception() is None and read.result() is not None
 
 
 def _layout(ident: CacheIdentity) -> RawLayout:
@@ -771,14 +778,14 @@ class BlockStore:
             result = out
         # The destination's bytes, one row per block, where it is one array.
         rows = None if isinstance(result, (list, tuple)) or n == 0 else raw_view(result).reshape(n, -1)
-        from_l2: list[tuple[bytes, bytes]] = []  # promoted to L1 in one group commit
+        from_l2: list[tuple[bytes, Any]] = []  # promoted to L1 in one group commit (engine/promoter.py)
         served: list[tuple[str, float]] = []      # (tier, seconds) per block delivered
         with self._lock:
             ram = self._ram
         # One lock acquisition pins every L0 hit of the get (their slots are not
         # reused until unpinned, so each decodes with no lock held).
         pins = ram.pin_many(skeys) if ram is not None else [None] * n
-        l2_reads = self._start_l2_reads([sk for sk, pin in zip(skeys, pins) if pin is None])
+        l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             served.extend(hit for _, hit in batch)
@@ -789,7 +796,7 @@ class BlockStore:
                 want = expected_for(ident, keys[i], parents[i])
                 try:
                     served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2,
-                                                 l2_reads.get(skeys[i])))
+                                                 l2_reads.get(i), l1_lacks=i in l2_reads))
                 except QuiverError as exc:
                     exc.block_index = start + i
                     if isinstance(exc, IdentityMismatchError):
@@ -799,8 +806,10 @@ class BlockStore:
         finally:  # also after an error: the blocks read so far were verified
             if ram is not None:
                 ram.unpin_many([pin[1] for pin in pins if pin is not None])
-            for fut in l2_reads.values():
-                fut.cancel()  # those not started yet (a failed block ends the get)
+            started = [fut for fut in l2_reads.values() if fut is not None]
+            for fut in started:
+                fut.cancel()  # those not running yet (a failed block ends the get)
+            wait_all(started)  # the running ones may write into the caller's array: not after we return
             self._promoter.submit(from_l2)
             with self._lock:  # the get's counters and latencies, once per get
                 self._n["get_blocks"] += len(served)
@@ -850,12 +859,13 @@ class BlockStore:
             decode_block_into(buf, dst, allow_lossy=ident.kv_quant is not None, verify_body=verify_body)
 
     @staticmethod
-    def _l1_buffers(ident: CacheIdentity, dst):
-        """Where an L1 read of a block for ``dst`` lands (``DiskTier.get_into``):
-        an object of the size the identity's codec-none envelope has is read in
-        three pieces, header, body straight into ``dst`` and trailing CRC (the
-        payload is copied once, by the kernel); any other size (lz4, zstd, int8)
-        into one buffer, decoded from there."""
+    def _read_buffers(ident: CacheIdentity, dst):
+        """Where an L1 or local-directory L2 read of a block for ``dst`` lands
+        (``DiskTier.get_into``, ``ObjectStore.get_into``): an object of the size
+        the identity's codec-none envelope has is read in three pieces, header,
+        body straight into ``dst`` and trailing CRC (the payload is copied once,
+        by the kernel); any other size (lz4, zstd, int8) into one buffer,
+        decoded from there."""
         head_len = _layout(ident).header_len
         body = raw_view(dst)
 
@@ -865,10 +875,12 @@ class BlockStore:
             return [bytearray(length)]
         return buffers_for
 
-    def _decode_pieces(self, pieces: list, want, dst, ident: CacheIdentity) -> None:
-        """``_decode`` of an L1 read (``_l1_buffers``), whose bytes passed walpub's
-        CRC: a body read into ``dst`` is checked in place (its header guarded and
-        verified); anything else is decoded from the bytes read."""
+    def _decode_pieces(self, pieces: list, want, dst, ident: CacheIdentity, verify_body: bool = False) -> None:
+        """``_decode`` of an L1 or L2 read (``_read_buffers``), whose bytes passed
+        walpub's or the directory's CRC: a body read into ``dst`` is checked in
+        place (its header guarded and verified); anything else (also S3's one
+        piece, whose body is verified where ``verify_body``) is decoded from the
+        bytes read."""
         if len(pieces) == 3:
             head, body = pieces[0], pieces[1]
             try:
@@ -881,27 +893,57 @@ class BlockStore:
                 body.fill(0)  # a refused block's bytes do not stay in the caller's array
                 raise
             pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
-        self._decode(pieces[0], want, dst, ident, verify_body=False)
+        self._decode(pieces[0], want, dst, ident, verify_body=verify_body)
 
-    def _start_l2_reads(self, skeys: list[bytes]) -> dict[bytes, Future]:
-        """Start the L2 reads of a get's blocks that neither L0 nor L1 holds,
-        ``L2_READS_IN_FLIGHT`` at a time, so n blocks cost about one round trip
-        per that many blocks, not n (issue 10).  ``_read_one`` takes each result
-        in order, through the same checks as a read it makes itself; a block
-        that turns out to be in L0/L1 by then just leaves its read unused."""
-        if self._l2 is None or len(skeys) < 2:
+    def _start_l2_reads(self, ident: CacheIdentity, blocks: list[tuple[int, bytes, Any]]) -> dict[int, Future]:
+        """Start the L2 reads (``_l2_read``) of a get's blocks, (index, key,
+        destination), that neither L0 nor L1 holds, ``L2_READS_IN_FLIGHT`` tasks
+        at a time, so n blocks cost about one round trip per that many blocks,
+        not n (issue 10), and a local directory's reads and CRCs run on every
+        core.  A task reads consecutive blocks up to the store's
+        ``read_task_bytes`` (one block for S3).  Returns, by index, a future per
+        block read by the pool, None for a block of the first task, left to the
+        get's own thread (it would otherwise only wait, and a hand-off costs
+        more than a small read); L1 lacked all of them.  ``_read_one`` takes
+        each result through the same checks as a read it makes itself; the get
+        cancels the futures not started and waits for the rest before it
+        returns (they may write into its caller's array)."""
+        l2 = self._l2
+        if l2 is None:
             return {}
         with self._lock:
             ram = self._ram
-        wanted = [sk for sk in dict.fromkeys(skeys)
+        wanted = [(i, sk, dst) for i, sk, dst in blocks
                   if not (ram is not None and ram.contains(sk)) and not self._disk.contains(sk)]
-        if len(wanted) < 2:
-            return {}
-        with self._lock:
-            if self._l2_pool is None:
-                self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
-            pool, l2 = self._l2_pool, self._l2
-        return {sk: pool.submit(l2.get, sk) for sk in wanted}
+        per_task = max(1, l2.read_task_bytes // max(1, ident.block_nbytes))
+        reads: dict[int, Future | None] = {i: None for i, _, _ in wanted[:per_task]}
+        tasks = [wanted[k:k + per_task] for k in range(per_task, len(wanted), per_task)]
+        if tasks:
+            with self._lock:
+                if self._l2_pool is None:
+                    self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
+                pool = self._l2_pool
+        for task in tasks:
+            reads.update((i, Future()) for i, _, _ in task)
+            pool.submit(self._l2_read_task, l2, ident, [(reads[i], sk, dst) for i, sk, dst in task])
+        return reads
+
+    def _l2_read_task(self, l2, ident: CacheIdentity, blocks: list[tuple[Future, bytes, Any]]) -> None:
+        """One read task of ``_start_l2_reads``: its blocks in order, each outcome
+        (pieces, None, or the error) set on the block's future."""
+        for read, skey, dst in blocks:
+            if not read.set_running_or_notify_cancel():
+                continue  # the get ended first (an earlier block failed)
+            try:
+                read.set_result(self._l2_read(l2, skey, ident, dst))
+            except BaseException as exc:  # noqa: BLE001 - handed to the get, which raises it
+                read.set_exception(exc)
+
+    def _l2_read(self, l2, skey: bytes, ident: CacheIdentity, dst) -> list | None:
+        """An L2 block's verified bytes in pieces (``ObjectStore.get_into``): a
+        local directory's codec-none envelope with its body read straight into
+        ``dst`` (``_read_buffers``), anything else whole."""
+        return l2.get_into(skey, self._read_buffers(ident, dst))
 
     def drain_promotions(self) -> None:
         """Return once the L2 hits of the gets that returned before this call are
@@ -920,6 +962,10 @@ class BlockStore:
         if not items:
             return
         try:
+            if any(isinstance(env, FromL2) for _, env in items):  # read into a caller's array: read again
+                with translated("L2 get (promotion)"):
+                    items = [(sk, self._l2.get(sk) if isinstance(env, FromL2) else env) for sk, env in items]
+                items = [(sk, env) for sk, env in items if env is not None]  # gone from L2 since: nothing to copy
             self._disk_put_many(items, "disk tier put (promotion)")
         except Exception as exc:  # noqa: BLE001 - best effort, whatever the cause (typed or not)
             with self._lock:
@@ -927,12 +973,13 @@ class BlockStore:
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, pin: tuple | None, from_l2: list,
-                  l2_read: Future | None = None) -> tuple[str, float]:
+                  l2_read: Future | None = None, l1_lacks: bool = False) -> tuple[str, float]:
         """One block from the fastest tier holding it, verified, into ``dst``;
         (tier, seconds) of the read.  Promotes it upwards (to L0 at once; an L2
         hit is appended to ``from_l2`` for L1).  ``pin``: its L0 slot pinned by
         the get (``RamTier.pin_many``), or None; ``l2_read``: its L2 read,
-        already started (``_start_l2_reads``)."""
+        already started (``_start_l2_reads``); ``l1_lacks``: L1's index lacked
+        it when the get began."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
         if pin is not None:  # the slot is not reused until the get unpins it: decode outside any lock
@@ -948,10 +995,11 @@ class BlockStore:
         t1 = time.perf_counter()
         try:
             with translated("disk tier get"):
-                # A block whose L2 read started because L1 lacked it skips L1's miss
-                # path (a stat looking for an unindexed object) unless it arrived since.
-                skip = l2_read is not None and not self._disk.contains(skey)
-                pieces = None if skip else self._disk.get_into(skey, self._l1_buffers(ident, dst))
+                # A block L1 lacked when the get began: its L2 read, if started, may be
+                # writing into dst, so it is waited for; L1 is asked only when that read
+                # found nothing and the block arrived in L1 since (not the stat of L1's miss path).
+                skip = (l2_read is not None and _l2_found(l2_read)) or (l1_lacks and not self._disk.contains(skey))
+                pieces = None if skip else self._disk.get_into(skey, self._read_buffers(ident, dst))
         except ChecksumMismatchError as exc:  # walpub dropped the record already
             corrupt, pieces = exc, None
             raw_view(dst).fill(0)  # the refused bytes may have been read into it
@@ -973,22 +1021,25 @@ class BlockStore:
             t2 = time.perf_counter()
             try:
                 with translated("L2 get"):
-                    env = l2_read.result() if l2_read is not None else self._l2.get(skey)
+                    pieces = l2_read.result() if l2_read is not None else self._l2_read(self._l2, skey, ident, dst)
             except ChecksumMismatchError as exc:
-                corrupt, env = exc, None
+                corrupt, pieces = exc, None
+                raw_view(dst).fill(0)  # the refused bytes may have been read into it
                 with self._lock:
                     self._n["corrupt_l2"] += 1
-            if env is not None:
+            if pieces is not None:
                 try:  # unless the tier checked a CRC over these very bytes (S3 metadata is optional)
-                    self._decode(env, want, dst, ident, verify_body=not self._l2.verifies_reads)
+                    self._decode_pieces(pieces, want, dst, ident, verify_body=not self._l2.verifies_reads)
                 except EnvelopeError as exc:
                     with self._lock:
                         self._n["corrupt_l2"] += 1
                     raise type(exc)(f"L2 copy of block {skey[16:24].hex()}: {exc}") from exc
                 with self._lock:
                     self._pub.known.add(skey)
-                from_l2.append((skey, env))
-                self._ram_put(skey, [env], ident)
+                # A body read into dst is the caller's once we return: the promoter reads it again.
+                from_l2.append((skey, pieces[0] if len(pieces) == 1
+                                else FromL2(sum(memoryview(p).nbytes for p in pieces))))
+                self._ram_put(skey, pieces, ident)
                 return "l2", time.perf_counter() - t2
             with self._lock:
                 self._pub.known.discard(skey)

@@ -21,8 +21,10 @@ Paths (``path`` in extra_info), per block size:
 - ``l2-batch``: a get of ``L1_BATCH`` blocks that only a local-directory L2 holds
   (each round a fresh store directory sharing the L2; open, a first get of 8 other
   blocks that starts the store's L2 read threads, and close untimed), so
-  it includes the L2 reads (8 in flight), verification, and the promotion into L1
-  (durable, one group commit), beside reading the same L2 object files with
+  it includes the L2 reads (into ``out``; tasks of 4 MiB, 8 in flight, the first on the get's
+  own thread), verification, and queueing the promotion into L1 (the background writer
+  reads the objects again and writes them after the get returns: untimed, and not
+  running under the next timed get), beside reading the same L2 object files with
   ``readinto`` (page cache warm): that directory's raw read bandwidth.
 - ``l2-s3``: the same get of ``L1_BATCH`` blocks from an S3 L2 (moto in server mode,
   SigV4 on, over loopback HTTP; tests/s3servers.py), each round a fresh store as above,

@@ -348,10 +348,14 @@ def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
 
 
 
-def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task_blocks, parties", [(0, 6), (2, 3)], ids=["one-block-tasks", "two-block-tasks"])
+def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch, task_blocks, parties):
     """The L2 reads of one get are in flight together (issue 10: n blocks cost
-    about one round trip, not n).  A barrier in the directory store's read lets
-    no read finish until all six have started: sequential reads would break it
+    about one round trip, not n): the get's own thread reads the first task's
+    blocks, the pool the others.  With one block per task (S3's way) all six
+    reads run at once; with two (a local directory's way, bytes per task) three
+    tasks do.  A barrier in the directory store's read lets no read finish
+    until that many have started: sequential reads would break it
     (BrokenBarrierError after its timeout, which only a failing run waits for)."""
     import threading
 
@@ -359,19 +363,23 @@ def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch):
     l2 = tmp_path / "l2"
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-    barrier = threading.Barrier(6, timeout=60)
-    real = LocalDirObjectStore._get_named
+    barrier = threading.Barrier(parties, timeout=60)
+    real = LocalDirObjectStore._get_into_named
+    threads = set()
 
-    def get_named(self, name):
+    def get_into_named(self, name, buffers_for):
+        threads.add(threading.get_ident())
         barrier.wait()
-        return real(self, name)
+        return real(self, name, buffers_for)
 
+    monkeypatch.setattr(LocalDirObjectStore, "read_task_bytes", task_blocks * ident.block_nbytes)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
-        monkeypatch.setattr(LocalDirObjectStore, "_get_named", get_named)
+        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
-        monkeypatch.setattr(LocalDirObjectStore, "_get_named", real)
+        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", real)
         c = store.stats()["counters"]
         assert c["l2_hits"] == 6 and c["l1_hits"] == 0
+    assert threading.get_ident() in threads and len(threads) == parties
 
 
 def test_background_l2_mode_publishes_and_manifests(tmp_path):
@@ -711,6 +719,101 @@ def test_l2_hits_reach_l1_after_the_get_returns(tmp_path, monkeypatch):
     with BlockStore.open(tmp_path / "b", ram_bytes=0, index="flat") as store:  # no L2: L1 has them, durable
         assert store.get(ident, tokens, 4).tobytes() == blocks.tobytes()
         assert store.stats()["counters"]["l1_hits"] == 4
+
+
+def test_an_l2_read_lands_in_the_callers_array_and_is_promoted_from_l2(tmp_path, monkeypatch):
+    """A local directory's L2 hit is read straight into ``out`` (issue 10: no
+    buffer of its own, no copy), so the promoter reads it from L2 again: what
+    the caller does to ``out`` after the get never reaches L1."""
+    ident, tokens, blocks = make_case(53, 6)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    out = np.empty_like(blocks)
+    real, into_out = LocalDirObjectStore._get_into_named, []
+
+    def get_into_named(self, name, buffers_for):
+        pieces = real(self, name, buffers_for)
+        into_out.append(any(np.shares_memory(np.frombuffer(p, np.uint8), out) for p in pieces))
+        return pieces
+
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
+        assert store.get(ident, tokens, 6, out=out) is out
+        assert out.tobytes() == blocks.tobytes() and into_out == [True] * 6
+        out[:] = 0  # the caller's array is the caller's
+        store.drain_promotions()
+        monkeypatch.undo()
+    with BlockStore.open(tmp_path / "b", ram_bytes=0, index="flat") as store:  # no L2 now
+        assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        assert store.stats()["counters"]["l1_hits"] == 6
+
+
+def _flip_l2_object(l2, skey: bytes) -> None:
+    from quiver.tier.objectstore import object_name
+
+    p = l2 / object_name(skey)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    p.write_bytes(bytes(data))
+
+
+def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path):
+    """A block read into ``out`` whose object fails the directory's CRC32C leaves
+    zeros there, never the refused bytes, and the get names the block."""
+    ident, tokens, blocks = make_case(54, 3)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    _flip_l2_object(l2, skeys[1])
+    out = np.full_like(blocks, 7)
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        with pytest.raises(ChecksumMismatchError) as err:
+            store.get(ident, tokens, 3, out=out)
+        assert err.value.block_index == 1
+        assert out[0].tobytes() == blocks[0].tobytes() and not out[1].view(np.uint16).any()
+        assert store.stats()["counters"]["corrupt_l2"] == 1
+        with pytest.raises(BlockNotFoundError):  # the damaged object was removed
+            store.get(ident, tokens, 2)
+
+
+def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
+    """The pool's reads of a get write into its caller's array, so a get that
+    fails returns only once every read that started has finished.  Here the
+    pool's reads are held until the get's first block has failed: a get that
+    did not wait would return while they still run."""
+    import threading
+
+    from quiver.tier.objectstore import object_name
+
+    ident, tokens, blocks = make_case(55, 5)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 5)]
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    _flip_l2_object(l2, skeys[0])
+    real, failed, started, finished = LocalDirObjectStore._get_into_named, threading.Event(), [], []
+
+    def get_into_named(self, name, buffers_for):
+        if name == object_name(skeys[0]):  # the get's own thread: fails
+            try:
+                return real(self, name, buffers_for)
+            finally:
+                failed.set()
+        started.append(name)
+        assert failed.wait(timeout=60)
+        try:
+            return real(self, name, buffers_for)
+        finally:
+            finished.append(name)
+
+    monkeypatch.setattr(LocalDirObjectStore, "read_task_bytes", 0)  # a task per block: four in the pool
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
+        with pytest.raises(ChecksumMismatchError):
+            store.get(ident, tokens, 5, out=np.empty_like(blocks))
+        assert started and sorted(finished) == sorted(started)
 
 
 def test_a_full_promotion_queue_makes_the_get_write_its_own(tmp_path, monkeypatch):

@@ -67,6 +67,7 @@ from quiver.tier.errors import (
     ObjectStoreUnavailableError,
 )
 from quiver.walpub.io import FileSystem, OsFileSystem
+from quiver.walpub.wal import crc32c_of
 
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
 BLOCKS_DIR = "blocks/"
@@ -80,6 +81,11 @@ MANIFEST_VERSION = 1
 MANIFEST_MAX_KEYS = 100_000  # per object; write_manifest splits larger batches
 _MANIFEST_HEAD = struct.Struct("<4sHHI")
 _U32 = struct.Struct("<I")
+
+
+def _one_buffer(size: int) -> list:
+    """``get_into``'s buffers for a plain ``get``: one of the object's size."""
+    return [bytearray(size)]
 
 
 def check_key(key: bytes) -> bytes:
@@ -459,6 +465,12 @@ class ObjectStore(ABC):
     #: (an S3 object without quiver-crc32c metadata).  The store then skips its own
     #: second pass over the body (docs/FORMAT.md, "What each read verifies").
     verifies_reads = False
+    #: The bytes one read task of a get carries (BlockStore reads a get's L2 blocks on
+    #: a thread pool).  0: one object per task, for a store whose reads wait on a
+    #: network round trip.  A local directory's reads are a copy from the page cache
+    #: (or a local disk): a thread hand-off cost about as much as reading 256 KiB here,
+    #: so each task there reads consecutive objects up to this many bytes.
+    read_task_bytes = 0
     #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss.
     #: Set False once migrate_legacy_layout has run: a miss then costs one request.
     legacy_names = True
@@ -512,12 +524,25 @@ class ObjectStore(ABC):
     def get(self, key: bytes) -> bytes | bytearray | None:
         """The object's verified bytes (bytes, or a bytearray the local directory
         read them into), or None if there is no such object."""
+        pieces = self.get_into(key, _one_buffer)
+        return None if pieces is None else pieces[0]
+
+    def get_into(self, key: bytes, buffers_for: Callable[[int], list]) -> list | None:
+        """The object's verified bytes in pieces, or None if there is no such object.
+
+        ``buffers_for(size)`` gives writable buffers whose lengths add up to
+        ``size`` (the object's): a store that reads from a file reads the object
+        straight into them, in order, and returns them (issue 10: an envelope's
+        body lands in the caller's array); a store that receives its bytes
+        whole (S3) ignores it and returns ``[bytes]``.  The CRC32C is checked
+        over the pieces as over the whole; on a failed check the buffers may
+        hold the refused bytes."""
         try:
             for name in self._names(key):
-                data = self._get_named(name)
-                if data is not None:
-                    self.counts.done("get", True, nout=len(data))
-                    return data
+                pieces = self._get_into_named(name, buffers_for)
+                if pieces is not None:
+                    self.counts.done("get", True, nout=sum(memoryview(p).nbytes for p in pieces))
+                    return pieces
         except BaseException:
             self.counts.failed("get")
             raise
@@ -696,6 +721,11 @@ class ObjectStore(ABC):
     def _get_named(self, name: str) -> bytes | bytearray | None:
         """Read an object by its relative name, verified; None if missing."""
 
+    def _get_into_named(self, name: str, buffers_for: Callable[[int], list]) -> list | None:
+        """``get_into`` by relative name: here the whole object, one piece."""
+        data = self._get_named(name)
+        return None if data is None else [data]
+
     @abstractmethod
     def _list_named(self, prefix: str) -> list[str]:
         """Relative names under ``prefix`` (e.g. "manifests/"), sorted."""
@@ -740,6 +770,7 @@ class LocalDirObjectStore(ObjectStore):
     """
 
     verifies_reads = True  # every object carries a CRC32C trailer, checked on every get
+    read_task_bytes = 4 << 20
 
     def __init__(self, root: str | os.PathLike[str], io: FileSystem | None = None) -> None:
         self._io: FileSystem = io if io is not None else OsFileSystem()
@@ -878,20 +909,24 @@ class LocalDirObjectStore(ObjectStore):
         io.fsync_dir(directory, "l2_manifest_dir" if manifest else "l2_dir")
         return created
 
-    def _get_named(self, name: str) -> bytes | None:
+    def _get_named(self, name: str) -> bytearray | None:
+        pieces = self._get_into_named(name, _one_buffer)
+        return None if pieces is None else pieces[0]
+
+    def _get_into_named(self, name: str, buffers_for: Callable[[int], list]) -> list | None:
         self._check_open()
         path = self._path(name)
         with _fs_errors(f"read {name}", self.root):
-            try:  # the body and the trailer into buffers of their own: the body is returned, not copied
+            try:  # one preadv: the body into the caller's pieces, the trailer into its own
                 size = self._io.file_size(path)
-                body, trailer = bytearray(max(0, size - _TRAILER.size)), bytearray(_TRAILER.size)
-                got = self._io.read_into(path, [body, trailer])
+                pieces, trailer = buffers_for(max(0, size - _TRAILER.size)), bytearray(_TRAILER.size)
+                got = self._io.read_into(path, [*pieces, trailer])
             except FileNotFoundError:
                 return None
         if got == size >= _TRAILER.size:
             crc, magic = _TRAILER.unpack(trailer)
-            if magic == _TRAILER_MAGIC and crc32c.crc32c(body) == crc:
-                return body
+            if magic == _TRAILER_MAGIC and crc32c_of(pieces) == crc:
+                return pieces
         # Damaged at rest.  Remove it so the key can be published again (an
         # immutable store would otherwise refuse the good copy forever).
         self._delete_named(name)
