@@ -302,7 +302,14 @@ def _flip_l1_object(store_path, skey: bytes) -> None:
     raise AssertionError("object file not found")
 
 
-def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path):
+@pytest.mark.parametrize("task_bytes", [None, 0], ids=["inline-reads", "pool-reads"])
+def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path, monkeypatch, task_bytes):
+    """``pool-reads``: a task per L1 block, so block 1 (the damaged one) is read by
+    the get's read pool, block 0 by the get's own thread."""
+    import quiver.engine.store as store_module
+
+    if task_bytes is not None:
+        monkeypatch.setattr(store_module, "L1_READ_TASK_BYTES", task_bytes)
     ident, tokens, blocks = make_case(10, 2)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 2)]
     path, l2 = tmp_path / "s", tmp_path / "l2"
@@ -380,6 +387,37 @@ def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch, task_bloc
         c = store.stats()["counters"]
         assert c["l2_hits"] == 6 and c["l1_hits"] == 0
     assert threading.get_ident() in threads and len(threads) == parties
+
+
+def test_a_get_reads_its_l1_blocks_on_the_read_pool(tmp_path, monkeypatch):
+    """L1 reads of one get run in tasks (``L1_READ_TASK_BYTES``; here two blocks
+    each, so three tasks for six blocks), the first on the get's own thread:
+    a barrier in walpub's read lets no read finish until three have started,
+    which reads one after another would never do (BrokenBarrierError after
+    its timeout, which only a failing run waits for)."""
+    import threading
+
+    import quiver.engine.store as store_module
+    from quiver.walpub.volume import Volume
+
+    ident, tokens, blocks = make_case(15, 6)
+    monkeypatch.setattr(store_module, "L1_READ_TASK_BYTES", 2 * ident.block_nbytes)
+    barrier = threading.Barrier(3, timeout=60)
+    real, threads = Volume.read_into, set()
+
+    def read_into(self, key, buffers_for):
+        threads.add(threading.get_ident())
+        barrier.wait()
+        return real(self, key, buffers_for)
+
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        monkeypatch.setattr(Volume, "read_into", read_into)
+        out = np.empty_like(blocks)
+        assert store.get(ident, tokens, 6, out=out) is out and out.tobytes() == blocks.tobytes()
+        monkeypatch.setattr(Volume, "read_into", real)
+        assert store.stats()["counters"]["l1_hits"] == 6
+    assert threading.get_ident() in threads and len(threads) == 3
 
 
 def test_background_l2_mode_publishes_and_manifests(tmp_path):
