@@ -89,10 +89,11 @@ def tokens_to_le_u32(token_ids: Any) -> bytes:
         return b""
     if arr.dtype.kind not in "iu":
         raise InvalidTokensError(f"token_ids must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > _UINT32_MAX:
-        bad = lo if lo < 0 else hi
-        raise InvalidTokensError(f"token id {bad} out of uint32 range [0, {_UINT32_MAX}]")
+    if arr.dtype.kind == "i" or arr.dtype.itemsize > 4:  # an unsigned array of 32 bits or less always fits
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > _UINT32_MAX:
+            bad = lo if lo < 0 else hi
+            raise InvalidTokensError(f"token id {bad} out of uint32 range [0, {_UINT32_MAX}]")
     return arr.astype("<u4", copy=False).tobytes()
 
 

@@ -111,12 +111,8 @@ PENDING_L2 = "PENDING_L2"
 #: PENDING_L2 is compacted once it holds this many keys more than twice the owed set
 #: (read when a store opens: its L2Publisher gets the value of that moment).
 JOURNAL_SLACK_KEYS = 4096
-#: Read tasks one get keeps in flight (botocore's default pool holds 10 connections).
+#: L2 reads one get keeps in flight (botocore's default pool holds 10 connections).
 L2_READS_IN_FLIGHT = 8
-#: The bytes one L1 read task of a get carries (``_start_reads``): L1 reads are
-#: page-cache copies or local disk reads, where a thread hand-off costs about as much
-#: as reading 256 KiB here (the local-directory L2's ``read_task_bytes``, same reason).
-L1_READ_TASK_BYTES = 4 * MiB
 #: Bytes of L2 hits queued for promotion into L1 before a get writes its own (engine/promoter.py).
 PROMOTE_QUEUE_BYTES = 256 * MiB
 #: Byte offset of the codec id in an envelope header (docs/FORMAT.md).
@@ -187,7 +183,7 @@ def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
 
 
 def _found(read: Future) -> bool:
-    """Whether a started read (``BlockStore._start_reads``) found its block; waits for it."""
+    """Whether a started L2 read (``BlockStore._start_l2_reads``) found its block; waits for it."""
     return read.exception() is None and read.result() is not None
 
 
@@ -361,7 +357,7 @@ class BlockStore:
         self._ram = None
         self._disk = None
         self._l2 = None
-        self._read_pool: ThreadPoolExecutor | None = None  # a get's concurrent L1/L2 reads (made on first use)
+        self._l2_pool: ThreadPoolExecutor | None = None  # a get's concurrent L2 reads (made on first use)
         self._promoter = L1Promoter(self._promote_now, PROMOTE_QUEUE_BYTES)  # L2 hits into L1, in the background
         self._lock_fd: int | None = None
         self._n = dict(
@@ -788,7 +784,7 @@ class BlockStore:
         # One lock acquisition pins every L0 hit of the get (their slots are not
         # reused until unpinned, so each decodes with no lock held).
         pins = ram.pin_many(skeys) if ram is not None else [None] * n
-        reads = self._start_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
+        l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             served.extend(hit for _, hit in batch)
@@ -798,7 +794,8 @@ class BlockStore:
                     continue
                 want = expected_for(ident, keys[i], parents[i])
                 try:
-                    served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2, reads.get(i)))
+                    served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2,
+                                                 l2_reads.get(i), l1_lacks=i in l2_reads))
                 except QuiverError as exc:
                     exc.block_index = start + i
                     if isinstance(exc, IdentityMismatchError):
@@ -808,11 +805,13 @@ class BlockStore:
         finally:  # also after an error: the blocks read so far were verified
             if ram is not None:
                 ram.unpin_many([pin[1] for pin in pins if pin is not None])
-            started = [fut for _, fut in reads.values() if fut is not None]
-            for fut in started:
-                fut.cancel()  # those not running yet (a failed block ends the get)
-            wait_all(started)  # the running ones may write into the caller's array: not after we return
-            self._promoter.submit(from_l2)
+            started = [fut for fut in l2_reads.values() if fut is not None]
+            if started:
+                for fut in started:
+                    fut.cancel()  # those not running yet (a failed block ends the get)
+                wait_all(started)  # the running ones may write into the caller's array: not after we return
+            if from_l2:
+                self._promoter.submit(from_l2)
             with self._lock:  # the get's counters and latencies, once per get
                 self._n["get_blocks"] += len(served)
                 for tier, seconds in served:
@@ -841,6 +840,8 @@ class BlockStore:
         ok = layout.matching_rows(self._ram.heads([pins[i][1] for i in idx], layout.header_len), ids)
         hl, raw, total = layout.header_len, layout.raw_len, layout.total_len
         good = [i for i, fits in zip(idx, ok) if fits and len(pins[i][0]) == total]
+        # One thread copies: split over a thread pool in tasks of 4 MiB, 8 MiB gets ran slower
+        # here (memory-bound, and a hand-off costs about a 256 KiB copy), 128 MiB ones gained < 10%.
         for i in good:  # the arena holds bytes verified (or encoded) on their way in: header only
             rows[i] = np.frombuffer(pins[i][0], dtype=np.uint8, count=raw, offset=hl)
         each = (time.perf_counter() - t0) / max(1, len(good))
@@ -897,63 +898,32 @@ class BlockStore:
             pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
         self._decode(pieces[0], want, dst, ident, verify_body=verify_body)
 
-    def _start_reads(self, ident: CacheIdentity, blocks: list[tuple[int, bytes, Any]]) -> dict[int, tuple]:
-        """Plan and start the reads of a get's blocks, (index, key, destination),
-        that L0 lacks: from L1 where its index has the block, else from L2.
-
-        The reads run in tasks of consecutive blocks of one tier, up to
-        ``L1_READ_TASK_BYTES`` for L1 and the L2's ``read_task_bytes`` (one
-        block for S3), ``L2_READS_IN_FLIGHT`` tasks at a time: n L2 blocks cost
-        about one round trip per that many blocks, not n (issue 10), and a
-        read's copy and CRC run on every core.  The first task's blocks are left
-        to the get's own thread, which would otherwise only wait (a hand-off
-        costs more than a small read).  Returns, by index, (tier, future) for a
-        block read by the pool, (tier, None) for one left to the get's thread.
-        ``_read_one`` takes each result through the same checks as a read it
-        makes itself; the get cancels the futures not started and waits for the
-        rest before it returns (they may write into its caller's array)."""
+    def _start_l2_reads(self, ident: CacheIdentity, blocks: list[tuple[int, bytes, Any]]) -> dict[int, Future | None]:
+        """The blocks of a get, (index, key, destination), that neither L0 nor
+        L1's index holds, by index: each with its L2 read started, where the
+        L2's reads wait on a network (``ObjectStore.concurrent_reads``), so n
+        blocks cost about one round trip per ``L2_READS_IN_FLIGHT``, not n
+        (issue 10); else None, read on the get's own thread.  A local directory
+        is read there, as L1 is: on this machine a read pool made its 256 KiB
+        gets ×1.7–2.2 slower (the threads contend for the GIL between their
+        system calls) and its 2 MiB gets under 10% faster.  ``_read_one`` takes
+        each result through the same checks as a read it makes itself; the get
+        cancels the reads not started and waits for the rest before it returns
+        (a read may write into its caller's array)."""
+        l2 = self._l2
+        if l2 is None:
+            return {}
         with self._lock:
             ram = self._ram
-        l2, plan = self._l2, []
-        for i, sk, dst in blocks:
-            if ram is not None and ram.contains(sk):
-                continue  # arrived in L0 since the get pinned: _read_one reads it from there
-            if self._disk.contains(sk):
-                plan.append(("l1", i, sk, dst))
-            elif l2 is not None:
-                plan.append(("l2", i, sk, dst))
-        tasks: list[list] = []
-        for step in plan:
-            tier = step[0]
-            per_task = max(1, (L1_READ_TASK_BYTES if tier == "l1" else l2.read_task_bytes) // max(1, ident.block_nbytes))
-            if not tasks or tasks[-1][0][0] != tier or len(tasks[-1]) >= per_task:
-                tasks.append([])
-            tasks[-1].append(step)
-        reads: dict[int, tuple] = {i: (tier, None) for tier, i, _, _ in (tasks[0] if tasks else ())}
-        if len(tasks) > 1:
-            with self._lock:
-                if self._read_pool is None:
-                    self._read_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-read")
-                pool = self._read_pool
-            for task in tasks[1:]:
-                reads.update((i, (tier, Future())) for tier, i, _, _ in task)
-                pool.submit(self._read_task, l2, ident, [(reads[i][1], tier, sk, dst) for tier, i, sk, dst in task])
-        return reads
-
-    def _read_task(self, l2, ident: CacheIdentity, blocks: list[tuple[Future, str, bytes, Any]]) -> None:
-        """One read task of ``_start_reads``: its blocks in order, each outcome
-        (pieces, None, or the error) set on the block's future."""
-        for read, tier, skey, dst in blocks:
-            if not read.set_running_or_notify_cancel():
-                continue  # the get ended first (an earlier block failed)
-            try:
-                if tier == "l1":
-                    with translated("disk tier get"):
-                        read.set_result(self._disk.get_into(skey, self._read_buffers(ident, dst)))
-                else:
-                    read.set_result(self._l2_read(l2, skey, ident, dst))
-            except BaseException as exc:  # noqa: BLE001 - handed to the get, which raises it
-                read.set_exception(exc)
+        wanted = [(i, sk, dst) for i, sk, dst in blocks
+                  if not (ram is not None and ram.contains(sk)) and not self._disk.contains(sk)]
+        if not l2.concurrent_reads or len(wanted) < 2:
+            return {i: None for i, _, _ in wanted}
+        with self._lock:
+            if self._l2_pool is None:
+                self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
+            pool = self._l2_pool
+        return {i: pool.submit(self._l2_read, l2, sk, ident, dst) for i, sk, dst in wanted}
 
     def _l2_read(self, l2, skey: bytes, ident: CacheIdentity, dst) -> list | None:
         """An L2 block's verified bytes in pieces (``ObjectStore.get_into``): a
@@ -989,14 +959,13 @@ class BlockStore:
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, pin: tuple | None, from_l2: list,
-                  read: tuple | None = None) -> tuple[str, float]:
+                  l2_read: Future | None = None, l1_lacks: bool = False) -> tuple[str, float]:
         """One block from the fastest tier holding it, verified, into ``dst``;
         (tier, seconds) of the read.  Promotes it upwards (to L0 at once; an L2
         hit is appended to ``from_l2`` for L1).  ``pin``: its L0 slot pinned by
-        the get (``RamTier.pin_many``), or None; ``read``: (tier, future or
-        None) from ``_start_reads``: the tier the get planned to read it from,
-        and that read if the pool runs it."""
-        tier, started = read if read is not None else (None, None)
+        the get (``RamTier.pin_many``), or None; ``l1_lacks``: L1's index
+        lacked it when the get began; ``l2_read``: its L2 read, started then
+        (``_start_l2_reads``)."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
         if pin is not None:  # the slot is not reused until the get unpins it: decode outside any lock
@@ -1012,17 +981,12 @@ class BlockStore:
         t1 = time.perf_counter()
         try:
             with translated("disk tier get"):
-                if tier == "l2":
-                    # L1 lacked it when the get began: its L2 read, if started, may be
-                    # writing into dst, so it is waited for; L1 is asked only when that
-                    # read found nothing and the block arrived in L1 since (not the
-                    # stat of L1's miss path).
-                    skip = (started is not None and _found(started)) or not self._disk.contains(skey)
-                    pieces = None if skip else self._disk.get_into(skey, self._read_buffers(ident, dst))
-                elif tier == "l1" and started is not None:
-                    pieces = started.result()
-                else:
-                    pieces = self._disk.get_into(skey, self._read_buffers(ident, dst))
+                # A block L1's index lacked when the get began: its L2 read, if started,
+                # may be writing into dst, so it is waited for; L1 is asked only when that
+                # read found nothing and the block arrived in L1 since (not the stat of L1's
+                # miss path: the L2 read decides).
+                skip = (l2_read is not None and _found(l2_read)) or (l1_lacks and not self._disk.contains(skey))
+                pieces = None if skip else self._disk.get_into(skey, self._read_buffers(ident, dst))
         except ChecksumMismatchError as exc:  # walpub dropped the record already
             corrupt, pieces = exc, None
             raw_view(dst).fill(0)  # the refused bytes may have been read into it
@@ -1044,10 +1008,7 @@ class BlockStore:
             t2 = time.perf_counter()
             try:
                 with translated("L2 get"):
-                    if tier == "l2" and started is not None:
-                        pieces = started.result()
-                    else:
-                        pieces = self._l2_read(self._l2, skey, ident, dst)
+                    pieces = l2_read.result() if l2_read is not None else self._l2_read(self._l2, skey, ident, dst)
             except ChecksumMismatchError as exc:
                 corrupt, pieces = exc, None
                 raw_view(dst).fill(0)  # the refused bytes may have been read into it
@@ -1157,9 +1118,9 @@ class BlockStore:
             try:
                 self._promoter.stop()  # the queued promotions reach L1 before it closes
                 self._pub.stop_worker()
-                if self._read_pool is not None:  # no get is running (close waited): its threads are idle
-                    self._read_pool.shutdown(wait=True, cancel_futures=True)
-                    self._read_pool = None
+                if self._l2_pool is not None:  # no get is running (close waited): its threads are idle
+                    self._l2_pool.shutdown(wait=True, cancel_futures=True)
+                    self._l2_pool = None
                 if self._l2 is not None:
                     self._pub.stop_prober()
                     self._pub.save_pending()

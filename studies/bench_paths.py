@@ -18,14 +18,9 @@ Paths (``path`` in extra_info), per block size:
 - ``l1-batch``: ``ram_bytes=0`` (every get is an L1 read, as after a restart), page
   cache warm (one untimed get first), beside a plain-file ``readinto`` of the same
   number of files of the same size into the same ``out`` (open, readinto, close each).
-  The store reads a get's L1 and L2 blocks on its read pool (tasks of 4 MiB, the first on
-  the get's own thread), so beside the one-thread limit (the issue's) ``l1-batch`` and
-  ``l2-batch`` also time the same files split over ``CORES`` threads (``limit_cores_s``,
-  ``ratio_cores``): the machine's read limit with every core.
 - ``l2-batch``: a get of ``L1_BATCH`` blocks that only a local-directory L2 holds
   (each round a fresh store directory sharing the L2; open, a first get of 8 other
-  blocks that starts the store's L2 read threads, and close untimed), so
-  it includes the L2 reads (into ``out``; tasks of 4 MiB, 8 in flight, the first on the get's
+  blocks, and close untimed), so it includes the L2 reads (into ``out``, on the get's
   own thread), verification, and queueing the promotion into L1 (the background writer
   reads the objects again and writes them after the get returns: untimed, and not
   running under the next timed get), beside reading the same L2 object files with
@@ -53,7 +48,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +69,6 @@ PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREA
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
-CORES = os.cpu_count() or 1
 
 
 def _ident(block_bytes: int):
@@ -180,18 +173,6 @@ def _plain_reader(paths: list[Path], out: np.ndarray, extra: int):
     return read
 
 
-def _split_reader(paths: list[Path], out: np.ndarray, extra: int, pool) -> "callable":
-    """The same files read by ``CORES`` threads of ``pool``, each a contiguous share
-    (``_plain_reader``): the machine's read limit with every core, beside a store
-    whose reads run on its pool."""
-    step = -(-len(paths) // min(CORES, len(paths)))
-    readers = [_plain_reader(paths[j:j + step], out[j:j + step], extra) for j in range(0, len(paths), step)]
-
-    def read():
-        list(pool.map(lambda reader: reader(), readers))
-    return read
-
-
 def _l1(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
 
@@ -209,21 +190,17 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
             p.write_bytes(blocks[i].tobytes() + bytes(env_bytes - block_bytes))
             paths.append(p)
         plain = _plain_reader(paths, out, env_bytes - block_bytes)  # the rest: the envelope's header and CRC
-        with ThreadPoolExecutor(CORES) as pool:
-            split = _split_reader(paths, out, env_bytes - block_bytes, pool)
-            st.get(ident, tokens, out=out)  # page cache warm, code loaded
-            plain()
-            split()
-            hits = st.stats()["counters"]["l1_hits"]
-            med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "limit_cores": split})
+        st.get(ident, tokens, out=out)  # page cache warm, code loaded
+        plain()
+        hits = st.stats()["counters"]["l1_hits"]
+        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain})
         assert st.stats()["counters"]["l1_hits"] - hits == ROUNDS * n, "a timed get did not come from L1"
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["store"] / med["limit"],
             "limit": "plain files, open + readinto + close each (page cache warm)", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
-            "bytes": n * block_bytes, "cores": CORES, "limit_cores_s": med["limit_cores"],
-            "ratio_cores": med["store"] / med["limit_cores"]}
+            "bytes": n * block_bytes}
 
 
 def _l2(root: Path, block_bytes: int, n: int) -> dict:
@@ -244,8 +221,6 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
     paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
     plain = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes)
-    pool = ThreadPoolExecutor(CORES)
-    split = _split_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes, pool)
     stores = iter(range(10**6))
 
     def store():
@@ -263,18 +238,14 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
     store()  # code loaded, L2 files in the page cache
     assert out.tobytes() == blocks.tobytes()
     plain()
-    split()
-    times: dict[str, list[float]] = {"store": [], "limit": [], "limit_cores": []}
+    times: dict[str, list[float]] = {"store": [], "limit": []}
     for _ in range(ROUNDS):
         times["store"].append(store())
         times["limit"].append(_timed(plain))
-        times["limit_cores"].append(_timed(split))
-    pool.shutdown()
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
             "limit": "the L2 directory's object files, open + readinto + close each (page cache warm)",
-            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
-            "cores": CORES, "limit_cores_s": med["limit_cores"], "ratio_cores": med["limit_cores"] / med["store"]}
+            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes}
 
 
 def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:

@@ -59,13 +59,11 @@ def _get_row(e: dict) -> list[str]:
     if e["path"] == "l2-s3":
         ratio = (f"{_x(e.get('ratio'))} one GET; the same objects fetched one after another took "
                  f"{fmt(_us(e.get('sequential_s')))} µs ({_x(e.get('vs_sequential'))} the get)")
-    cores = DASH if e.get("limit_cores_s") is None else (
-        f"{fmt(_us(e.get('limit_cores_s')))} µs on {fmt(e.get('cores'), 'int')} threads, {_x(e.get('ratio_cores'))}")
     return [e["path"], _size(e.get("block_bytes")), fmt(e.get("threads"), "int"), fmt(e.get("blocks"), "int"),
             fmt(_us(e.get("store_s"))),
             fmt(_us(e.get("limit_s"))), fmt(mb_per_s(e.get("bytes"), e.get("store_s"))),
             fmt(mb_per_s(e.get("block_bytes") if e["path"] == "l2-s3" else e.get("bytes"), e.get("limit_s"))), ratio, fmt(_us(e.get("per_block_s"))), goal, verdict,
-            _txt(e.get("limit")), cores]
+            _txt(e.get("limit"))]
 
 
 def _put_row(e: dict) -> list[str]:
@@ -87,14 +85,14 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
         "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
         "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
-        "the store's object size read with `readinto`; the store reads a get's L1 and L2 blocks on its read pool (tasks of 4 MiB, the first on the get's own thread), so `l1-batch` and `l2-batch` also show the same files read with `readinto` split over every core (`limit on all cores`: the machine's read limit; the goal's limit is the one-thread one); `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` in tasks of 4 MiB, 8 in flight, the first on the get's own thread, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET and the same n GETs one after another through the store's own object store; `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
+        "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's own thread, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET and the same n GETs one after another through the store's own object store; `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
         "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". 1 MB = 1e6 B.",
         "",
         "### Gets (L0 RAM, L1 disk)",
         "",
     ]
     lines += table(["path", "block", "threads", "blocks per round", "store µs", "limit µs", "store MB/s", "limit MB/s", "ratio",
-                    "store µs per block", "goal", "verdict", "limit", "limit on all cores, ratio"],
+                    "store µs per block", "goal", "verdict", "limit"],
                    [_get_row(e) for e in cases if e["path"] != "put-durable"])
     lines += ["### Durable put (one thread, durable on return)", "",
               "`put` of new blocks with `ram_bytes=0` (no RAM copy, like the contenders); LMDB with `sync=True`, one "
@@ -126,15 +124,13 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
                      f"{_x(e.get('ratio'))} raw fsync'd write, {fmt(e.get('fsyncs_per_block'))} fsyncs/block")
         else:
             value = (f"{fmt(_us(e.get('per_block_s')))} µs/block, {_x(e.get('ratio'))}"
-                     + {"l0": " memcpy", "l1": " readinto", "l2": " raw read"}.get(e["path"][:2], "")
-                     + ("" if e.get("ratio_cores") is None else f" ({_x(e.get('ratio_cores'))} on all cores)"))
+                     + {"l0": " memcpy", "l1": " readinto", "l2": " raw read"}.get(e["path"][:2], ""))
         return f"{e['path']} {_size(e.get('block_bytes'))}: {value}" + (f" ({verdict})" if verdict != DASH else "")
 
     gets = [cell(e) for e in cases if e["path"] in ("l0-batch", "l0-single", "l0-fixed", "l1-batch", "l2-batch")]
     puts = [cell(e) for e in cases if e["path"] == "put-durable"]
     return [["Restore through `BlockStore.get` ÷ its limit (issue 10 goals)", "; ".join(gets) or DASH,
-             "one calling thread (L1/L2 reads on the store's pool); L0 ÷ memcpy, L1 × plain-file readinto, "
-             "L2 (directory) ÷ its raw read, both one thread (and split over all cores)", link],
+             "one thread; L0 ÷ memcpy, L1 × plain-file readinto, L2 (directory) ÷ its raw read", link],
             ["Durable put through `BlockStore.put` (issue 10 goals)", "; ".join(puts) or DASH,
              "one thread, durable on return, beside LMDB (sync=True) and a raw fsync'd write", link]]
 

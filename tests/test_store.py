@@ -302,14 +302,7 @@ def _flip_l1_object(store_path, skey: bytes) -> None:
     raise AssertionError("object file not found")
 
 
-@pytest.mark.parametrize("task_bytes", [None, 0], ids=["inline-reads", "pool-reads"])
-def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path, monkeypatch, task_bytes):
-    """``pool-reads``: a task per L1 block, so block 1 (the damaged one) is read by
-    the get's read pool, block 0 by the get's own thread."""
-    import quiver.engine.store as store_module
-
-    if task_bytes is not None:
-        monkeypatch.setattr(store_module, "L1_READ_TASK_BYTES", task_bytes)
+def test_corrupt_disk_copy_is_never_served_and_l2_copy_is(tmp_path):
     ident, tokens, blocks = make_case(10, 2)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 2)]
     path, l2 = tmp_path / "s", tmp_path / "l2"
@@ -355,69 +348,56 @@ def test_l2_hits_are_promoted_to_disk_in_one_group_commit(tmp_path):
 
 
 
-@pytest.mark.parametrize("task_blocks, parties", [(0, 6), (2, 3)], ids=["one-block-tasks", "two-block-tasks"])
-def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch, task_blocks, parties):
-    """The L2 reads of one get are in flight together (issue 10: n blocks cost
-    about one round trip, not n): the get's own thread reads the first task's
-    blocks, the pool the others.  With one block per task (S3's way) all six
-    reads run at once; with two (a local directory's way, bytes per task) three
-    tasks do.  A barrier in the directory store's read lets no read finish
-    until that many have started: sequential reads would break it
-    (BrokenBarrierError after its timeout, which only a failing run waits for)."""
+def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch):
+    """The L2 reads of one get are in flight together where the L2 waits on a
+    network (issue 10: n blocks cost about one round trip, not n): here the
+    directory store marked as such (``concurrent_reads``, S3's value).  A
+    barrier in its read lets no read finish until all six have started:
+    sequential reads would break it (BrokenBarrierError after its timeout,
+    which only a failing run waits for)."""
     import threading
 
     ident, tokens, blocks = make_case(14, 6)
     l2 = tmp_path / "l2"
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-    barrier = threading.Barrier(parties, timeout=60)
+    barrier = threading.Barrier(6, timeout=60)
     real = LocalDirObjectStore._get_into_named
-    threads = set()
 
     def get_into_named(self, name, buffers_for):
-        threads.add(threading.get_ident())
         barrier.wait()
         return real(self, name, buffers_for)
 
-    monkeypatch.setattr(LocalDirObjectStore, "read_task_bytes", task_blocks * ident.block_nbytes)
+    monkeypatch.setattr(LocalDirObjectStore, "concurrent_reads", True)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
         monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
         monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", real)
         c = store.stats()["counters"]
         assert c["l2_hits"] == 6 and c["l1_hits"] == 0
-    assert threading.get_ident() in threads and len(threads) == parties
 
 
-def test_a_get_reads_its_l1_blocks_on_the_read_pool(tmp_path, monkeypatch):
-    """L1 reads of one get run in tasks (``L1_READ_TASK_BYTES``; here two blocks
-    each, so three tasks for six blocks), the first on the get's own thread:
-    a barrier in walpub's read lets no read finish until three have started,
-    which reads one after another would never do (BrokenBarrierError after
-    its timeout, which only a failing run waits for)."""
+def test_a_local_directory_l2_is_read_on_the_gets_own_thread(tmp_path, monkeypatch):
+    """A local directory's reads are page-cache copies: a get reads them on its
+    own thread (a read pool made them slower here: BlockStore._start_l2_reads)."""
     import threading
 
-    import quiver.engine.store as store_module
-    from quiver.walpub.volume import Volume
-
-    ident, tokens, blocks = make_case(15, 6)
-    monkeypatch.setattr(store_module, "L1_READ_TASK_BYTES", 2 * ident.block_nbytes)
-    barrier = threading.Barrier(3, timeout=60)
-    real, threads = Volume.read_into, set()
-
-    def read_into(self, key, buffers_for):
-        threads.add(threading.get_ident())
-        barrier.wait()
-        return real(self, key, buffers_for)
-
-    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+    ident, tokens, blocks = make_case(16, 6)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-        monkeypatch.setattr(Volume, "read_into", read_into)
-        out = np.empty_like(blocks)
-        assert store.get(ident, tokens, 6, out=out) is out and out.tobytes() == blocks.tobytes()
-        monkeypatch.setattr(Volume, "read_into", real)
-        assert store.stats()["counters"]["l1_hits"] == 6
-    assert threading.get_ident() in threads and len(threads) == 3
+    real, threads = LocalDirObjectStore._get_into_named, []
+
+    def get_into_named(self, name, buffers_for):
+        threads.append(threading.current_thread().name)
+        return real(self, name, buffers_for)
+
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
+        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
+        assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
+        store.drain_promotions()  # the promoter reads them again, on its own thread
+    main = threading.current_thread().name
+    assert sorted(threads) == sorted([main] * 6 + ["quiver-l1-promote"] * 6)
 
 
 def test_background_l2_mode_publishes_and_manifests(tmp_path):
@@ -817,10 +797,10 @@ def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path):
 
 
 def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
-    """The pool's reads of a get write into its caller's array, so a get that
-    fails returns only once every read that started has finished.  Here the
-    pool's reads are held until the get's first block has failed: a get that
-    did not wait would return while they still run."""
+    """The pool's reads of a get may write into its caller's array, so a get
+    that fails returns only once every read that started has finished.  Here
+    the other reads are held until the first block's read has failed: a get
+    that did not wait would return while they still run."""
     import threading
 
     from quiver.tier.objectstore import object_name
@@ -834,7 +814,7 @@ def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
     real, failed, started, finished = LocalDirObjectStore._get_into_named, threading.Event(), [], []
 
     def get_into_named(self, name, buffers_for):
-        if name == object_name(skeys[0]):  # the get's own thread: fails
+        if name == object_name(skeys[0]):  # damaged: fails
             try:
                 return real(self, name, buffers_for)
             finally:
@@ -846,7 +826,7 @@ def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
         finally:
             finished.append(name)
 
-    monkeypatch.setattr(LocalDirObjectStore, "read_task_bytes", 0)  # a task per block: four in the pool
+    monkeypatch.setattr(LocalDirObjectStore, "concurrent_reads", True)  # read in flight, as S3 is
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
         monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
         with pytest.raises(ChecksumMismatchError):

@@ -465,12 +465,10 @@ class ObjectStore(ABC):
     #: (an S3 object without quiver-crc32c metadata).  The store then skips its own
     #: second pass over the body (docs/FORMAT.md, "What each read verifies").
     verifies_reads = False
-    #: The bytes one read task of a get carries (BlockStore reads a get's L2 blocks on
-    #: a thread pool).  0: one object per task, for a store whose reads wait on a
-    #: network round trip.  A local directory's reads are a copy from the page cache
-    #: (or a local disk): a thread hand-off cost about as much as reading 256 KiB here,
-    #: so each task there reads consecutive objects up to this many bytes.
-    read_task_bytes = 0
+    #: True when a get's reads of this store should run in flight together (BlockStore's
+    #: read pool): they wait on a network round trip.  False for a local directory,
+    #: whose reads are page-cache or local-disk copies, read on the get's own thread.
+    concurrent_reads = True
     #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss.
     #: Set False once migrate_legacy_layout has run: a miss then costs one request.
     legacy_names = True
@@ -770,7 +768,7 @@ class LocalDirObjectStore(ObjectStore):
     """
 
     verifies_reads = True  # every object carries a CRC32C trailer, checked on every get
-    read_task_bytes = 4 << 20
+    concurrent_reads = False  # BlockStore._start_l2_reads says what a read pool cost here
 
     def __init__(self, root: str | os.PathLike[str], io: FileSystem | None = None) -> None:
         self._io: FileSystem = io if io is not None else OsFileSystem()
