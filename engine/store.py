@@ -905,7 +905,7 @@ class BlockStore:
         blocks cost about one round trip per ``L2_READS_IN_FLIGHT``, not n
         (issue 10); else None, read on the get's own thread.  A local directory
         is read there, as L1 is: on this machine a read pool made its 256 KiB
-        gets ×1.7–2.2 slower (the threads contend for the GIL between their
+        gets ×1.5–2.2 slower (the threads contend for the GIL between their
         system calls) and its 2 MiB gets under 10% faster.  ``_read_one`` takes
         each result through the same checks as a read it makes itself; the get
         cancels the reads not started and waits for the rest before it returns

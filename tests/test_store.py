@@ -776,15 +776,22 @@ def _flip_l2_object(l2, skey: bytes) -> None:
     p.write_bytes(bytes(data))
 
 
-def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path):
-    """A block read into ``out`` whose object fails the directory's CRC32C leaves
-    zeros there, never the refused bytes, and the get names the block."""
-    ident, tokens, blocks = make_case(54, 3)
-    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+def _l2_with_a_damaged_block(tmp_path, seed: int, n: int, damaged: int):
+    """A case of ``n`` blocks put by one store into the directory L2 ``tmp_path/l2``,
+    block ``damaged``'s object flipped there: (ident, tokens, blocks, skeys, l2)."""
+    ident, tokens, blocks = make_case(seed, n)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
     l2 = tmp_path / "l2"
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-    _flip_l2_object(l2, skeys[1])
+    _flip_l2_object(l2, skeys[damaged])
+    return ident, tokens, blocks, skeys, l2
+
+
+def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path):
+    """A block read into ``out`` whose object fails the directory's CRC32C leaves
+    zeros there, never the refused bytes, and the get names the block."""
+    ident, tokens, blocks, _, l2 = _l2_with_a_damaged_block(tmp_path, 54, 3, damaged=1)
     out = np.full_like(blocks, 7)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
         with pytest.raises(ChecksumMismatchError) as err:
@@ -805,12 +812,7 @@ def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
 
     from quiver.tier.objectstore import object_name
 
-    ident, tokens, blocks = make_case(55, 5)
-    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 5)]
-    l2 = tmp_path / "l2"
-    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
-        store.put(ident, tokens, blocks)
-    _flip_l2_object(l2, skeys[0])
+    ident, tokens, blocks, skeys, l2 = _l2_with_a_damaged_block(tmp_path, 55, 5, damaged=0)
     real, failed, started, finished = LocalDirObjectStore._get_into_named, threading.Event(), [], []
 
     def get_into_named(self, name, buffers_for):
