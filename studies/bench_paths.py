@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,8 @@ PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREA
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
+WRITE_PARALLELISM = 8  # walpub's object writes + fsyncs in flight (walpub/io.py, RealIO.write_parallelism)
+_VERIFIED_READ = "the same plain files read, then one CRC32C pass over each (the one check a disk read needs)"
 
 
 def _ident(block_bytes: int):
@@ -114,17 +117,30 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
     out = np.empty_like(blocks)
+    # The floor of a per-block copy: each body copied from its own envelope-sized buffer (as L0's
+    # slots hold them) into its row of out, with no check: the get's memory cost without its Python.
+    rows = out.reshape(n, -1).view(np.uint8)
     with BlockStore.open(root / "store", index="flat", ram_bytes=max(n * (block_bytes + 64 * KiB), 64 * MiB)) as st:
         st.put(ident, tokens, blocks)
         assert st.stats()["residency"]["l0"] == n, "the blocks must all be in L0"
+        head = st.stats()["tiers"]["l1"]["used_bytes"] // n - block_bytes - 4  # the envelope's header (+ CRC)
+        envelopes = [np.concatenate([np.zeros(head, np.uint8), row, np.zeros(4, np.uint8)])
+                     for row in blocks.reshape(n, -1).view(np.uint8)]
+
+        def copy_each():
+            for row, env in zip(rows, envelopes):
+                np.copyto(row, env[head:head + row.size])
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
         hits = st.stats()["counters"]["l0_hits"]
-        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": lambda: np.copyto(out, blocks)})
+        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": lambda: np.copyto(out, blocks),
+                       "floor": copy_each})
         assert st.stats()["counters"]["l0_hits"] - hits == ROUNDS * n, "a timed get left L0"
     return {"store_s": med["store"], "limit_s": med["limit"], "limit": "memcpy (np.copyto, same bytes, same out)",
             "ratio": med["limit"] / med["store"], "blocks": n, "block_bytes": block_bytes,
-            "per_block_s": med["store"] / n, "bytes": n * block_bytes}
+            "per_block_s": med["store"] / n, "bytes": n * block_bytes, "floor_s": med["floor"],
+            "floor": "each block's body copied from its own buffer into its row (np.copyto per block, no check)",
+            "floor_ratio": med["limit"] / med["floor"]}
 
 
 def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
@@ -160,8 +176,12 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
             "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"]}
 
 
-def _plain_reader(paths: list[Path], out: np.ndarray, extra: int):
-    """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch)."""
+def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool = False):
+    """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch);
+    ``verify``: then one CRC32C pass over what was read (the one check a read from disk needs:
+    docs/FORMAT.md), the floor of a verified read."""
+    import crc32c
+
     views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
     tail = bytearray(max(extra, 1))
 
@@ -170,6 +190,8 @@ def _plain_reader(paths: list[Path], out: np.ndarray, extra: int):
             with open(p, "rb", buffering=0) as f:
                 f.readinto(v)
                 f.readinto(tail)
+            if verify:
+                crc32c.crc32c(tail, crc32c.crc32c(v))
     return read
 
 
@@ -190,17 +212,19 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
             p.write_bytes(blocks[i].tobytes() + bytes(env_bytes - block_bytes))
             paths.append(p)
         plain = _plain_reader(paths, out, env_bytes - block_bytes)  # the rest: the envelope's header and CRC
+        verified = _plain_reader(paths, out, env_bytes - block_bytes, verify=True)
         st.get(ident, tokens, out=out)  # page cache warm, code loaded
         plain()
         hits = st.stats()["counters"]["l1_hits"]
-        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain})
+        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "floor": verified})
         assert st.stats()["counters"]["l1_hits"] - hits == ROUNDS * n, "a timed get did not come from L1"
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["store"] / med["limit"],
             "limit": "plain files, open + readinto + close each (page cache warm)", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
-            "bytes": n * block_bytes}
+            "bytes": n * block_bytes, "floor_s": med["floor"], "floor": _VERIFIED_READ,
+            "floor_ratio": med["floor"] / med["limit"]}
 
 
 def _l2(root: Path, block_bytes: int, n: int) -> dict:
@@ -221,6 +245,7 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
     paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
     plain = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes)
+    verified = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes, verify=True)
     stores = iter(range(10**6))
 
     def store():
@@ -238,14 +263,16 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
     store()  # code loaded, L2 files in the page cache
     assert out.tobytes() == blocks.tobytes()
     plain()
-    times: dict[str, list[float]] = {"store": [], "limit": []}
+    times: dict[str, list[float]] = {"store": [], "limit": [], "floor": []}
     for _ in range(ROUNDS):
         times["store"].append(store())
         times["limit"].append(_timed(plain))
+        times["floor"].append(_timed(verified))
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
             "limit": "the L2 directory's object files, open + readinto + close each (page cache warm)",
-            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes}
+            "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
+            "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med["limit"] / med["floor"]}
 
 
 def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
@@ -325,9 +352,11 @@ def _put(root: Path, block_bytes: int, n: int) -> dict:
 
     ident = _ident(block_bytes)
     cases = [_case(ident, n) for _ in range(ROUNDS + 1)]
-    cases_iter = {"store": iter(cases), "lmdb": iter(cases), "raw": iter(cases)}
-    raw_dir = root / "raw"
+    cases_iter = {"store": iter(cases), "lmdb": iter(cases), "raw": iter(cases), "floor": iter(cases)}
+    raw_dir, each_dir = root / "raw", root / "each"
     raw_dir.mkdir()
+    each_dir.mkdir()
+    pool = ThreadPoolExecutor(WRITE_PARALLELISM)
     env = lmdb.open(str(root / "lmdb"), map_size=4 * (ROUNDS + 1) * n * block_bytes + 64 * MiB, sync=True,
                     metasync=True, writemap=False)
     raw_n = [0]
@@ -342,6 +371,17 @@ def _put(root: Path, block_bytes: int, n: int) -> dict:
                 for i in range(n):
                     txn.put(tokens[i * 16:i * 16 + 8].tobytes(), blocks[i].data)
 
+        def file_each():  # the floor of a file per block: n files written + fsync'd as walpub does, one dir fsync
+            _tokens, blocks = next(cases_iter["floor"])
+            raw_n[0] += 1
+            names = [each_dir / f"{raw_n[0]:05d}.{i}" for i in range(n)]
+            list(pool.map(_write_fsynced, names, [blocks[i] for i in range(n)]))
+            dfd = os.open(each_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
         def raw():
             _tokens, blocks = next(cases_iter["raw"])
             raw_n[0] += 1
@@ -354,19 +394,34 @@ def _put(root: Path, block_bytes: int, n: int) -> dict:
             finally:
                 os.close(fd)
 
-        for fn in (store, lmdb_put, raw):  # the first call of each (code, files) untimed
+        for fn in (store, lmdb_put, raw, file_each):  # the first call of each (code, files) untimed
             fn()
         f0 = _fsyncs(st)
-        med = _rounds({"store": store, "lmdb": lmdb_put, "raw": raw})
+        med = _rounds({"store": store, "lmdb": lmdb_put, "raw": raw, "floor": file_each})
         fsyncs = _fsyncs(st) - f0
     env.close()
+    pool.shutdown()
     data = n * block_bytes
     return {"store_s": med["store"], "lmdb_s": med["lmdb"], "limit_s": med["raw"],
             "limit": "raw fsync'd write: the call's bytes into one new file, one fsync",
             "store_bytes_per_s": data / med["store"], "lmdb_bytes_per_s": data / med["lmdb"],
             "raw_bytes_per_s": data / med["raw"], "ratio": med["raw"] / med["store"],
             "vs_lmdb": med["lmdb"] / med["store"], "fsyncs_per_block": fsyncs / (ROUNDS * n), "blocks": n,
-            "block_bytes": block_bytes, "bytes": data}
+            "block_bytes": block_bytes, "bytes": data, "floor_s": med["floor"],
+            "floor": f"a file per block: each written + fsync'd ({WRITE_PARALLELISM} at a time, as walpub), "
+                     "then one fsync of their directory",
+            "floor_vs_lmdb": med["lmdb"] / med["floor"], "floor_ratio": med["raw"] / med["floor"]}
+
+
+def _write_fsynced(path: Path, block: np.ndarray) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        mv = memoryview(block.reshape(-1).view(np.uint8))
+        while mv:
+            mv = mv[os.write(fd, mv):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _label(nbytes: int) -> str:
