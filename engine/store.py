@@ -787,6 +787,9 @@ class BlockStore:
         l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
+            if rows is not None:  # not in L0, and in L1's index when the get began (else: l2_reads)
+                batch += self._l1_batch(ident, keys, parents, skeys, rows,
+                                        [i for i in range(n) if pins[i] is None and i not in l2_reads])
             served.extend(hit for _, hit in batch)
             done = {i for i, _ in batch}
             for i in range(n):
@@ -835,9 +838,8 @@ class BlockStore:
         layout = _layout(ident)
         if len(idx) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
-        ids = None if not self.guard else np.frombuffer(  # the guard's compare, for all hits at once
-            b"".join(ident.fingerprint + keys[i] + parents[i] for i in idx), dtype=np.uint8).reshape(len(idx), -1)
-        ok = layout.matching_rows(self._ram.heads([pins[i][1] for i in idx], layout.header_len), ids)
+        ok = layout.matching_rows(self._ram.heads([pins[i][1] for i in idx], layout.header_len),
+                                  self._guard_ids(ident, keys, parents, idx))
         hl, raw, total = layout.header_len, layout.raw_len, layout.total_len
         good = [i for i, fits in zip(idx, ok) if fits and len(pins[i][0]) == total]
         # One thread copies: split over a thread pool in tasks of 4 MiB, 8 MiB gets ran slower
@@ -846,6 +848,53 @@ class BlockStore:
             rows[i] = np.frombuffer(pins[i][0], dtype=np.uint8, count=raw, offset=hl)
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l0", each)) for i in good]
+
+    def _l1_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
+                  todo: list[int]) -> list[tuple[int, tuple[str, float]]]:
+        """The L1 hits among blocks ``todo`` read and checked together, as
+        ``_l0_batch`` does for L0 (issue 10: the get pays the lock and the call
+        layers once, not per block): ``DiskTier.get_many_into`` reads each
+        codec-none object of the identity's size with its body straight into the
+        block's row and verifies it (length + CRC32C), then every header is
+        checked in one numpy pass (``RawLayout.matching_rows``: layout, the
+        guard's compare, header CRC) and each block is promoted to L0.  Returns
+        (index, ("l1", seconds)) of the blocks served; any other block (a miss,
+        another codec or size, a failed check, a mismatch) is left to
+        ``_read_one``, which reads it again, decides and explains; a refused
+        block's row is zeroed first (its bytes do not stay in the caller's
+        array)."""
+        layout = _layout(ident)
+        if len(todo) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
+            return []
+        t0 = time.perf_counter()
+        heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
+
+        def buffers_for(j: int, i: int):
+            return lambda length: [heads[j], rows[i], bytearray(4)] if length == layout.total_len else None
+        with translated("disk tier get"):
+            got = self._disk.get_many_into([skeys[i] for i in todo], [buffers_for(j, i) for j, i in enumerate(todo)])
+        read = [j for j, pieces in enumerate(got) if pieces is not None]
+        if not read:
+            return []
+        ok = layout.matching_rows(heads[read], self._guard_ids(ident, keys, parents, [todo[j] for j in read]))
+        good = []
+        for j, fits in zip(read, ok):
+            i = todo[j]
+            if fits:
+                good.append(i)
+                self._ram_put(skeys[i], got[j], ident)
+            else:
+                rows[i].fill(0)
+        each = (time.perf_counter() - t0) / max(1, len(good))
+        return [(i, ("l1", each)) for i in good]
+
+    def _guard_ids(self, ident: CacheIdentity, keys: list, parents: list, idx: list[int]) -> np.ndarray | None:
+        """The guard's identity fields (fingerprint, key, parent) of blocks ``idx``,
+        one row each, for ``RawLayout.matching_rows``; None when the guard is off."""
+        if not self.guard:
+            return None
+        return np.frombuffer(b"".join(ident.fingerprint + keys[i] + parents[i] for i in idx),
+                             dtype=np.uint8).reshape(len(idx), -1)
 
     def _decode(self, buf, want, dst, ident: CacheIdentity, verify_body: bool) -> None:
         """Guard (identity fields, then lossiness), then verify and decode.

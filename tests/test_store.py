@@ -1155,6 +1155,87 @@ def test_l1_damaged_object_is_refused_and_wiped_from_out(tmp_path):
         assert not out.any() and store.stats()["counters"]["corrupt_l1"] == 1
 
 
+def _no_one_key_l1_reads(store, monkeypatch) -> list:
+    """Record each L1 read that takes the one-key path (``DiskTier.get_into``)."""
+    one_key = []
+    real = store._disk.get_into
+    monkeypatch.setattr(store._disk, "get_into", lambda key, bf: one_key.append(key) or real(key, bf))
+    return one_key
+
+
+def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
+    """A get of n >= L0_BATCH_MIN blocks in L1 (not L0) reads them all through
+    the tier's batch (``get_many_into``), each body straight into its row of
+    ``out``, and promotes them to L0; none takes the one-key path."""
+    from quiver.engine.store import L0_BATCH_MIN
+
+    n = L0_BATCH_MIN + 2
+    ident, tokens, blocks = make_case(67, n)
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 22, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        for sk in (ident.namespace + k for k in chain_keys(ident, tokens, n)):
+            store._ram.delete(sk)
+        one_key = _no_one_key_l1_reads(store, monkeypatch)
+        batched = []
+        real = store._disk.get_many_into
+
+        def spy(keys, buffers_fors):
+            got = real(keys, buffers_fors)
+            batched.extend(pieces[1] for pieces in got)
+            return got
+
+        monkeypatch.setattr(store._disk, "get_many_into", spy)
+        out = np.zeros_like(blocks)
+        store.get(ident, tokens, out=out)
+        assert np.array_equal(out, blocks) and one_key == [] and len(batched) == n
+        assert all(np.shares_memory(body, out[i]) for i, body in enumerate(batched))
+        c = store.stats()["counters"]
+        assert c["l1_hits"] == n and store.stats()["residency"]["l0"] == n
+        store.get(ident, tokens, out=out)
+        assert store.stats()["counters"]["l0_hits"] == n  # promoted
+
+
+def test_a_damaged_l1_object_in_a_batch_goes_the_one_key_way(tmp_path, monkeypatch):
+    """A body flip in one L1 object of a batched get: the batch serves the
+    others and leaves that block to the one-key path, which refuses it as walpub
+    always did (checksum error naming it, record dropped, its row zeroed); the
+    blocks before it are delivered."""
+    from quiver.engine.store import L0_BATCH_MIN
+
+    n = L0_BATCH_MIN + 2
+    ident, tokens, blocks = make_case(68, n)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        _flip_l1_object(tmp_path / "s", skeys[3])
+        one_key = _no_one_key_l1_reads(store, monkeypatch)
+        out = np.full_like(blocks, 7)
+        with pytest.raises(ChecksumMismatchError) as info:
+            store.get(ident, tokens, out=out)
+        assert info.value.block_index == 3 and one_key == [skeys[3]]
+        assert np.array_equal(out[:3], blocks[:3]) and not out[3].any()
+        assert store.stats()["counters"]["corrupt_l1"] == 1 and store.lookup(ident, tokens) == 3
+
+
+def test_a_guard_refusal_in_an_l1_batch_goes_the_one_key_way(tmp_path, monkeypatch):
+    """Block 1's envelope under block 0's key, in a batched L1 get: the batch's
+    header check refuses it (its row zeroed) and the one-key path explains it,
+    an IdentityMismatchError at block 0; nothing of it is left in ``out``."""
+    from quiver.engine.errors import IdentityMismatchError
+    from quiver.engine.store import L0_BATCH_MIN
+
+    n = L0_BATCH_MIN + 1
+    ident, tokens, blocks = make_case(69, n)
+    with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        sk0 = _second_envelope_under_first_key(store, ident, tokens)
+        one_key = _no_one_key_l1_reads(store, monkeypatch)
+        out = np.full_like(blocks, 7)
+        with pytest.raises(IdentityMismatchError) as info:
+            store.get(ident, tokens, out=out)
+        assert info.value.block_index == 0 and one_key == [sk0] and not out[0].any()
+
+
 def test_a_get_pins_its_l0_hits_once_and_unpins_them_all(tmp_path):
     """A get takes every L0 hit's pin in one call and releases them all, also
     when a later block is missing."""

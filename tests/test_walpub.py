@@ -194,6 +194,32 @@ def test_read_into_refuses_a_damaged_object_like_read(tmp_path, damage):
         assert K(1) not in v and v.stats().corrupt_reads == 1
 
 
+@pytest.mark.parametrize("fs", ["os", "sim"])
+def test_read_many_into_serves_the_fast_path_and_changes_nothing_else(tmp_path, fs):
+    """read_many_into: verified pieces where a read simply verifies; None (and no
+    state change) for a miss, a declined length and a damaged object, which
+    read_into then judges as always (the damaged one: typed error, dropped)."""
+    root, io = (str(tmp_path), None) if fs == "os" else ("/v", SimFileSystem())
+    with Volume(root, io=io) as v:
+        for i in (1, 2, 3):
+            v.publish(K(i), data(i, 1000 + i))
+        path = f"{root}/{object_relpath(K(3))}"
+        raw = bytearray(v.io.read_file(path))
+        raw[600] ^= 0x01
+        fd = v.io.create(path + ".x")
+        v.io.write(fd, bytes(raw))
+        v.io.close(fd)
+        v.io.rename(path + ".x", path)
+        declined = lambda length: None  # noqa: E731
+        got = v.read_many_into([K(1), K(9), K(2), K(3)], [_split([10]), _split([1]), declined, _split([10])])
+        assert b"".join(got[0]) == data(1, 1001) and got[1:] == [None, None, None]
+        assert K(3) in v and v.stats().corrupt_reads == 0
+        assert b"".join(v.read_into(K(2), _split([10]))) == data(2, 1002)
+        with pytest.raises(CorruptObjectError, match="bad crc"):
+            v.read_into(K(3), _split([10]))
+        assert K(3) not in v and v.stats().corrupt_reads == 1
+
+
 @pytest.mark.parametrize("damage", ["missing", "flip", "short"])
 def test_recovery_drops_bad_objects(tmp_path, damage):
     root = str(tmp_path)

@@ -330,6 +330,19 @@ class DiskTier:
             self._count(bytes_out=sum(memoryview(p).nbytes for p in pieces))
         return pieces
 
+    def get_many_into(self, keys: list[bytes], buffers_fors: list) -> list[list | None]:
+        """``get_into`` of many keys on walpub's fast path (``Volume.read_many_into``):
+        each key's verified pieces, or None where that read needs the one-key
+        path (a miss, a failed check, a length its ``buffers_for`` declined),
+        which the caller takes with ``get_into``.  Only the reads served here
+        are counted (hits, bytes out); the others count where they end."""
+        with _translated("get"):
+            got = self.volume.read_many_into(keys, buffers_fors)
+        served = [p for p in got if p is not None]
+        if served:
+            self._count(hits=len(served), bytes_out=sum(memoryview(p).nbytes for ps in served for p in ps))
+        return got
+
     def _counted_read(self, read, *args):
         try:
             with _translated("get"):

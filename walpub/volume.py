@@ -1066,6 +1066,43 @@ class Volume:
         On an error the buffers may hold any bytes and must not be used."""
         return self._read_verified(key, buffers_for)
 
+    def read_many_into(self, keys: list[bytes], buffers_fors: list) -> list[list | None]:
+        """:meth:`read_into` of many keys on its fast path only: one lock
+        acquisition for all their index lookups, then each object read into
+        ``buffers_fors[i](length)`` and verified (length, then one CRC32C pass).
+
+        A key whose read does not simply verify gets None and nothing changes:
+        a miss, a damaged record or index, a failed check, an I/O error, or a
+        ``buffers_for`` that returns None (the caller cannot take that length
+        in place).  The caller reads such a key again with :meth:`read_into`,
+        which repairs, drops or explains (a get of n blocks pays the lock and
+        the call layers once, not n times: issue 10)."""
+        for key in keys:
+            check_key(key)
+        with self._cond:
+            self._check_usable()
+            try:
+                values = [self.index.get(self._prefix + key) for key in keys]
+            except IndexCorruptError:
+                return [None] * len(keys)  # read_into rebuilds the index and answers
+            for key, value in zip(keys, values):
+                if value is not None:
+                    self._touch(key)
+        out: list[list | None] = []
+        for key, value, buffers_for in zip(keys, values, buffers_fors):
+            pieces = None
+            try:
+                if value is not None:
+                    length, crc, _seq, _flags = unpack_index_value(key, value)
+                    pieces = buffers_for(length)
+                    if pieces is not None and not (self.io.read_into(f"{self.root}/{object_relpath(key)}", pieces)
+                                                   == length and _crc_of(pieces) == crc):
+                        pieces = None
+            except (DamagedRecordError, OSError):
+                pieces = None
+            out.append(pieces)
+        return out
+
     def _read_verified(self, key: bytes, buffers_for):
         """read / read_into (``buffers_for`` None: a new ``bytes``).
 
