@@ -790,6 +790,8 @@ class BlockStore:
             if rows is not None:  # not in L0, and in L1's index when the get began (else: l2_reads)
                 batch += self._l1_batch(ident, keys, parents, skeys, rows,
                                         [i for i in range(n) if pins[i] is None and i not in l2_reads])
+                batch += self._l2_batch(ident, keys, parents, skeys, rows,
+                                        [i for i, read in l2_reads.items() if read is None], from_l2)
             served.extend(hit for _, hit in batch)
             done = {i for i, _ in batch}
             for i in range(n):
@@ -851,42 +853,72 @@ class BlockStore:
 
     def _l1_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
                   todo: list[int]) -> list[tuple[int, tuple[str, float]]]:
-        """The L1 hits among blocks ``todo`` read and checked together, as
-        ``_l0_batch`` does for L0 (issue 10: the get pays the lock and the call
-        layers once, not per block): ``DiskTier.get_many_into`` reads each
+        """The L1 hits among blocks ``todo`` read and checked together
+        (``_read_batch`` over ``DiskTier.get_many_into``: walpub's index asked
+        under one lock), each promoted to L0.  Returns (index, ("l1", seconds))
+        of the blocks served; the others are ``_read_one``'s."""
+        t0 = time.perf_counter()
+        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._disk.get_many_into, "disk tier get")
+        for i, pieces in good:
+            self._ram_put(skeys[i], pieces, ident)
+        each = (time.perf_counter() - t0) / max(1, len(good))
+        return [(i, ("l1", each)) for i, _ in good]
+
+    def _l2_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
+                  todo: list[int], from_l2: list) -> list[tuple[int, tuple[str, float]]]:
+        """The L2 hits among blocks ``todo`` (L1's index lacked them; their reads
+        not started in flight) read and checked together (``_read_batch`` over
+        ``ObjectStore.get_many_into``: a local directory's reads, no removal of a
+        damaged object there: ``_read_one`` reads it again and decides), each
+        promoted to L0 and queued for L1 as ``_read_one`` does.  Returns (index,
+        ("l2", seconds)) of the blocks served."""
+        if self._l2 is None or len(todo) < L0_BATCH_MIN:
+            return []
+        t0 = time.perf_counter()
+        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._l2.get_many_into, "L2 get")
+        if not good:
+            return []
+        with self._lock:
+            self._pub.known.update(skeys[i] for i, _ in good)
+        for i, pieces in good:  # a body read into the caller's array: the promoter reads it again
+            from_l2.append((skeys[i], FromL2(sum(memoryview(p).nbytes for p in pieces))))
+            self._ram_put(skeys[i], pieces, ident)
+        each = (time.perf_counter() - t0) / len(good)
+        return [(i, ("l2", each)) for i, _ in good]
+
+    def _read_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
+                    todo: list[int], read_many, what: str) -> list[tuple[int, list]]:
+        """Blocks ``todo`` read from one tier together, as ``_l0_batch`` checks L0
+        hits (issue 10: a get pays the tier's lock and call layers once, not per
+        block): ``read_many(keys, buffers_fors)`` (``get_many_into``) reads each
         codec-none object of the identity's size with its body straight into the
-        block's row and verifies it (length + CRC32C), then every header is
-        checked in one numpy pass (``RawLayout.matching_rows``: layout, the
-        guard's compare, header CRC) and each block is promoted to L0.  Returns
-        (index, ("l1", seconds)) of the blocks served; any other block (a miss,
-        another codec or size, a failed check, a mismatch) is left to
-        ``_read_one``, which reads it again, decides and explains; a refused
-        block's row is zeroed first (its bytes do not stay in the caller's
-        array)."""
+        block's row and verifies it (length + CRC32C: the one pass), then every
+        header is checked in one numpy pass (``RawLayout.matching_rows``: layout,
+        the guard's compare, header CRC).  Returns (index, pieces) of the blocks
+        served; any other (a miss, another codec or size, a failed check, a
+        mismatch) is left to ``_read_one``, which reads it again, decides and
+        explains; a refused block's row is zeroed first (its bytes do not stay in
+        the caller's array)."""
         layout = _layout(ident)
         if len(todo) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
-        t0 = time.perf_counter()
         heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
 
         def buffers_for(j: int, i: int):
             return lambda length: [heads[j], rows[i], bytearray(4)] if length == layout.total_len else None
-        with translated("disk tier get"):
-            got = self._disk.get_many_into([skeys[i] for i in todo], [buffers_for(j, i) for j, i in enumerate(todo)])
+        with translated(what):
+            got = read_many([skeys[i] for i in todo], [buffers_for(j, i) for j, i in enumerate(todo)])
         read = [j for j, pieces in enumerate(got) if pieces is not None]
         if not read:
             return []
         ok = layout.matching_rows(heads[read], self._guard_ids(ident, keys, parents, [todo[j] for j in read]))
         good = []
         for j, fits in zip(read, ok):
-            i = todo[j]
             if fits:
-                good.append(i)
-                self._ram_put(skeys[i], got[j], ident)
+                good.append((todo[j], got[j]))
             else:
-                rows[i].fill(0)
-        each = (time.perf_counter() - t0) / max(1, len(good))
-        return [(i, ("l1", each)) for i in good]
+                rows[todo[j]].fill(0)
+        return good
 
     def _guard_ids(self, ident: CacheIdentity, keys: list, parents: list, idx: list[int]) -> np.ndarray | None:
         """The guard's identity fields (fingerprint, key, parent) of blocks ``idx``,

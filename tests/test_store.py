@@ -386,14 +386,14 @@ def test_a_local_directory_l2_is_read_on_the_gets_own_thread(tmp_path, monkeypat
     l2 = tmp_path / "l2"
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
-    real, threads = LocalDirObjectStore._get_into_named, []
+    real, threads = LocalDirObjectStore._read_named, []
 
-    def get_into_named(self, name, buffers_for):
+    def read_named(self, name, buffers_for):  # every read of an object file (batch, one key)
         threads.append(threading.current_thread().name)
         return real(self, name, buffers_for)
 
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
-        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
+        monkeypatch.setattr(LocalDirObjectStore, "_read_named", read_named)
         assert store.get(ident, tokens, 6).tobytes() == blocks.tobytes()
         store.drain_promotions()  # the promoter reads them again, on its own thread
     main = threading.current_thread().name
@@ -748,15 +748,15 @@ def test_an_l2_read_lands_in_the_callers_array_and_is_promoted_from_l2(tmp_path,
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
     out = np.empty_like(blocks)
-    real, into_out = LocalDirObjectStore._get_into_named, []
+    real, into_out = LocalDirObjectStore._read_named, []
 
-    def get_into_named(self, name, buffers_for):
+    def read_named(self, name, buffers_for):  # every read of an object file (batch, one key)
         pieces = real(self, name, buffers_for)
         into_out.append(any(np.shares_memory(np.frombuffer(p, np.uint8), out) for p in pieces))
         return pieces
 
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
-        monkeypatch.setattr(LocalDirObjectStore, "_get_into_named", get_into_named)
+        monkeypatch.setattr(LocalDirObjectStore, "_read_named", read_named)
         assert store.get(ident, tokens, 6, out=out) is out
         assert out.tobytes() == blocks.tobytes() and into_out == [True] * 6
         out[:] = 0  # the caller's array is the caller's
@@ -788,19 +788,54 @@ def _l2_with_a_damaged_block(tmp_path, seed: int, n: int, damaged: int):
     return ident, tokens, blocks, skeys, l2
 
 
-def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path):
+@pytest.mark.parametrize("n", [3, 6], ids=["one-key", "batch"])
+def test_a_damaged_l2_object_read_into_out_is_zeroed_and_refused(tmp_path, n):
     """A block read into ``out`` whose object fails the directory's CRC32C leaves
-    zeros there, never the refused bytes, and the get names the block."""
-    ident, tokens, blocks, _, l2 = _l2_with_a_damaged_block(tmp_path, 54, 3, damaged=1)
+    zeros there, never the refused bytes, and the get names the block; in a get
+    of 4+ L2 blocks (the batch), the batch leaves it to the one-key path, which
+    refuses it the same way."""
+    ident, tokens, blocks, _, l2 = _l2_with_a_damaged_block(tmp_path, 54, n, damaged=1)
     out = np.full_like(blocks, 7)
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as store:
         with pytest.raises(ChecksumMismatchError) as err:
-            store.get(ident, tokens, 3, out=out)
+            store.get(ident, tokens, n, out=out)
         assert err.value.block_index == 1
         assert out[0].tobytes() == blocks[0].tobytes() and not out[1].view(np.uint16).any()
         assert store.stats()["counters"]["corrupt_l2"] == 1
         with pytest.raises(BlockNotFoundError):  # the damaged object was removed
             store.get(ident, tokens, 2)
+
+
+def test_a_get_reads_its_local_l2_blocks_in_one_batch_into_out(tmp_path, monkeypatch):
+    """A get of 4+ blocks only a local-directory L2 holds reads them through the
+    directory's batch (``get_many_into``), each body straight into its row of
+    ``out``, none through the per-block path; they reach L0 at once and L1
+    through the promoter."""
+    from quiver.engine.store import L0_BATCH_MIN
+
+    n = L0_BATCH_MIN + 2
+    ident, tokens, blocks = make_case(56, n)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
+        store.put(ident, tokens, blocks)
+    with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=1 << 22, index="flat") as store:
+        per_block, batched = [], []
+        real_one, real_many = store._read_one, store._l2.get_many_into
+        monkeypatch.setattr(store, "_read_one", lambda sk, *a, **kw: per_block.append(sk) or real_one(sk, *a, **kw))
+
+        def spy(keys, buffers_fors):
+            got = real_many(keys, buffers_fors)
+            batched.extend(pieces[1] for pieces in got)
+            return got
+
+        monkeypatch.setattr(store._l2, "get_many_into", spy)
+        out = np.zeros_like(blocks)
+        store.get(ident, tokens, out=out)
+        assert np.array_equal(out, blocks) and per_block == [] and len(batched) == n
+        assert all(np.shares_memory(body, out[i]) for i, body in enumerate(batched))
+        store.drain_promotions()
+        st = store.stats()
+        assert st["counters"]["l2_hits"] == n and st["residency"]["l0"] == n and st["residency"]["l1"] == n
 
 
 def test_a_failed_get_returns_after_its_started_l2_reads(tmp_path, monkeypatch):
