@@ -996,8 +996,9 @@ class BlockStore:
             return {}
         with self._lock:
             ram = self._ram
-        wanted = [(i, sk, dst) for i, sk, dst in blocks
-                  if not (ram is not None and ram.contains(sk)) and not self._disk.contains(sk)]
+        maybe = [(i, sk, dst) for i, sk, dst in blocks if not (ram is not None and ram.contains(sk))]
+        in_l1 = self._disk.contains_many([sk for _, sk, _ in maybe]) if maybe else []  # one index call
+        wanted = [block for block, held in zip(maybe, in_l1) if not held]
         if not l2.concurrent_reads or len(wanted) < 2:
             return {i: None for i, _, _ in wanted}
         with self._lock:

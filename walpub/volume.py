@@ -1082,7 +1082,7 @@ class Volume:
         with self._cond:
             self._check_usable()
             try:
-                values = [self.index.get(self._prefix + key) for key in keys]
+                values = self.index.get_many([self._prefix + key for key in keys])
             except IndexCorruptError:
                 return [None] * len(keys)  # read_into rebuilds the index and answers
             for key, value in zip(keys, values):
