@@ -26,10 +26,10 @@ Paths (``path`` in extra_info), per block size:
   running under the next timed get), beside reading the same L2 object files with
   ``readinto`` (page cache warm): that directory's raw read bandwidth.  The three
   contenders (get, raw read, raw read + CRC) run back to back after each round's
-  set-up, in an order that rotates with the round: run always right after the get,
-  the raw read found the same bytes hot in the CPU's cache while the get came after
-  the set-up's work (a first version did that: it put the get at ×0.26–0.40 of a raw
-  read that was ~2× faster there than on its own).
+  set-up, in an order that rotates with the round, and the get's promotion is drained
+  before the next contender, so none always runs in the same place (a first version ran
+  the raw read always right after the store's close; measured side by side on
+  2026-12-03 the two orders gave the same ratios within run-to-run noise).
 - ``l2-s3``: the same get of ``L1_BATCH`` blocks from an S3 L2 (moto in server mode,
   SigV4 on, over loopback HTTP; tests/s3servers.py), each round a fresh store as above,
   beside that store's object store fetching the same objects one after another
