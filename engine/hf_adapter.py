@@ -58,7 +58,7 @@ import torch
 
 from quiver.engine.errors import QuiverError
 from quiver.engine.identity import CacheIdentity
-from quiver.engine.torch_io import KVLayout, gather_dynamic, scatter_dynamic
+from quiver.engine.torch_io import KVLayout, empty_host, gather_dynamic, scatter_dynamic
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -172,7 +172,7 @@ class HFPrefixCache:
         """
         if self._staging is None or self._staging.shape[0] < n_blocks:
             self._staging = None  # release the old one before allocating the new one
-            buf = torch.empty((n_blocks, *self.layout.block_shape), dtype=self.layout.dtype)
+            buf = empty_host((n_blocks, *self.layout.block_shape), self.layout.dtype)
             buf.zero_()
             self._staging = buf
         return self._staging[:n_blocks]
@@ -228,7 +228,7 @@ class HFPrefixCache:
         stored, put_error = 0, None
         if self.store_blocks and full > k:
             t0 = time.perf_counter()
-            new = torch.empty((full - k, *self.layout.block_shape), dtype=self.layout.dtype)
+            new = empty_host((full - k, *self.layout.block_shape), self.layout.dtype)
             gather_dynamic(cache, new, self.layout, first_block=k)
             t["gather_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -73,6 +73,7 @@ from quiver.engine.torch_io import (
     TORCH_DTYPES,
     KVLayout,
     detect_paged_layout,
+    empty_host,
     gather_paged_any,
     scatter_paged_any,
 )
@@ -645,7 +646,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _host(self, n: int) -> torch.Tensor:
         """A fresh host buffer for ``n`` blocks: a save's buffer is owned by its
         asynchronous put until that returns, so buffers are not reused."""
-        return torch.empty((n, *self._layout.block_shape), dtype=self._layout.dtype)
+        return empty_host((n, *self._layout.block_shape), self._layout.dtype)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         if self.store is None or not self.has_connector_metadata():
