@@ -55,9 +55,6 @@ has it) unless the cores are idle.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,6 +63,7 @@ import torch
 
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
+from quiver.tier.hugepages import advise_huge_pages
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 #: Blocks per CUDA staging chunk: bounds pinned and device scratch memory.
@@ -125,39 +123,12 @@ class CopyReport:
 
 # --- host buffers ----------------------------------------------------------------
 
-#: Fresh CPU tensors at least this large get their pages advised huge (numpy's own threshold).
-HUGEPAGE_MIN_BYTES = 4 << 20
-_HUGEPAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    """libc's madvise, or None where there is none to call (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    fn = ctypes.CDLL(None, use_errno=True).madvise
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
 def empty_host(shape, dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, its pages advised huge
-    (MADV_HUGEPAGE on the 2 MiB-aligned span inside it) when it is at least
-    HUGEPAGE_MIN_BYTES, as numpy does for its own large arrays: the first touch
-    of a fresh tensor is page faults and the kernel zeroing pages, and a fresh
-    64 MiB tensor filled by ``copy_`` ran 2.1 GB/s with 4 KiB pages against
-    6.1 GB/s advised (9.3 GB/s into touched memory; 2 cores, 2026-12-03).  The
-    advice is a hint: where the kernel has no transparent huge pages it fails
-    and nothing changes."""
+    when large (tier/hugepages.py: a fresh 64 MiB tensor filled by ``copy_``
+    ran 2.1 GB/s with 4 KiB pages, 6.1 GB/s advised)."""
     t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    madvise = _madvise()
-    if nbytes >= HUGEPAGE_MIN_BYTES and madvise is not None:
-        start = -(-t.data_ptr() // _HUGEPAGE) * _HUGEPAGE
-        end = (t.data_ptr() + nbytes) // _HUGEPAGE * _HUGEPAGE
-        if end > start:
-            madvise(start, end - start, _MADV_HUGEPAGE)
+    advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
     return t
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -320,34 +318,3 @@ def test_dynamic_copies_on_sliced_batched_caches_and_offset_buffers(dtype):
         for kv in range(2):
             assert torch.equal(fresh[layer][kv][0], pairs[layer][kv][0, :, :3 * T])
 
-
-def _vm_flags_at(addr: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``addr`` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
-@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
-                    reason="no transparent huge pages in this kernel: the advice has nothing to ask")
-def test_a_large_fresh_host_tensor_is_advised_huge_pages():
-    """empty_host: a tensor of HUGEPAGE_MIN_BYTES or more has the 2 MiB-aligned span
-    inside it advised MADV_HUGEPAGE (the kernel shows it as VmFlags "hg"); a
-    smaller one is a plain torch.empty.  Both are ordinary writable tensors."""
-    from quiver.engine.torch_io import HUGEPAGE_MIN_BYTES, empty_host
-
-    big = empty_host((HUGEPAGE_MIN_BYTES * 2 // 4,), torch.float32)
-    assert big.shape == (HUGEPAGE_MIN_BYTES * 2 // 4,) and big.dtype == torch.float32
-    start = -(-big.data_ptr() // (2 << 20)) * (2 << 20)
-    assert "hg" in _vm_flags_at(start)
-    big.fill_(1.5)
-    assert float(big.sum()) == 1.5 * big.numel()
-    small = empty_host((3, 5), torch.float16)
-    assert small.shape == (3, 5) and small.dtype == torch.float16

@@ -46,6 +46,7 @@ from quiver.tier.errors import (
     TierObjectTooLargeError,
     TierReservationError,
 )
+from quiver.tier.hugepages import advise_huge_pages
 from quiver.tier.policy import make_policy
 from quiver.walpub.wal import MAX_KEY_BYTES
 
@@ -116,6 +117,7 @@ class RamTier:
         # not all at open. Touching the whole arena up front cost 0.03-0.6 s (256 MiB) on the
         # first put of every process (first-request study); RSS now grows with what L0 holds.
         self.arena = np.zeros(n_slots * slot_bytes, dtype=np.uint8)
+        advise_huge_pages(self.arena.ctypes.data, self.arena.nbytes)  # first touches: 512x fewer faults
         self._mv = memoryview(self.arena)  # writable, format "B": slices are cheap views
         self._free: list[int] = list(range(n_slots - 1, -1, -1))  # stack: pop() gives slot 0 first
         self._where: dict[bytes, tuple[int, int]] = {}            # key -> (slot, nbytes), committed
