@@ -788,10 +788,15 @@ class BlockStore:
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             if rows is not None:  # not in L0, and in L1's index when the get began (else: l2_reads)
-                batch += self._l1_batch(ident, keys, parents, skeys, rows,
-                                        [i for i in range(n) if pins[i] is None and i not in l2_reads])
-                batch += self._l2_batch(ident, keys, parents, skeys, rows,
-                                        [i for i, read in l2_reads.items() if read is None], from_l2)
+                try:
+                    batch += self._l1_batch(ident, keys, parents, skeys, rows,
+                                            [i for i in range(n) if pins[i] is None and i not in l2_reads])
+                    batch += self._l2_batch(ident, keys, parents, skeys, rows,
+                                            [i for i, read in l2_reads.items() if read is None], from_l2)
+                except QuiverError as exc:  # a tier that failed as a whole (closed, failed): at the first
+                    delivered = {i for i, _ in batch}  # block not delivered, so the ones before it were
+                    exc.block_index = start + next(i for i in range(n) if i not in delivered)
+                    raise
             served.extend(hit for _, hit in batch)
             done = {i for i, _ in batch}
             for i in range(n):

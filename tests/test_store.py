@@ -1230,6 +1230,34 @@ def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
         assert store.stats()["counters"]["l0_hits"] == n  # promoted
 
 
+def test_a_tier_failing_in_a_batch_names_the_first_block_not_delivered(tmp_path, monkeypatch):
+    """A get's error carries block_index, every block before it delivered: when
+    L1 fails as a whole during the batched read (here its volume's lock check
+    raising as a closed volume does: a fake for a fault this test cannot time),
+    the error names the first block the L0 batch did not deliver."""
+    from quiver.engine.errors import StoreClosedError
+    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.walpub.errors import VolumeClosedError
+
+    n = 2 * L0_BATCH_MIN
+    ident, tokens, blocks = make_case(70, n)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
+    with BlockStore.open(tmp_path / "s", ram_bytes=1 << 23, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        for sk in skeys[L0_BATCH_MIN:]:
+            store._ram.delete(sk)  # blocks 0..3 in L0, 4..7 only in L1
+
+        def closed(*_a, **_kw):
+            raise VolumeClosedError("volume is closed")
+
+        monkeypatch.setattr(store._disk.volume, "_check_usable", closed)
+        out = np.zeros_like(blocks)
+        with pytest.raises(StoreClosedError) as info:
+            store.get(ident, tokens, out=out)
+        assert info.value.block_index == L0_BATCH_MIN
+        assert np.array_equal(out[:L0_BATCH_MIN], blocks[:L0_BATCH_MIN])
+
+
 def test_a_damaged_l1_object_in_a_batch_goes_the_one_key_way(tmp_path, monkeypatch):
     """A body flip in one L1 object of a batched get: the batch serves the
     others and leaves that block to the one-key path, which refuses it as walpub
