@@ -392,14 +392,7 @@ def _put(root: Path, block_bytes: int, n: int) -> dict:
         def raw():
             _tokens, blocks = next(cases_iter["raw"])
             raw_n[0] += 1
-            fd = os.open(raw_dir / f"{raw_n[0]:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                mv = memoryview(blocks.reshape(-1).view(np.uint8))
-                while mv:
-                    mv = mv[os.write(fd, mv):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_fsynced(raw_dir / f"{raw_n[0]:05d}", blocks)  # the call's bytes, one file, one fsync
 
         for fn in (store, lmdb_put, raw, file_each):  # the first call of each (code, files) untimed
             fn()
