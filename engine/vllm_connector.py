@@ -75,6 +75,7 @@ from quiver.engine.torch_io import (
     detect_paged_layout,
     empty_host,
     gather_paged_any,
+    host_blocks,
     scatter_paged_any,
 )
 
@@ -118,9 +119,11 @@ class QuiverOptions:
     tokenizer_revision: str | None = None
     lora_revisions: dict = field(default_factory=dict)
     events_path: str | None = None
+    load_staging_bytes: int = 256 << 20
 
     KEYS = ("store_path", "object_store", "index", "ram_bytes", "disk_bytes", "l2_mode", "s3_options",
-            "tenant", "model_name", "model_revision", "tokenizer_revision", "lora_revisions", "events_path")
+            "tenant", "model_name", "model_revision", "tokenizer_revision", "lora_revisions", "events_path",
+            "load_staging_bytes")
 
     @classmethod
     def from_extra(cls, extra: dict | None, env: dict | None = None) -> "QuiverOptions":
@@ -148,6 +151,7 @@ class QuiverOptions:
             tokenizer_revision=extra.get("tokenizer_revision"),
             lora_revisions=dict(extra.get("lora_revisions") or {}),
             events_path=extra.get("events_path") or env.get("QUIVER_VLLM_EVENTS") or None,
+            load_staging_bytes=int(extra.get("load_staging_bytes", 256 << 20)),
         )
 
 
@@ -474,6 +478,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._layout: KVLayout | None = None
             self._load_errors: set[int] = set()
             self.loaded_blocks = 0
+            self._staging: torch.Tensor | None = None  # the loads' host buffer, reused (see _load_buffer)
+            self._staging_copy = None  # the CopyReport of the last scatter out of it (CUDA: may be in flight)
 
     # ------------------------------------------------------------------ scheduler side
     def on_new_request(self, request) -> None:
@@ -610,6 +616,12 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             jit = _art_kernels.warmup(wait=True)
             self.events.emit("warmup", seconds=time.perf_counter() - t0, failed=jit.get("failed"),
                              pending=list(jit.get("pending") or []))
+        # The loads' host buffer, its pages touched now: a fresh buffer per load paid its page
+        # faults inside the load (in this VM, whose freed memory goes back to the host, 0.5 s of a
+        # 1.3 s 64 MiB load right after a restart).  Sized for the longest prompt, capped.
+        max_blocks = -(-int(self._vllm_config.model_config.max_model_len) // self.block_size)
+        n = min(max_blocks, self.opts.load_staging_bytes // self._layout.block_nbytes)
+        self._staging = host_blocks(n, self._layout, for_device=self._kv[0].device) if n > 0 else None
         self._store_thread = StoreThread(self.store, self.events)
         self._server = LookupServer(socket_name(self.opts.store_path, rank), self._lookup_answer)
         atexit.register(self._close_worker)  # if vLLM exits without calling shutdown(): drain the saves
@@ -645,8 +657,20 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _host(self, n: int) -> torch.Tensor:
         """A fresh host buffer for ``n`` blocks: a save's buffer is owned by its
-        asynchronous put until that returns, so buffers are not reused."""
+        asynchronous put until that returns, so save buffers are not reused."""
         return empty_host((n, *self._layout.block_shape), self._layout.dtype)
+
+    def _load_buffer(self, n: int) -> torch.Tensor:
+        """Where a load of ``n`` blocks lands before its scatter: the staging
+        buffer (one per worker, reused: a load is synchronous) when it holds
+        ``n`` blocks, else a fresh one.  On CUDA the previous scatter out of the
+        staging buffer may still be copying from it: waited for first."""
+        if self._staging_copy is not None:
+            self._staging_copy.wait()
+            self._staging_copy = None
+        if self._staging is not None and n <= self._staging.shape[0]:
+            return self._staging[:n]
+        return self._host(n)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         if self.store is None or not self.has_connector_metadata():
@@ -662,10 +686,12 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 if op.load_fail:
                     raise ValueError("unaligned external hit: nothing was loaded")
                 ident = self._ident(op.parts)
-                buf = self._host(end - start)  # only the blocks vLLM does not hold already
+                buf = self._load_buffer(end - start)  # only the blocks vLLM does not hold already
                 self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf,
                                start_block=start)
-                scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end], self._layout)
+                copy = scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end], self._layout)
+                if self._staging is not None and buf.data_ptr() == self._staging.data_ptr():
+                    self._staging_copy = copy
             except Exception as exc:  # never an inference failure: vLLM recomputes these blocks
                 bad = op.block_ids[start:end]
                 self._load_errors.update(bad)
