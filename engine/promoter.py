@@ -1,12 +1,16 @@
-"""Promotion of L2 hits into L1, off the get's critical path (issue 10).
+"""Promotion of a get's hits into the tiers above them, off the get's critical path (issue 10).
 
 A get that finds blocks only in L2 hands the verified envelopes (or, where
 it read them straight into its caller's array, ``FromL2``: read them again)
-to this promoter and returns; one background thread writes them into L1 with one
-``publish_many`` (one WAL group commit) per get, as the get used to do inline.
-Promotion is a cache copy: the blocks stay in L2, so a crash before the write
-loses nothing but the copy, and a failed write is counted and logged, never
-raised to anyone.
+to the store's L1 promoter and returns; its background thread writes them into
+L1 with one ``publish_many`` (one WAL group commit) per get, then copies them
+into L0.  L1 hits go to the L0 promoter as ``FromL1`` (read them again from
+L1, straight into an L0 slot): a get of blocks its caller will hold anyway (a
+serving engine's own KV cache) does not also pay the copy into L0 and the
+first-touch page faults of L0's memory.
+Promotion is a cache copy: the blocks stay where they were read from, so a
+crash before the write loses nothing but the copy, and a failed write is
+counted and logged, never raised to anyone.
 
 The queue is bounded by bytes (``max_bytes``): a batch that would take it past
 the bound, while it already holds something, is promoted by the caller itself
@@ -32,16 +36,23 @@ class FromL2(NamedTuple):
     nbytes: int
 
 
+class FromL1(NamedTuple):
+    """An L1 hit to copy into L0: the writer reads it from L1 again into a slot.
+    ``nbytes``: the envelope's size."""
+    nbytes: int
+
+
 def _nbytes(env: Any) -> int:
-    return env.nbytes if isinstance(env, FromL2) else memoryview(env).nbytes
+    return env.nbytes if isinstance(env, (FromL2, FromL1)) else memoryview(env).nbytes
 
 
-class L1Promoter:
-    """One writer thread (started on first use) over a byte-bounded queue."""
+class Promoter:
+    """One writer thread (started on first use, named ``name``) over a byte-bounded queue."""
 
-    def __init__(self, write: Callable[[Items], None], max_bytes: int) -> None:
+    def __init__(self, write: Callable[[Items], None], max_bytes: int, name: str) -> None:
         self._write = write  # never raises: counts and logs its own failures
         self.max_bytes = max_bytes
+        self._name = name
         self._cv = threading.Condition(threading.Lock())
         self._queue: deque[tuple[Items, int]] = deque()
         self._queued_bytes = 0
@@ -61,7 +72,7 @@ class L1Promoter:
                 self._queue.append((items, nbytes))
                 self._queued_bytes += nbytes
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="quiver-l1-promote", daemon=True)
+                    self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                     self._thread.start()
                 self._cv.notify_all()
             else:
@@ -99,7 +110,7 @@ class L1Promoter:
             return dict(self.counts, queued_bytes=self._queued_bytes)
 
     def drain(self) -> None:
-        """Return once every batch submitted before the call is in L1 (or failed)."""
+        """Return once every batch submitted before the call is written (or failed)."""
         with self._cv:
             while self._queue or self._busy:
                 self._cv.wait()

@@ -99,7 +99,7 @@ from quiver.engine.l2_publisher import L2Publisher
 from quiver.engine.metrics import latency_snapshot, new_latency
 from quiver.engine.options import check_open_options, check_path, config_record
 from quiver.engine.owed_journal import OwedJournal
-from quiver.engine.promoter import FromL2, L1Promoter
+from quiver.engine.promoter import FromL1, FromL2, Promoter
 from quiver.engine.payload import block_arrays, check_identity, check_quant, check_start_block
 
 TIERS = ("l0", "l1", "l2")
@@ -113,7 +113,7 @@ PENDING_L2 = "PENDING_L2"
 JOURNAL_SLACK_KEYS = 4096
 #: L2 reads one get keeps in flight (botocore's default pool holds 10 connections).
 L2_READS_IN_FLIGHT = 8
-#: Bytes of L2 hits queued for promotion into L1 before a get writes its own (engine/promoter.py).
+#: Bytes queued for promotion (L2 hits into L1, L1 hits into L0) before a get writes its own (engine/promoter.py).
 PROMOTE_QUEUE_BYTES = 256 * MiB
 #: Byte offset of the codec id in an envelope header (docs/FORMAT.md).
 _CODEC_AT = 6
@@ -358,7 +358,9 @@ class BlockStore:
         self._disk = None
         self._l2 = None
         self._l2_pool: ThreadPoolExecutor | None = None  # a get's concurrent L2 reads (made on first use)
-        self._promoter = L1Promoter(self._promote_now, PROMOTE_QUEUE_BYTES)  # L2 hits into L1, in the background
+        # A get's hits copied into the tiers above them in the background (engine/promoter.py).
+        self._promoter = Promoter(self._promote_now, PROMOTE_QUEUE_BYTES, "quiver-l1-promote")  # L2 hits: L1, L0
+        self._l0_promoter = Promoter(self._promote_l0_now, PROMOTE_QUEUE_BYTES, "quiver-l0-promote")  # L1 hits
         self._lock_fd: int | None = None
         self._n = dict(
             put_blocks=0, put_present=0, put_in_slot=0, put_heap=0, get_blocks=0,
@@ -367,6 +369,7 @@ class BlockStore:
             lookups=0, l2_heads=0, l2_lookup_errors=0, l2_published=0, l2_existing=0, l2_failures=0,
             l2_deferred=0, l2_retried=0, l2_lost=0, l2_known=0, manifests_written=0, manifest_failures=0,
             bootstrap_keys=0, l0_busy=0, journal_appends=0, journal_compactions=0, l1_promote_failures=0,
+            l0_promote_failures=0,
         )
         # Latency histograms (engine.metrics): op -> tier -> Histogram, guarded by _lock.
         self._lat = new_latency()
@@ -682,25 +685,29 @@ class BlockStore:
                 else:
                     self._ram.abort(sk)
 
-    def _ram_put(self, skey: bytes, pieces: list, ident: CacheIdentity) -> None:
-        """Copy a finished envelope (a promotion from L1/L2), given as the pieces
-        it was read in, into L0: a reserved slot filled outside the store lock."""
+    def _ensure_l0(self, ident: CacheIdentity) -> bool:
+        """Create the L0 arena, sized for ``ident``'s envelopes, before a get
+        queues its first promotion into it; False when the store has no L0."""
         if self._ram_bytes == 0:
-            return
+            return False
         with self._lock:
             if self._ram is None:
                 exact = "none" if self.codec == "int8" else self.codec
                 self._make_ram(envelope_bound(ident, "int8" if ident.kv_quant is not None else exact))
+        return True
+
+    def _ram_put(self, skey: bytes, pieces: list) -> None:
+        """Copy a finished envelope (a promotion from L2), given as the pieces it
+        was read in, into L0: a reserved slot filled outside the store lock."""
         views = [memoryview(p).cast("B") for p in pieces]
         slot = self._l0_reserve(skey, sum(v.nbytes for v in views))
-        if slot is None:  # already in L0, too big, or every slot held by in-flight puts
+        if slot is None:  # no L0, already in L0, too big, or every slot held by in-flight puts
             return
         pos = 0
         for v in views:
             slot[pos:pos + v.nbytes] = v
             pos += v.nbytes
         self._l0_finish([skey], commit=True)
-
 
     # ------------------------------------------------------------------ L2 (engine.l2_publisher)
     #: Budget of the L2 HEAD one lookup may make (advisory: a miss when it runs out).
@@ -777,7 +784,8 @@ class BlockStore:
             result = out
         # The destination's bytes, one row per block, where it is one array.
         rows = None if isinstance(result, (list, tuple)) or n == 0 else raw_view(result).reshape(n, -1)
-        from_l2: list[tuple[bytes, Any]] = []  # promoted to L1 in one group commit (engine/promoter.py)
+        from_l2: list[tuple[bytes, Any]] = []  # promoted to L1 in one group commit, then L0 (engine/promoter.py)
+        from_l1: list[tuple[bytes, FromL1]] = []  # promoted to L0 (engine/promoter.py)
         served: list[tuple[str, float]] = []      # (tier, seconds) per block delivered
         with self._lock:
             ram = self._ram
@@ -790,7 +798,7 @@ class BlockStore:
             if rows is not None:  # not in L0, and in L1's index when the get began (else: l2_reads)
                 try:
                     batch += self._l1_batch(ident, keys, parents, skeys, rows,
-                                            [i for i in range(n) if pins[i] is None and i not in l2_reads])
+                                            [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1)
                     batch += self._l2_batch(ident, keys, parents, skeys, rows,
                                             [i for i, read in l2_reads.items() if read is None], from_l2)
                 except QuiverError as exc:  # a tier that failed as a whole (closed, failed): at the first
@@ -804,7 +812,7 @@ class BlockStore:
                     continue
                 want = expected_for(ident, keys[i], parents[i])
                 try:
-                    served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2,
+                    served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2, from_l1,
                                                  l2_reads.get(i), l1_lacks=i in l2_reads))
                 except QuiverError as exc:
                     exc.block_index = start + i
@@ -820,6 +828,8 @@ class BlockStore:
                 for fut in started:
                     fut.cancel()  # those not running yet (a failed block ends the get)
                 wait_all(started)  # the running ones may write into the caller's array: not after we return
+            if (from_l2 or from_l1) and self._ensure_l0(ident):
+                self._l0_promoter.submit(from_l1)
             if from_l2:
                 self._promoter.submit(from_l2)
             with self._lock:  # the get's counters and latencies, once per get
@@ -857,15 +867,15 @@ class BlockStore:
         return [(i, ("l0", each)) for i in good]
 
     def _l1_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
-                  todo: list[int]) -> list[tuple[int, tuple[str, float]]]:
+                  todo: list[int], from_l1: list) -> list[tuple[int, tuple[str, float]]]:
         """The L1 hits among blocks ``todo`` read and checked together
         (``_read_batch`` over ``DiskTier.get_many_into``: walpub's index asked
-        under one lock), each promoted to L0.  Returns (index, ("l1", seconds))
-        of the blocks served; the others are ``_read_one``'s."""
+        under one lock), each appended to ``from_l1`` (promoted to L0 after the
+        get).  Returns (index, ("l1", seconds)) of the blocks served; the others
+        are ``_read_one``'s."""
         t0 = time.perf_counter()
         good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._disk.get_many_into, "disk tier get")
-        for i, pieces in good:
-            self._ram_put(skeys[i], pieces, ident)
+        from_l1.extend((skeys[i], FromL1(sum(memoryview(p).nbytes for p in pieces))) for i, pieces in good)
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l1", each)) for i, _ in good]
 
@@ -875,7 +885,7 @@ class BlockStore:
         not started in flight) read and checked together (``_read_batch`` over
         ``ObjectStore.get_many_into``: a local directory's reads, no removal of a
         damaged object there: ``_read_one`` reads it again and decides), each
-        promoted to L0 and queued for L1 as ``_read_one`` does.  Returns (index,
+        queued for L1 and L0 as ``_read_one`` does.  Returns (index,
         ("l2", seconds)) of the blocks served."""
         if self._l2 is None or len(todo) < L0_BATCH_MIN:
             return []
@@ -887,7 +897,6 @@ class BlockStore:
             self._pub.known.update(skeys[i] for i, _ in good)
         for i, pieces in good:  # a body read into the caller's array: the promoter reads it again
             from_l2.append((skeys[i], FromL2(sum(memoryview(p).nbytes for p in pieces))))
-            self._ram_put(skeys[i], pieces, ident)
         each = (time.perf_counter() - t0) / len(good)
         return [(i, ("l2", each)) for i, _ in good]
 
@@ -1019,10 +1028,12 @@ class BlockStore:
         return l2.get_into(skey, self._read_buffers(ident, dst))
 
     def drain_promotions(self) -> None:
-        """Return once the L2 hits of the gets that returned before this call are
-        in L1 (a get promotes them in the background: engine/promoter.py)."""
+        """Return once the hits of the gets that returned before this call are
+        promoted: L2 hits in L1 and L0, L1 hits in L0 (a get promotes them in
+        the background: engine/promoter.py)."""
         self._check_open()
         self._promoter.drain()
+        self._l0_promoter.drain()
 
     def _promote_now(self, items: list[tuple[bytes, bytes]]) -> None:
         """Copy verified L2 hits into L1 with one publish_many (one WAL group
@@ -1044,12 +1055,40 @@ class BlockStore:
             with self._lock:
                 self._n["l1_promote_failures"] += 1
             logging.getLogger("quiver.engine.store").warning("promoting %d L2 hit(s) to L1 failed: %s", len(items), exc)
+        for skey, env in items:  # then L0, from the bytes in hand (verified when the get read them)
+            if not isinstance(env, FromL2):
+                self._ram_put(skey, [env])
+
+    def _promote_l0_now(self, items: list[tuple[bytes, FromL1]]) -> None:
+        """Copy L1 hits into L0: each read from L1 again straight into a reserved
+        L0 slot on walpub's fast path (``get_many_into``: one lock, length and
+        CRC32C checked, no side effect) and committed only if that read
+        verified.  Run by the L0 promoter's thread, or by a get when its queue
+        is full.  Best effort, as L1 promotion: a block already in L0 is
+        skipped; one gone from L1 since, changed or damaged is not copied (the
+        next get that reads it from L1 decides); an error is counted
+        (``l0_promote_failures``) and logged, never raised."""
+        slots = [(skey, item.nbytes, self._l0_reserve(skey, item.nbytes)) for skey, item in items]
+        slots = [(skey, nbytes, slot) for skey, nbytes, slot in slots if slot is not None]
+        got: list = [None] * len(slots)
+        try:
+            with translated("disk tier get (promotion)"):
+                got = self._disk.get_many_into(
+                    [skey for skey, _, _ in slots],
+                    [lambda n, want=nbytes, slot=slot: [slot] if n == want else None for _, nbytes, slot in slots])
+        except Exception as exc:  # noqa: BLE001 - best effort, whatever the cause (typed or not)
+            with self._lock:
+                self._n["l0_promote_failures"] += 1
+            logging.getLogger("quiver.engine.store").warning("promoting %d L1 hit(s) to L0 failed: %s", len(slots), exc)
+        finally:
+            self._l0_finish([skey for (skey, _, _), pieces in zip(slots, got) if pieces is not None], commit=True)
+            self._l0_finish([skey for (skey, _, _), pieces in zip(slots, got) if pieces is None], commit=False)
 
     def _read_one(self, skey: bytes, want, dst, ident: CacheIdentity, pin: tuple | None, from_l2: list,
-                  l2_read: Future | None = None, l1_lacks: bool = False) -> tuple[str, float]:
+                  from_l1: list, l2_read: Future | None = None, l1_lacks: bool = False) -> tuple[str, float]:
         """One block from the fastest tier holding it, verified, into ``dst``;
-        (tier, seconds) of the read.  Promotes it upwards (to L0 at once; an L2
-        hit is appended to ``from_l2`` for L1).  ``pin``: its L0 slot pinned by
+        (tier, seconds) of the read.  Queues it for the tiers above (an L1 hit
+        appended to ``from_l1`` for L0, an L2 hit to ``from_l2`` for L1 and L0).  ``pin``: its L0 slot pinned by
         the get (``RamTier.pin_many``), or None; ``l1_lacks``: L1's index
         lacked it when the get began; ``l2_read``: its L2 read, started then
         (``_start_l2_reads``)."""
@@ -1089,7 +1128,7 @@ class BlockStore:
                 with self._lock:
                     self._n["corrupt_l1"] += 1
             else:
-                self._ram_put(skey, pieces, ident)
+                from_l1.append((skey, FromL1(sum(memoryview(p).nbytes for p in pieces))))
                 return "l1", time.perf_counter() - t1
         if self._l2 is not None:
             t2 = time.perf_counter()
@@ -1113,7 +1152,6 @@ class BlockStore:
                 # A body read into dst is the caller's once we return: the promoter reads it again.
                 from_l2.append((skey, pieces[0] if len(pieces) == 1
                                 else FromL2(sum(memoryview(p).nbytes for p in pieces))))
-                self._ram_put(skey, pieces, ident)
                 return "l2", time.perf_counter() - t2
             with self._lock:
                 self._pub.known.discard(skey)
@@ -1149,6 +1187,10 @@ class BlockStore:
         counters.update(l1_promoted_blocks=promoted["blocks"], l1_promote_batches=promoted["batches"],
                         l1_promote_inline=promoted["inline_batches"])
         gauges["l1_promote_queued_bytes"] = promoted["queued_bytes"]
+        promoted = self._l0_promoter.counts_snapshot()
+        counters.update(l0_promoted_blocks=promoted["blocks"], l0_promote_batches=promoted["batches"],
+                        l0_promote_inline=promoted["inline_batches"])
+        gauges["l0_promote_queued_bytes"] = promoted["queued_bytes"]
         config = dict(self._config, index=self.index, guard=self.guard, naive=self.naive)
         disk, l2 = self._disk, self._l2  # close() may clear them meanwhile
         l1 = dataclasses.asdict(disk.stats()) if disk is not None else None
@@ -1203,7 +1245,8 @@ class BlockStore:
             server.server_close()
         try:
             try:
-                self._promoter.stop()  # the queued promotions reach L1 before it closes
+                self._promoter.stop()  # the queued promotions reach L1 (and L0) before it closes
+                self._l0_promoter.stop()  # it reads L1
                 self._pub.stop_worker()
                 if self._l2_pool is not None:  # no get is running (close waited): its threads are idle
                     self._l2_pool.shutdown(wait=True, cancel_futures=True)

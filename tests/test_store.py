@@ -177,6 +177,7 @@ def test_durable_across_reopen_without_l2(tmp_path):
         assert store.get(ident, tokens, 3).tobytes() == blocks.tobytes()
         st = store.stats()
         assert st["counters"]["l1_hits"] == 3 and st["counters"]["l0_hits"] == 0
+        store.drain_promotions()  # L1 hits reach L0 in the background (engine/promoter.py)
         store.get(ident, tokens, 3)  # promoted: now from RAM
         assert store.stats()["counters"]["l0_hits"] == 3
 
@@ -212,6 +213,7 @@ def test_ram_eviction_then_disk_hits_promote(tmp_path):
         assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()
         st = store.stats()
         assert st["counters"]["l1_hits"] == 2 and st["counters"]["l0_hits"] == 0  # the last two blocks were in RAM
+        store.drain_promotions()
         assert store.get(ident, tokens, 2).tobytes() == blocks[:2].tobytes()
         st = store.stats()
         assert st["counters"]["l1_hits"] == 2 and st["counters"]["l0_hits"] == 2  # promoted
@@ -246,6 +248,7 @@ def test_ram_hit_checks_the_header_and_falls_back_to_disk(tmp_path):
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()
         c = store.stats()["counters"]
         assert c["corrupt_l0"] == 1 and c["l0_hits"] == 1 and c["l1_hits"] == 1
+        store.drain_promotions()
         assert store.get(ident, tokens, 2).tobytes() == blocks.tobytes()  # back in L0, whole
         assert store.stats()["counters"]["l0_hits"] == 3
 
@@ -1201,7 +1204,11 @@ def _no_one_key_l1_reads(store, monkeypatch) -> list:
 def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
     """A get of n >= L0_BATCH_MIN blocks in L1 (not L0) reads them all through
     the tier's batch (``get_many_into``), each body straight into its row of
-    ``out``, and promotes them to L0; none takes the one-key path."""
+    ``out``, and promotes them to L0 (in the background, which reads them
+    again: only the get's own thread's reads are recorded); none takes the
+    one-key path."""
+    import threading
+
     from quiver.engine.store import L0_BATCH_MIN
 
     n = L0_BATCH_MIN + 2
@@ -1216,7 +1223,8 @@ def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
 
         def spy(keys, buffers_fors):
             got = real(keys, buffers_fors)
-            batched.extend(pieces[1] for pieces in got)
+            if threading.current_thread() is threading.main_thread():
+                batched.extend(pieces[1] for pieces in got)
             return got
 
         monkeypatch.setattr(store._disk, "get_many_into", spy)
@@ -1224,8 +1232,9 @@ def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
         store.get(ident, tokens, out=out)
         assert np.array_equal(out, blocks) and one_key == [] and len(batched) == n
         assert all(np.shares_memory(body, out[i]) for i, body in enumerate(batched))
+        store.drain_promotions()
         c = store.stats()["counters"]
-        assert c["l1_hits"] == n and store.stats()["residency"]["l0"] == n
+        assert c["l1_hits"] == n and store.stats()["residency"]["l0"] == n and c["l0_promoted_blocks"] == n
         store.get(ident, tokens, out=out)
         assert store.stats()["counters"]["l0_hits"] == n  # promoted
 
@@ -1350,3 +1359,33 @@ def test_a_get_serves_its_l0_hits_in_one_batch_and_the_rest_block_by_block(tmp_p
         with pytest.raises(IdentityMismatchError) as info:
             store.get(ident, tokens, out=np.zeros_like(blocks))
         assert info.value.block_index == 1 and per_block == [skeys[1]]
+
+
+def test_l0_promotion_copies_only_what_l1_still_verifies(tmp_path):
+    """The L0 promoter (``_promote_l0_now``, run after a get on its own thread:
+    called directly here, so the order is fixed) reads each L1 hit again
+    straight into a reserved L0 slot and commits only a read that verified: a
+    block deleted from L1 since, or whose object was damaged since, is not
+    copied, its slot goes back, and L1 keeps the damaged record for the next
+    get to judge (the promotion has no side effect)."""
+    from quiver.engine.promoter import FromL1
+    from quiver.engine.store import envelope_bound
+
+    ident, tokens, blocks = make_case(70, 3)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+    env = envelope_bound(ident, "none")
+    with BlockStore.open(tmp_path / "s", ram_bytes=8 * env, index="flat") as store:
+        store.put(ident, tokens, blocks)
+        for sk in skeys:
+            store._ram.delete(sk)
+        nbytes = store._disk.volume.info(skeys[0]).length
+        store._disk.delete(skeys[1])
+        _flip_l1_object(tmp_path / "s", skeys[2])
+        store._promote_l0_now([(sk, FromL1(nbytes)) for sk in skeys])
+        assert [store._ram.contains(sk) for sk in skeys] == [True, False, False]
+        assert store._ram._reserved == {} and store.stats()["counters"]["l0_promote_failures"] == 0
+        assert store._disk.contains(skeys[2])  # not dropped by the promotion: a get decides
+        assert np.array_equal(store.get(ident, tokens, 1), blocks[:1])
+        assert store.stats()["counters"]["l0_hits"] == 1  # the promoted copy serves, verified
+        with pytest.raises(BlockNotFoundError):
+            store.get(ident, tokens, 2)
