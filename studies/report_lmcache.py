@@ -92,7 +92,9 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         "durable, so this is a lower bound for a durable LMCache store). Quiver's `put` is durable on return (objects, "
         "their directories and the WAL fsync'd; it has no non-durable local mode). LMCache's files hold raw bytes (no "
         "checksum; its index is in RAM only, so a restart finds nothing); Quiver verifies every read (CRC32C, identity "
-        "guard). Lookup is not like for like either: Quiver's `lookup` takes the prompt's tokens and hashes them into its chain keys (BLAKE3, one per 16-token block), while LMCache's `batched_contains` takes keys its caller already made (its cache engine hashes the tokens beforehand: untimed here). Retrieve copies into the caller's buffer on both sides. Both stores' bytes are checked after every "
+        "guard). Lookup is not like for like either: Quiver's `lookup` takes the prompt's tokens and hashes them into its chain keys (BLAKE3, one per 16-token block), while LMCache's `batched_contains` takes keys its caller already made (its cache engine hashes the tokens beforehand: untimed here). Retrieve copies into the caller's buffer on both sides and differs the same way: Quiver's `get` takes the tokens, "
+        "keys them (BLAKE3 chain), pins its slots and checks every header (identity guard, header CRC32C) before it copies; "
+        "LMCache's `batched_get` takes the keys and copies raw bytes. Both stores' bytes are checked after every "
         "retrieve. Harness: studies/lmcache_child.py. 1 MB = 1e6 B.", "",
     ]
     lines += table(["chunks", "operation", "LMCache", "LMCache µs", "Quiver", "Quiver µs", "LMCache MB/s",
