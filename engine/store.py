@@ -1088,10 +1088,10 @@ class BlockStore:
                   from_l1: list, l2_read: Future | None = None, l1_lacks: bool = False) -> tuple[str, float]:
         """One block from the fastest tier holding it, verified, into ``dst``;
         (tier, seconds) of the read.  Queues it for the tiers above (an L1 hit
-        appended to ``from_l1`` for L0, an L2 hit to ``from_l2`` for L1 and L0).  ``pin``: its L0 slot pinned by
-        the get (``RamTier.pin_many``), or None; ``l1_lacks``: L1's index
-        lacked it when the get began; ``l2_read``: its L2 read, started then
-        (``_start_l2_reads``)."""
+        appended to ``from_l1`` for L0, an L2 hit to ``from_l2`` for L1 and
+        L0).  ``pin``: its L0 slot pinned by the get (``RamTier.pin_many``), or
+        None; ``l1_lacks``: L1's index lacked it when the get began;
+        ``l2_read``: its L2 read, started then (``_start_l2_reads``)."""
         corrupt: EnvelopeError | None = None
         t0 = time.perf_counter()
         if pin is not None:  # the slot is not reused until the get unpins it: decode outside any lock
