@@ -479,7 +479,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._load_errors: set[int] = set()
             self.loaded_blocks = 0
             self._staging: torch.Tensor | None = None  # the loads' host buffer, reused (see _load_buffer)
-            self._staging_copy = None  # the CopyReport of the last scatter out of it (CUDA: may be in flight)
+            self._staging_copy = None  # the CopyReport of the last load's scatter (CUDA: may be in flight)
 
     # ------------------------------------------------------------------ scheduler side
     def on_new_request(self, request) -> None:
@@ -663,8 +663,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _load_buffer(self, n: int) -> torch.Tensor:
         """Where a load of ``n`` blocks lands before its scatter: the staging
         buffer (one per worker, reused: a load is synchronous) when it holds
-        ``n`` blocks, else a fresh one.  On CUDA the previous scatter out of the
-        staging buffer may still be copying from it: waited for first."""
+        ``n`` blocks, else a fresh one.  On CUDA the previous load's scatter
+        may still be copying out of the staging buffer: waited for first."""
         if self._staging_copy is not None:
             self._staging_copy.wait()
             self._staging_copy = None
@@ -689,9 +689,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 buf = self._load_buffer(end - start)  # only the blocks vLLM does not hold already
                 self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf,
                                start_block=start)
-                copy = scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end], self._layout)
-                if self._staging is not None and buf.data_ptr() == self._staging.data_ptr():
-                    self._staging_copy = copy
+                self._staging_copy = scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end],
+                                                       self._layout)
             except Exception as exc:  # never an inference failure: vLLM recomputes these blocks
                 bad = op.block_ids[start:end]
                 self._load_errors.update(bad)
