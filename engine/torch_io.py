@@ -61,6 +61,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from quiver.engine.copy_kernels import scatter_rows
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
 from quiver.tier.hugepages import advise_huge_pages
@@ -573,10 +574,11 @@ def scatter_dynamic_tensors(src: torch.Tensor, layout: KVLayout, *, device: torc
                 _seq_view(pair[kv], 0, lo * T, m, layout).copy_(block_src[:, layer, kv])
 
     if dev.type == "cpu":
-        srcs = _host_slices(src, layout)
-        for layer, pair in enumerate(pairs):
-            for kv in range(2):
-                _seq_strided(pair[kv], 0, 0, n, layout).copy_(srcs[2 * layer + kv])
+        if not scatter_rows(src, pairs):  # compiled, in source order (engine/copy_kernels.py); else torch
+            srcs = _host_slices(src, layout)
+            for layer, pair in enumerate(pairs):
+                for kv in range(2):
+                    _seq_strided(pair[kv], 0, 0, n, layout).copy_(srcs[2 * layer + kv])
         rep.copy_ops = 2 * layout.num_layers
         rep.host_passes = 1
         return pairs, rep

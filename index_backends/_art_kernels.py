@@ -1358,6 +1358,20 @@ def _cache_class(root: str):
 _warned_no_cache = False
 
 
+def attach_cache(dispatcher, py_func) -> str | None:
+    """Give a Numba dispatcher made elsewhere in Quiver (engine/copy_kernels.py)
+    this module's compile cache: the same directory and locator, nothing
+    written next to the package.  Returns the directory, or None when there is
+    none (the dispatcher then compiles in memory in each process)."""
+    root = _writable_cache_dir()
+    if root is not None:
+        try:
+            dispatcher._cache = _cache_class(root)(py_func)
+        except (RuntimeError, OSError):  # no locator: compiled in memory
+            return None
+    return root
+
+
 def _namespace() -> dict:
     """Numba dispatchers of every kernel, bound to one another (built once).
 
