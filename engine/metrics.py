@@ -44,9 +44,10 @@ class Histogram:
         self.counts = [0] * (len(BOUNDS_S) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BOUNDS_S, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """``count`` events of ``seconds`` each (a batch's blocks share one per-block time)."""
+        self.counts[bisect_left(BOUNDS_S, seconds)] += count
+        self.sum += seconds * count
 
     def snapshot(self) -> dict[str, Any]:
         """``{"counts": [per bucket, not cumulative], "sum": seconds, "count": n}``."""

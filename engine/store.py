@@ -52,6 +52,7 @@ import re
 import threading
 import time
 import weakref
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from typing import Any
@@ -795,12 +796,14 @@ class BlockStore:
         l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
-            if rows is not None:  # not in L0, and in L1's index when the get began (else: l2_reads)
+            missed = n - len(batch)  # a get served whole from L0 asks no other tier
+            if rows is not None and missed:  # not in L0, and in L1's index when the get began (else: l2_reads)
                 try:
                     batch += self._l1_batch(ident, keys, parents, skeys, rows,
                                             [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1)
-                    batch += self._l2_batch(ident, keys, parents, skeys, rows,
-                                            [i for i, read in l2_reads.items() if read is None], from_l2)
+                    if l2_reads:
+                        batch += self._l2_batch(ident, keys, parents, skeys, rows,
+                                                [i for i, read in l2_reads.items() if read is None], from_l2)
                 except QuiverError as exc:  # a tier that failed as a whole (closed, failed): at the first
                     delivered = {i for i, _ in batch}  # block not delivered, so the ones before it were
                     exc.block_index = start + next(i for i in range(n) if i not in delivered)
@@ -832,11 +835,12 @@ class BlockStore:
                 self._l0_promoter.submit(from_l1)
             if from_l2:
                 self._promoter.submit(from_l2)
+            per_time = Counter(served)  # a batch's blocks share one (tier, seconds): one observe each
             with self._lock:  # the get's counters and latencies, once per get
                 self._n["get_blocks"] += len(served)
-                for tier, seconds in served:
-                    self._n[f"{tier}_hits"] += 1
-                    self._lat["get"][tier].observe(seconds)
+                for (tier, seconds), count in per_time.items():
+                    self._n[f"{tier}_hits"] += count
+                    self._lat["get"][tier].observe(seconds, count)
         return result
 
     def _l0_batch(self, ident: CacheIdentity, keys: list, parents: list, pins: list,
