@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 
-from quiver.engine import codecs, quant
+from quiver.engine import codecs, crcs, quant
 from quiver.engine.errors import (
     BadMagicError,
     ChecksumMismatchError,
@@ -276,6 +276,13 @@ class PreparedEnvelope:
         """Everything in envelope order: header, body parts, trailing CRC."""
         return (self.head, *self.parts, self.crc)
 
+    @property
+    def object_crc(self) -> int:
+        """CRC32C of the whole envelope as stored (header, body, trailing CRC),
+        continued from the trailing CRC over its own 4 bytes: what walpub
+        records for these bytes, with no pass over them (``Volume.publish_many``)."""
+        return crc32c.crc32c(self.crc, _U32.unpack(self.crc)[0])
+
     def write_into(self, dest) -> int:
         """Copy the envelope to the start of ``dest`` (a writable C-contiguous
         buffer of at least :attr:`nbytes`); returns the bytes written."""
@@ -369,13 +376,19 @@ def prepare_envelope(
         raw.size, body_len, chunk_size, len(offsets),
     )
     head = fixed + struct.pack(f"<{len(offsets)}Q", *offsets)
+    spans = list(zip(offsets, offsets[1:] + (raw.size,))) if layer_crcs else []
+    layer_crc_values = [crc32c.crc32c(raw[a:b]) for a, b in spans]
     if layer_crcs:
-        ends = offsets[1:] + (raw.size,)
-        head += struct.pack(f"<{len(offsets)}I", *(crc32c.crc32c(raw[a:b]) for a, b in zip(offsets, ends)))
+        head += struct.pack(f"<{len(offsets)}I", *layer_crc_values)
     head += _U32.pack(crc32c.crc32c(head))
     crc = crc32c.crc32c(head)
-    for p in parts:
-        crc = crc32c.crc32c(p, crc)
+    if layer_crcs:  # codec none: the body is raw, which the layers tile (first offset 0): one pass, not two
+        for (a, b), layer_crc in zip(spans, layer_crc_values):
+            crc = crcs.combine(crc, layer_crc, b - a) if b - a >= crcs.COMBINE_MIN_BYTES \
+                else crc32c.crc32c(raw[a:b], crc)
+    else:
+        for p in parts:
+            crc = crc32c.crc32c(p, crc)
     return PreparedEnvelope(head=head, parts=tuple(parts), crc=_U32.pack(crc),
                             nbytes=len(head) + body_len + _CRC_SIZE)
 

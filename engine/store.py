@@ -591,7 +591,7 @@ class BlockStore:
         # earlier ones of a batch larger than the arena would be evicted by the
         # later ones anyway (what inserting them in order into the LRU leaves).
         first_slot = len(todo) - slots
-        items: list[tuple[bytes, Any]] = []  # (store key, envelope: an L0 slot or a heap buffer)
+        items: list[tuple[bytes, Any, int]] = []  # (store key, envelope: an L0 slot or a heap buffer, its CRC32C)
         reserved: list[bytes] = []           # store keys holding an uncommitted L0 reservation
         l2_todo: list[tuple[bytes, Any]] = []
         durable = False
@@ -609,9 +609,9 @@ class BlockStore:
                 else:
                     reserved.append(skeys[i])
                 enc.write_into(dest)  # the one copy of the payload into its envelope
-                items.append((skeys[i], dest))
+                items.append((skeys[i], dest, enc.object_crc))  # walpub's record CRC, without a pass
             with self._lock:
-                l2_todo = [] if self._l2 is None else [item for item in items if item[0] not in self._pub.known]
+                l2_todo = [] if self._l2 is None else [(sk, env) for sk, env, _ in items if sk not in self._pub.known]
             self._pub.journal_owed([sk for sk, _ in l2_todo])  # before L1: no crash window loses them
             t1 = time.perf_counter()
             self._disk_put_many(items, "disk tier put")
@@ -631,7 +631,7 @@ class BlockStore:
             self._pub.enqueue([sk for sk, _ in l2_todo])  # the worker reads them back from L0/L1
         return len(items)
 
-    def _disk_put_many(self, items: list[tuple[bytes, Any]], what: str) -> None:
+    def _disk_put_many(self, items: list[tuple], what: str) -> None:
         """L1 put_many: one group commit, then eviction to the budget.  L1's
         residency index records both; nothing else keeps a copy to update."""
         with translated(what):

@@ -422,6 +422,21 @@ def test_publish_many_shares_dir_and_wal_fsyncs():
     v.close()
 
 
+def test_publish_many_takes_a_callers_crc_and_a_wrong_one_loses_the_object_never_serves_it(tmp_path):
+    """(key, data, crc): the record keeps the caller's CRC32C of the bytes (no pass over them);
+    reads check the bytes against it, so a wrong one is a corrupt object, dropped, not wrong bytes."""
+    import crc32c
+
+    v = Volume(str(tmp_path))
+    assert v.publish_many([(K(1), data(1), crc32c.crc32c(data(1))), (K(2), data(2), crc32c.crc32c(data(2)) ^ 1),
+                           (K(3), data(3))]) == [True, True, True]
+    assert v.read(K(1)) == data(1) and v.read(K(3)) == data(3)
+    with pytest.raises(CorruptObjectError):
+        v.read(K(2))
+    assert not v.contains(K(2))
+    v.close()
+
+
 def test_group_commit_threads_share_wal_fsyncs(tmp_path):
     v = Volume(str(tmp_path))
     n_threads, per_thread = 8, 40

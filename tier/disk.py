@@ -241,14 +241,16 @@ class DiskTier:
         """Publish ``data`` (durable on return), then evict to the budget; the evicted keys."""
         return self.put_many([(key, data)])
 
-    def put_many(self, items: Iterable[tuple[bytes, object]]) -> list[bytes]:
+    def put_many(self, items: Iterable[tuple]) -> list[bytes]:
         """Publish a batch (one WAL group commit), then evict to the budget once.
 
-        Returns the keys evicted, least recently used first.  A batch larger
-        than the budget evicts some of its own earlier members."""
-        items = [(k, byte_view(d)) for k, d in items]
+        ``items``: (key, bytes) or (key, bytes, CRC32C of those bytes), the CRC
+        where the caller has it (``Volume.publish_many``).  Returns the keys
+        evicted, least recently used first.  A batch larger than the budget
+        evicts some of its own earlier members."""
+        items = [(k, byte_view(d), *crc) for k, d, *crc in items]
         if self.capacity_bytes is not None:
-            for _, mv in items:
+            for _, mv, *_crc in items:
                 if mv.nbytes > self.capacity_bytes:
                     how = " (the default: DEFAULT_DISK_FRACTION of the free space at open)" if self.auto_budget else ""
                     raise TierObjectTooLargeError(
@@ -259,8 +261,8 @@ class DiskTier:
         with _translated("put"):
             created = self.volume.publish_many(items)
             evicted += self._evict()
-        new = [mv.nbytes for (_, mv), c in zip(items, created) if c]
-        self._count(inserts=len(new), bytes_in=sum(new), refreshes=len({k for k, _ in items}) - len(new))
+        new = [item[1].nbytes for item, c in zip(items, created) if c]
+        self._count(inserts=len(new), bytes_in=sum(new), refreshes=len({item[0] for item in items}) - len(new))
         return evicted
 
     def _count(self, **deltas: int) -> None:
@@ -273,7 +275,7 @@ class DiskTier:
             return []
         return self.evict_to(self.capacity_bytes)
 
-    def _evict_for(self, items: list[tuple[bytes, memoryview]]) -> list[bytes]:
+    def _evict_for(self, items: list[tuple]) -> list[bytes]:
         """Before a publish: evict so that the batch's new bytes fit the budget.
 
         Only keys not stored yet count (a present key is a refresh, no bytes).
@@ -282,7 +284,7 @@ class DiskTier:
         if self.capacity_bytes is None:
             return []
         new: dict[bytes, int] = {}
-        for k, mv in items:
+        for k, mv, *_crc in items:
             new.setdefault(k, mv.nbytes)
         with _translated("put"):
             held = self.volume.contains_many(list(new))

@@ -709,23 +709,30 @@ class Volume:
         immutable and content-addressed: the existing bytes are kept)."""
         return self.publish_many([(key, data)])[0]
 
-    def publish_many(self, items: Iterable[tuple[bytes, bytes]]) -> list[bool]:
+    def publish_many(self, items: Iterable[tuple]) -> list[bool]:
         """Publish a batch: one fsync per object, one per distinct objects/ab/,
-        one WAL fsync for all (shared further with concurrent publishers)."""
+        one WAL fsync for all (shared further with concurrent publishers).
+
+        Each item is (key, data) or (key, data, crc): ``crc`` the CRC32C of
+        exactly ``data``, when the caller already has it (BlockStore derives
+        it from the envelope's own CRC, engine/crcs.py): the record takes it
+        instead of a pass over the bytes.  A wrong one loses the object, never
+        serves it: every read checks the bytes against the record and drops
+        what fails (CorruptObjectError)."""
         items = list(items)
-        for key, data in items:
+        for key, data, *_crc in items:
             check_key(key)
             n = len(memoryview(data).cast("B"))
             if n > MAX_OBJECT_BYTES or (self.capacity_bytes is not None and n > self.capacity_bytes):
                 raise ObjectTooLargeError(f"object of {n} bytes exceeds the limit")
         result = [False] * len(items)
         first: dict[bytes, int] = {}
-        for i, (key, _) in enumerate(items):
-            first.setdefault(key, i)
+        for i, item in enumerate(items):
+            first.setdefault(item[0], i)
         wanted = list(first)
         claimed = self._claim(wanted, skip_live=True)
         try:
-            todo = [(k, items[first[k]][1]) for k in claimed]
+            todo = [items[first[k]] for k in claimed]
             if todo:
                 try:
                     recs = self._write_objects(todo)
@@ -748,7 +755,7 @@ class Volume:
         self._after_write()
         return result
 
-    def _write_objects(self, todo: list[tuple[bytes, bytes]]) -> list[tuple]:
+    def _write_objects(self, todo: list[tuple]) -> list[tuple]:
         """Each object written and fsync'd under a temporary name, then renamed
         into its shard, then each touched shard directory fsync'd: every object
         is durable under its final name before the WAL names it.
@@ -759,12 +766,13 @@ class Volume:
         the order the crash simulator checks is the same as one at a time (it
         runs with parallelism 1: a deterministic sequence of calls)."""
         io = self.io
-        # CRC of the bytes handed to us, before they reach the disk.
-        ops = [("put", key, len(memoryview(data).cast("B")), crc32c(data)) for key, data in todo]
-        tmps = [f"{self._tmp}/{key.hex()}.{next(self._tmp_names)}.tmp" for key, _ in todo]
+        # CRC of the bytes handed to us, before they reach the disk (or the caller's, of the same bytes).
+        ops = [("put", key, len(memoryview(data).cast("B")), crc[0] if crc else crc32c(data))
+               for key, data, *crc in todo]
+        tmps = [f"{self._tmp}/{item[0].hex()}.{next(self._tmp_names)}.tmp" for item in todo]
         try:
-            self._each(self._write_tmp, list(zip(tmps, [data for _, data in todo])))
-            rels = [object_relpath(key) for key, _ in todo]
+            self._each(self._write_tmp, list(zip(tmps, [item[1] for item in todo])))
+            rels = [object_relpath(item[0]) for item in todo]
             subs = {rel.split("/")[1] for rel in rels}
             self._ensure_subdirs(subs)
             for rel, tmp in zip(rels, tmps):
