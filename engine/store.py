@@ -591,7 +591,7 @@ class BlockStore:
         # earlier ones of a batch larger than the arena would be evicted by the
         # later ones anyway (what inserting them in order into the LRU leaves).
         first_slot = len(todo) - slots
-        items: list[tuple[bytes, Any, int]] = []  # (store key, envelope: an L0 slot or a heap buffer, its CRC32C)
+        items: list[tuple[bytes, Any, int]] = []  # (store key, envelope: an L0 slot or its pieces, its CRC32C)
         reserved: list[bytes] = []           # store keys holding an uncommitted L0 reservation
         l2_todo: list[tuple[bytes, Any]] = []
         durable = False
@@ -604,11 +604,11 @@ class BlockStore:
                     layer_crcs=codec == "none",  # verified ranged layer reads (engine.layerwise)
                 )
                 dest = self._l0_reserve(skeys[i], enc.nbytes) if j >= first_slot else None
-                if dest is None:
-                    dest = np.empty(enc.nbytes, dtype=np.uint8)
+                if dest is None:  # no L0 copy: L1 writes the pieces (header, the caller's payload, CRC)
+                    dest = enc.pieces()
                 else:
                     reserved.append(skeys[i])
-                enc.write_into(dest)  # the one copy of the payload into its envelope
+                    enc.write_into(dest)  # the one copy of the payload into its envelope
                 items.append((skeys[i], dest, enc.object_crc))  # walpub's record CRC, without a pass
             with self._lock:
                 l2_todo = [] if self._l2 is None else [(sk, env) for sk, env, _ in items if sk not in self._pub.known]
@@ -621,8 +621,8 @@ class BlockStore:
                 self._n["put_blocks"] += len(items)
                 self._n["put_in_slot"] += len(reserved)
                 self._n["put_heap"] += len(items) - len(reserved)
-            if l2_todo and self.l2_mode == "sync":
-                self._pub.publish_sync(l2_todo)  # from the envelopes: reserved slots cannot be reused
+            if l2_todo and self.l2_mode == "sync":  # from the envelopes: reserved slots cannot be reused
+                self._pub.publish_sync([(sk, b"".join(env) if isinstance(env, tuple) else env) for sk, env in l2_todo])
         finally:
             self._l0_finish(reserved, commit=durable)
             if not durable and l2_todo:  # journaled, maybe partly in L1: flush_l2 settles each key

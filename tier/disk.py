@@ -120,6 +120,15 @@ def _translated(what: str) -> Iterator[None]:
         raise TierIOError(f"disk tier {what}: {exc}") from exc
 
 
+def _object_bytes(data):
+    """An object's bytes as walpub takes them: one 'B' view, or a tuple of them (pieces in order)."""
+    return tuple(byte_view(p) for p in data) if isinstance(data, tuple) else byte_view(data)
+
+
+def _nbytes(data) -> int:
+    return sum(p.nbytes for p in data) if isinstance(data, tuple) else data.nbytes
+
+
 @dataclass(frozen=True)
 class DiskStats:
     """Tier-level counters since open, plus the volume's own (fsyncs per label...)."""
@@ -245,23 +254,25 @@ class DiskTier:
         """Publish a batch (one WAL group commit), then evict to the budget once.
 
         ``items``: (key, bytes) or (key, bytes, CRC32C of those bytes), the CRC
-        where the caller has it (``Volume.publish_many``).  Returns the keys
+        where the caller has it; the bytes may be a tuple of pieces stored in
+        order as one object (``Volume.publish_many``).  Returns the keys
         evicted, least recently used first.  A batch larger than the budget
         evicts some of its own earlier members."""
-        items = [(k, byte_view(d), *crc) for k, d, *crc in items]
+        items = [(k, _object_bytes(d), *crc) for k, d, *crc in items]
         if self.capacity_bytes is not None:
-            for _, mv, *_crc in items:
-                if mv.nbytes > self.capacity_bytes:
+            for _, data, *_crc in items:
+                if _nbytes(data) > self.capacity_bytes:
                     how = " (the default: DEFAULT_DISK_FRACTION of the free space at open)" if self.auto_budget else ""
                     raise TierObjectTooLargeError(
-                        f"a block of {mv.nbytes} bytes exceeds the disk tier's budget of {self.capacity_bytes}{how}")
+                        f"a block of {_nbytes(data)} bytes exceeds the disk tier's budget of "
+                        f"{self.capacity_bytes}{how}")
         if not items:
             return []
         evicted = self._evict_for(items)
         with _translated("put"):
             created = self.volume.publish_many(items)
             evicted += self._evict()
-        new = [item[1].nbytes for item, c in zip(items, created) if c]
+        new = [_nbytes(item[1]) for item, c in zip(items, created) if c]
         self._count(inserts=len(new), bytes_in=sum(new), refreshes=len({item[0] for item in items}) - len(new))
         return evicted
 
@@ -284,8 +295,8 @@ class DiskTier:
         if self.capacity_bytes is None:
             return []
         new: dict[bytes, int] = {}
-        for k, mv, *_crc in items:
-            new.setdefault(k, mv.nbytes)
+        for k, data, *_crc in items:
+            new.setdefault(k, _nbytes(data))
         with _translated("put"):
             held = self.volume.contains_many(list(new))
         incoming = sum(n for (k, n), h in zip(new.items(), held) if not h)

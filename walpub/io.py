@@ -22,14 +22,20 @@ from abc import ABC, abstractmethod
 from collections import Counter
 
 def write_all(fd: int, data) -> None:
-    """Write every byte of ``data`` (bytes-like) to ``fd``.  Bounded: each
-    iteration writes >= 1 byte or raises."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
+    """Write every byte of ``data`` to ``fd``: one bytes-like, or a tuple of
+    them written in order with ``writev`` (an envelope's header, body and CRC
+    straight from where they are: no joined copy).  Bounded: each iteration
+    writes >= 1 byte or raises."""
+    views = [memoryview(p).cast("B") for p in (data if isinstance(data, tuple) else (data,))]
+    views = [v for v in views if v.nbytes]
+    while views:
+        n = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
         if n <= 0:
             raise OSError(errno.EIO, "write returned 0")
-        view = view[n:]
+        while views and n >= views[0].nbytes:
+            n -= views.pop(0).nbytes
+        if n:
+            views[0] = views[0][n:]
 
 
 def fsync_dir(path: str) -> None:

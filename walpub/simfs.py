@@ -265,7 +265,7 @@ class SimFileSystem(FileSystem):
         with self._mu:
             self._gate()
             ino = self._fds[fd]
-            data = bytes(data)
+            data = b"".join(bytes(p) for p in data) if isinstance(data, tuple) else bytes(data)
             buf = self._data[ino]
             self._dataop(ino, ("write", len(buf), data))
             buf += data

@@ -168,6 +168,13 @@ def _crc_of(pieces) -> int:
     return crc
 
 
+def _nbytes(data) -> int:
+    """Bytes of an object given as one bytes-like or a tuple of pieces."""
+    if isinstance(data, tuple):
+        return sum(memoryview(p).nbytes for p in data)
+    return memoryview(data).nbytes
+
+
 def unpack_index_value(key: bytes, value: bytes) -> tuple[int, int, int, int]:
     """(length, crc32c, seq, flags) of ``key``'s record; DamagedRecordError when
     the record does not verify against its key."""
@@ -713,8 +720,10 @@ class Volume:
         """Publish a batch: one fsync per object, one per distinct objects/ab/,
         one WAL fsync for all (shared further with concurrent publishers).
 
-        Each item is (key, data) or (key, data, crc): ``crc`` the CRC32C of
-        exactly ``data``, when the caller already has it (BlockStore derives
+        Each item is (key, data) or (key, data, crc).  ``data`` is bytes-like,
+        or a tuple of bytes-like pieces stored in order as one object (written
+        with ``writev``: BlockStore's envelope header, the caller's payload and
+        the CRC, never joined).  ``crc`` is the CRC32C of exactly those bytes, when the caller already has it (BlockStore derives
         it from the envelope's own CRC, engine/crcs.py): the record takes it
         instead of a pass over the bytes.  A wrong one loses the object, never
         serves it: every read checks the bytes against the record and drops
@@ -722,7 +731,7 @@ class Volume:
         items = list(items)
         for key, data, *_crc in items:
             check_key(key)
-            n = len(memoryview(data).cast("B"))
+            n = _nbytes(data)
             if n > MAX_OBJECT_BYTES or (self.capacity_bytes is not None and n > self.capacity_bytes):
                 raise ObjectTooLargeError(f"object of {n} bytes exceeds the limit")
         result = [False] * len(items)
@@ -767,7 +776,7 @@ class Volume:
         runs with parallelism 1: a deterministic sequence of calls)."""
         io = self.io
         # CRC of the bytes handed to us, before they reach the disk (or the caller's, of the same bytes).
-        ops = [("put", key, len(memoryview(data).cast("B")), crc[0] if crc else crc32c(data))
+        ops = [("put", key, _nbytes(data), crc[0] if crc else _crc_of(data if isinstance(data, tuple) else (data,)))
                for key, data, *crc in todo]
         tmps = [f"{self._tmp}/{item[0].hex()}.{next(self._tmp_names)}.tmp" for item in todo]
         try:
