@@ -437,6 +437,16 @@ def test_publish_many_takes_a_callers_crc_and_a_wrong_one_loses_the_object_never
     v.close()
 
 
+@pytest.mark.parametrize("fs", ["os", "sim"])
+def test_an_object_given_as_pieces_is_stored_as_their_concatenation(tmp_path, fs):
+    """(key, (piece, piece, ...)): one object, written in order (writev on the real file system)."""
+    v = Volume(str(tmp_path), io=OsFileSystem()) if fs == "os" else Volume("/v", io=SimFileSystem())
+    pieces = (b"head", memoryview(data(7, 5000)), bytearray(b"crc!"), b"")
+    assert v.publish_many([(K(7), pieces)]) == [True]
+    assert v.read(K(7)) == b"head" + data(7, 5000) + b"crc!"
+    v.close()
+
+
 def test_group_commit_threads_share_wal_fsyncs(tmp_path):
     v = Volume(str(tmp_path))
     n_threads, per_thread = 8, 40
