@@ -171,8 +171,8 @@ def _crc_of(pieces) -> int:
 def _nbytes(data) -> int:
     """Bytes of an object given as one bytes-like or a tuple of pieces."""
     if isinstance(data, tuple):
-        return sum(memoryview(p).nbytes for p in data)
-    return memoryview(data).nbytes
+        return sum(memoryview(p).cast("B").nbytes for p in data)
+    return memoryview(data).cast("B").nbytes
 
 
 def unpack_index_value(key: bytes, value: bytes) -> tuple[int, int, int, int]:
@@ -723,11 +723,12 @@ class Volume:
         Each item is (key, data) or (key, data, crc).  ``data`` is bytes-like,
         or a tuple of bytes-like pieces stored in order as one object (written
         with ``writev``: BlockStore's envelope header, the caller's payload and
-        the CRC, never joined).  ``crc`` is the CRC32C of exactly those bytes, when the caller already has it (BlockStore derives
-        it from the envelope's own CRC, engine/crcs.py): the record takes it
-        instead of a pass over the bytes.  A wrong one loses the object, never
-        serves it: every read checks the bytes against the record and drops
-        what fails (CorruptObjectError)."""
+        the CRC, never joined).  ``crc`` is the CRC32C of exactly those bytes,
+        when the caller already has it (BlockStore derives it from the
+        envelope's own CRC, engine/crcs.py): the record takes it instead of a
+        pass over the bytes.  A wrong one loses the object, never serves it:
+        every read checks the bytes against the record and drops what fails
+        (CorruptObjectError)."""
         items = list(items)
         for key, data, *_crc in items:
             check_key(key)
