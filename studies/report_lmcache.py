@@ -82,7 +82,8 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
     c0 = cases[0] if cases else {}
     lines += [
         f"LMCache {fmt(run.get('lmcache_version'))} (torch {fmt(run.get('torch'))}, CPU, no vLLM) and Quiver in one "
-        f"process, timed in the same rounds, interleaved (medians of {fmt(c0.get('rounds'), 'int')} rounds); requests "
+        f"process, timed in the same rounds, interleaved (who stores first and who reads first alternate every "
+        f"round; medians of {fmt(c0.get('rounds'), 'int')} rounds); requests "
         f"of {_size(c0.get('request_bytes'))} of random bytes, new keys every round; one caller thread (LMCache's disk "
         "backend uses its own 4 I/O threads, as it always does). RAM: LMCache's `StorageManager` with `local_cpu=True` "
         "(its `LocalCPUBackend`), Quiver's L0. Disk: LMCache with `local_cpu=False` and `LocalDiskBackend` (the CPU "
