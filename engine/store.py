@@ -93,7 +93,7 @@ from quiver.engine.errors import (
     StoreIOError,
     StoreLockedError,
 )
-from quiver.engine.guard import CARRIERS, check_destination, expected_for, guard_envelope
+from quiver.engine.guard import CARRIERS, PerBlock, check_destination, expected_for, guard_envelope
 from quiver.engine.identity import CacheIdentity
 from quiver.engine.keys import chain_hash_key, chain_keys, iter_chain_keys, root_key, tokens_to_le_u32
 from quiver.engine.l2_publisher import L2Publisher
@@ -779,7 +779,7 @@ class BlockStore:
         if out is None:
             carrier = CARRIERS[ident.kv_dtype][0]
             result = np.empty((n, *ident.block_shape), dtype=carrier)
-            dsts = [result[i] for i in range(n)]
+            dsts = PerBlock(result, n)
         else:
             dsts = check_destination(out, ident, n)
             result = out

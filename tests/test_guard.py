@@ -100,7 +100,12 @@ def test_lossy_envelope_of_another_block_is_a_mismatch_not_a_codec_error():
 def test_destination_checks():
     ident = make_ident()
     good = np.zeros((2, *ident.block_shape), np.float16)
-    assert len(check_destination(good, ident, 2)) == 2
+    per_block = check_destination(good, ident, 2)
+    assert len(per_block) == 2 and per_block[1].shape == ident.block_shape
+    per_block[1][...] = 1  # a view: block 1's rows of the caller's array, made when asked
+    assert good[1].all() and not good[0].any()
+    with pytest.raises(IndexError):
+        per_block[2]
     with pytest.raises(ShapeMismatchError):
         check_destination(good, ident, 3)
     with pytest.raises(DTypeMismatchError):
