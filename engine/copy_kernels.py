@@ -83,20 +83,25 @@ def _words(t: torch.Tensor, width: int) -> np.ndarray:
 def scatter_rows(src: torch.Tensor, pairs) -> bool:
     """Copy host blocks ``src`` ``[n, L, 2, T, H, D]`` into tokens ``[0, n*T)`` of
     batch row 0 of each layer's (keys, values) ``[batch, H, seq, D]``, on the
-    CPU.  True when done; False (nothing copied) when the kernel is unavailable
-    or a tensor is not C-contiguous: the caller copies with torch."""
-    if src.device.type != "cpu" or not src.is_contiguous():
+    CPU.  True when done; False (nothing copied) when the kernel is unavailable,
+    a tensor is not C-contiguous or the shapes do not fit (the caller's own
+    checks raise for those): the caller copies with torch."""
+    if src.device.type != "cpu" or not src.is_contiguous() or src.dim() != 6:
         return False
-    dsts = [t[0] for pair in pairs for t in pair]
-    if not all(d.device.type == "cpu" and d.is_contiguous() for d in dsts):
+    n, layers, _, t, h, d = src.shape
+    dsts = [tensor[0] for pair in pairs for tensor in pair]
+    # The kernel runs without bounds checks: every shape it indexes is checked here.
+    if len(dsts) != 2 * layers or not all(
+            x.device.type == "cpu" and x.is_contiguous() and x.dtype == src.dtype and x.dim() == 3
+            and x.shape[0] == h and x.shape[1] >= n * t and x.shape[2] == d for x in dsts):
         return False
     row = src.shape[-1] * src.element_size()
-    ptrs = [src.data_ptr()] + [d.data_ptr() for d in dsts]
+    ptrs = [src.data_ptr()] + [x.data_ptr() for x in dsts]
     width = next(w for w in (8, 4, 2, 1) if row % w == 0 and all(p % w == 0 for p in ptrs))
     kernel = _kernel()
     if kernel is None:
         return False
     s = _words(src, width)
-    for i, d in enumerate(dsts):
-        kernel(s, i // 2, i % 2, _words(d, width))
+    for i, x in enumerate(dsts):
+        kernel(s, i // 2, i % 2, _words(x, width))
     return True

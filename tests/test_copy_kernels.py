@@ -55,3 +55,16 @@ def test_turned_off_it_copies_nothing(monkeypatch):
     monkeypatch.setenv(JIT_ENV, "off")
     assert not scatter_rows(src, pairs)
     assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
+
+
+def test_shapes_that_do_not_fit_are_left_to_torch():
+    """The kernel runs without bounds checks, so scatter_rows checks every shape it would index."""
+    layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
+    src = torch.ones(2, *layout.block_shape, dtype=torch.float16)
+    short = _pairs(1, 2 * T - 1, 8, torch.float16, 4)       # one token too few
+    missing = _pairs(1, 2 * T, 8, torch.float16, 5)[:-1]    # a layer missing
+    other = _pairs(1, 2 * T, 8, torch.float32, 6)           # another dtype
+    for pairs in (short, missing, other):
+        before = [tuple(t.clone() for t in p) for p in pairs]
+        assert not scatter_rows(src, pairs)
+        assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
