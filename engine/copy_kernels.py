@@ -9,7 +9,8 @@ on each of H passes, and pay their per-row loop overhead: studies/bench_copy.py
 measured 0.44-0.57 of memcpy for ``dynamic-scatter``.  This kernel walks the
 source in order instead (block, token, head: each block-layer read once,
 sequentially, while H destination streams advance 256 B at a time), with the
-row copy compiled: 0.6-0.8 of memcpy in the same measurement (docs/ENGINES.md).
+row copy compiled: 0.6-0.98 of memcpy in the same measurement over three runs
+(docs/ENGINES.md).
 The gather direction (cache to blocks) gained nothing this way and stays in
 torch.
 

@@ -134,8 +134,9 @@ def check_header(h: EnvelopeHeader, want: Expected) -> None:
         raise IdentityMismatchError(f"stored block {want.key[:8].hex()} refused: " + "; ".join(bad))
 
 
-def check_destination(out, ident: CacheIdentity, n: int) -> list:
-    """Per-block destinations of a caller's ``out``, checked before any read.
+def check_destination(out, ident: CacheIdentity, n: int) -> "list | PerBlock":
+    """Per-block destinations of a caller's ``out``, checked before any read
+    (a sequence's own items, or a ``PerBlock`` over one array).
 
     ``out`` is a numpy array or CPU torch tensor of shape ``[n, *block_shape]``
     (dtype matching ``kv_dtype``; bfloat16 as torch.bfloat16 or a 2-byte
