@@ -172,10 +172,14 @@ class HFPrefixCache:
         """
         if self._staging is None or self._staging.shape[0] < n_blocks:
             self._staging = None  # release the old one before allocating the new one
-            buf = empty_host((n_blocks, *self.layout.block_shape), self.layout.dtype)
+            buf = empty_host((n_blocks, *self.layout.block_shape), self.layout.dtype, pinned=self._on_cuda())
             buf.zero_()
             self._staging = buf
         return self._staging[:n_blocks]
+
+    def _on_cuda(self) -> bool:
+        """Host buffers are pinned for a CUDA model: copies skip the pinned staging."""
+        return torch.device(self.device).type == "cuda"
 
     @staticmethod
     def _tokens(input_ids) -> list[int]:
@@ -228,8 +232,8 @@ class HFPrefixCache:
         stored, put_error = 0, None
         if self.store_blocks and full > k:
             t0 = time.perf_counter()
-            new = empty_host((full - k, *self.layout.block_shape), self.layout.dtype)
-            gather_dynamic(cache, new, self.layout, first_block=k)
+            new = empty_host((full - k, *self.layout.block_shape), self.layout.dtype, pinned=self._on_cuda())
+            gather_dynamic(cache, new, self.layout, first_block=k).wait()  # CUDA: the D2H is done
             t["gather_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             try:

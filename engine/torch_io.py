@@ -124,10 +124,15 @@ class CopyReport:
 
 # --- host buffers ----------------------------------------------------------------
 
-def empty_host(shape, dtype: torch.dtype) -> torch.Tensor:
+def empty_host(shape, dtype: torch.dtype, *, pinned: bool = False) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, its pages advised huge
     when large (tier/hugepages.py: a fresh 64 MiB tensor filled by ``copy_``
-    ran 2.1 GB/s with 4 KiB pages, 6.1 GB/s advised)."""
+    ran 2.1 GB/s with 4 KiB pages, 6.1 GB/s advised).  ``pinned`` (only with
+    a CUDA device: torch raises otherwise): page-locked, so a transfer goes
+    straight into or out of it (a pageable buffer passes through pinned
+    staging: on an H200 over PCIe 5, 4-5 GB/s against 31-46 GB/s pinned)."""
+    if pinned:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
     t = torch.empty(shape, dtype=dtype)
     advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
     return t
@@ -246,9 +251,8 @@ def gather_paged(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Tensor
         rep.copy_ops = 2 * layout.num_layers
         rep.host_passes = 1
         return rep
-    sel = ids.to(device)
     return _cuda_gather(device, out, layout, rep, chunk_blocks,
-                        lambda lo, hi, dst: _paged_gather_dev(kv_caches, sel[lo:hi], dst, layout))
+                        lambda lo, hi, dst: _paged_gather_dev(kv_caches, ids[lo:hi].to(device), dst, layout))
 
 
 def scatter_paged(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_ids, layout: KVLayout, *,
@@ -270,9 +274,8 @@ def scatter_paged(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_id
                 rep.copy_ops += 1
         rep.host_passes = 1
         return rep
-    sel = ids.to(device)
     return _cuda_scatter(device, src, layout, rep, chunk_blocks,
-                         lambda lo, hi, d: _paged_scatter_dev(d, kv_caches, sel[lo:hi], layout))
+                         lambda lo, hi, d: _paged_scatter_dev(d, kv_caches, ids[lo:hi].to(device), layout))
 
 
 def _paged_gather_dev(kv_caches, sel: torch.Tensor, dst: torch.Tensor, layout: KVLayout) -> None:
@@ -591,33 +594,58 @@ def scatter_dynamic_tensors(src: torch.Tensor, layout: KVLayout, *, device: torc
 
 def _cuda_gather(device: torch.device, out: torch.Tensor, layout: KVLayout, rep: CopyReport,
                  chunk_blocks: int, gather_dev) -> CopyReport:
-    """Device gather into scratch, non-blocking D2H on a side stream, then into ``out``.
+    """Device gather into scratch on one side stream, D2H on another, then into ``out``.
 
-    Chunked by ``chunk_blocks`` so scratch and staging stay bounded.  When
-    ``out`` is pinned the D2H goes straight into it (no host pass).
+    Chunked by ``chunk_blocks`` so scratch and staging stay bounded, and
+    double-buffered: the device gathers chunk i+1 into one scratch buffer
+    while the copy engine moves chunk i out of the other.  When ``out`` is
+    pinned the D2H goes straight into it (no host pass) and the call returns
+    before the copies end (``rep.wait()``).  Otherwise two pinned staging
+    buffers alternate (the host copies chunk i out of one while chunk i+1
+    lands in the other) and the call returns complete.  The engine's current
+    stream waits for the last copy, so its later kernels cannot overwrite the
+    blocks while they are read.  ``gather_dev(lo, hi, dst)`` runs with the
+    gather stream current, so what it allocates (the block ids) is freed in
+    that stream's order.
     """
     n = rep.blocks
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # the engine's writes to its KV come first
+    current = torch.cuda.current_stream(device)
+    work, xfer = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    work.wait_stream(current)  # the engine's writes to its KV come first
     direct = out.is_pinned()
     m = max(1, min(chunk_blocks, n))
-    staging = None if direct else torch.empty((m, *layout.block_shape), dtype=layout.dtype, pin_memory=True)
-    event = torch.cuda.Event()
-    with torch.cuda.stream(stream):
-        scratch = torch.empty((m, *layout.block_shape), dtype=layout.dtype, device=device)
-        for lo in range(0, n, m):
-            hi = min(n, lo + m)
-            dst_dev = scratch[:hi - lo]
-            gather_dev(lo, hi, dst_dev)
-            host = out[lo:hi] if direct else staging[:hi - lo]
-            host.copy_(dst_dev, non_blocking=True)
-            event.record(stream)
-            if not direct:
-                event.synchronize()  # staging is complete; copy it out before it is reused
-                out[lo:hi].copy_(host)
+    nbuf = min(2, max(1, -(-n // m)))
+    staging = [] if direct else [_pinned(m, layout) for _ in range(nbuf)]
+    gathered = [torch.cuda.Event() for _ in range(nbuf)]  # scratch k holds its chunk
+    copied = [torch.cuda.Event() for _ in range(nbuf)]  # scratch k's chunk is on the host
+    scratch = _scratch(nbuf, m, layout, device, work, xfer)
+    pending = None  # (lo, hi, k): a chunk whose D2H is queued and not yet copied out of staging k
+
+    def copy_out(lo: int, hi: int, k: int) -> None:
+        copied[k].synchronize()
+        out[lo:hi].copy_(staging[k][:hi - lo])
+
+    for i, lo in enumerate(range(0, n, m)):
+        hi, k = min(n, lo + m), i % nbuf
+        with torch.cuda.stream(work):
+            work.wait_event(copied[k])  # the D2H two chunks back has read scratch k (unrecorded: no wait)
+            gather_dev(lo, hi, scratch[k][:hi - lo])
+            gathered[k].record(work)
+        with torch.cuda.stream(xfer):
+            xfer.wait_event(gathered[k])
+            host = out[lo:hi] if direct else staging[k][:hi - lo]
+            host.copy_(scratch[k][:hi - lo], non_blocking=True)
+            copied[k].record(xfer)
+        if pending is not None:
+            copy_out(*pending)
+        pending = None if direct else (lo, hi, k)
+    if pending is not None:
+        copy_out(*pending)
+    last = copied[(-(-n // m) - 1) % nbuf]
+    current.wait_event(last)
     rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
     rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
-    rep.event = event
+    rep.event = last if n else None
     return rep
 
 
@@ -625,32 +653,61 @@ def _cuda_scatter(device: torch.device, src: torch.Tensor, layout: KVLayout, rep
                   chunk_blocks: int, scatter_dev) -> CopyReport:
     """Host -> pinned staging (unless ``src`` is pinned) -> device scratch -> engine tensors.
 
-    Runs on a side stream; the current stream is made to wait on the final
-    event, so the engine's next kernels see the blocks without a host sync.
+    The H2D copies run on one side stream and the device scatters on
+    another, double-buffered like :func:`_cuda_gather`; with pageable ``src``
+    the host fills one staging buffer while the other is read.  The current
+    stream is made to wait on the final event, so the engine's next kernels
+    see the blocks without a host sync.  A pinned ``src`` must stay unchanged
+    until ``rep.wait()``.
     """
     n = rep.blocks
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    current = torch.cuda.current_stream(device)
+    work, xfer = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    work.wait_stream(current)  # the engine's last use of the target blocks comes first
     direct = src.is_pinned()
     m = max(1, min(chunk_blocks, n))
-    staging = None if direct else torch.empty((m, *layout.block_shape), dtype=layout.dtype, pin_memory=True)
-    event = torch.cuda.Event()
-    with torch.cuda.stream(stream):
-        scratch = torch.empty((m, *layout.block_shape), dtype=layout.dtype, device=device)
-        for lo in range(0, n, m):
-            hi = min(n, lo + m)
-            if not direct:
-                event.synchronize()  # the previous chunk's H2D has read the staging
-                staging[:hi - lo].copy_(src[lo:hi])
-            host = src[lo:hi] if direct else staging[:hi - lo]
-            scratch[:hi - lo].copy_(host, non_blocking=True)
-            scatter_dev(lo, hi, scratch[:hi - lo])
-            event.record(stream)
-    torch.cuda.current_stream(device).wait_event(event)
+    nbuf = min(2, max(1, -(-n // m)))
+    staging = [] if direct else [_pinned(m, layout) for _ in range(nbuf)]
+    landed = [torch.cuda.Event() for _ in range(nbuf)]  # scratch k holds its chunk (staging k is free)
+    scattered = [torch.cuda.Event() for _ in range(nbuf)]  # scratch k's chunk is in the engine's tensors
+    scratch = _scratch(nbuf, m, layout, device, work, xfer)
+    for i, lo in enumerate(range(0, n, m)):
+        hi, k = min(n, lo + m), i % nbuf
+        if direct:
+            host = src[lo:hi]
+        else:
+            landed[k].synchronize()  # the H2D two chunks back has read staging k (unrecorded: no-op)
+            host = staging[k][:hi - lo]
+            host.copy_(src[lo:hi])
+        with torch.cuda.stream(xfer):
+            xfer.wait_event(scattered[k])  # the scatter two chunks back has read scratch k
+            scratch[k][:hi - lo].copy_(host, non_blocking=True)
+            landed[k].record(xfer)
+        with torch.cuda.stream(work):
+            work.wait_event(landed[k])
+            scatter_dev(lo, hi, scratch[k][:hi - lo])
+            scattered[k].record(work)
+    last = scattered[(-(-n // m) - 1) % nbuf]
+    current.wait_event(last)
     rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
     rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
-    rep.event = event
+    rep.event = last if n else None
     return rep
+
+
+def _scratch(nbuf: int, m: int, layout: KVLayout, device: torch.device, work, xfer) -> list[torch.Tensor]:
+    """``nbuf`` device buffers of ``m`` blocks, allocated on ``work`` and marked used by
+    ``xfer`` too, so the allocator reuses them only after both streams are done."""
+    with torch.cuda.stream(work):
+        bufs = [torch.empty((m, *layout.block_shape), dtype=layout.dtype, device=device) for _ in range(nbuf)]
+    for b in bufs:
+        b.record_stream(xfer)
+    return bufs
+
+
+def _pinned(m: int, layout: KVLayout) -> torch.Tensor:
+    """A pinned staging buffer of ``m`` blocks (torch's host allocator caches them between calls)."""
+    return empty_host((m, *layout.block_shape), layout.dtype, pinned=True)
 
 
 __all__ = [

@@ -657,8 +657,12 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _host(self, n: int) -> torch.Tensor:
         """A fresh host buffer for ``n`` blocks: a save's buffer is owned by its
-        asynchronous put until that returns, so save buffers are not reused."""
-        return empty_host((n, *self._layout.block_shape), self._layout.dtype)
+        asynchronous put until that returns, so save buffers are not reused.
+        Pinned when the KV lives on a GPU, so copies skip the pinned staging
+        (torch's host allocator caches pinned blocks, so this is no cudaHostAlloc
+        per save once warm)."""
+        return empty_host((n, *self._layout.block_shape), self._layout.dtype,
+                          pinned=self._kv[0].device.type == "cuda")
 
     def _load_buffer(self, n: int) -> torch.Tensor:
         """Where a load of ``n`` blocks lands before its scatter: the staging
@@ -728,7 +732,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 continue
             frm, to = op.save
             buf = self._host(to - frm)  # blocks 0..frm-1 are in Quiver already (loaded or saved before)
-            gather_paged_any(self._kind, self._kv, op.block_ids[frm:to], buf, self._layout)
+            gather_paged_any(self._kind, self._kv, op.block_ids[frm:to], buf, self._layout).wait()  # CUDA: D2H done
             ident = self._ident(op.parts)
             tokens = op.token_ids[: to * self.block_size]
             self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save)

@@ -41,9 +41,10 @@ process, same buffers, a load average of ~10 from other work): spinning
 intra-op workers on oversubscribed cores.  Engines should run copy-in/out
 from a thread of their own with one intra-op thread.
 
-CUDA (pinned H2D/D2H beside the gather/scatter through pinned staging) runs
-only when a CUDA device is present; on a CPU-only machine it is skipped with
-that reason.
+CUDA (``test_cuda_copy``: each op with a pinned and a pageable host buffer,
+beside a raw pinned H2D/D2H of the same bytes) runs only when a CUDA device is
+present; on a CPU-only machine it is skipped with that reason.  It ran on a
+lent H200 with ``scripts/cuda_check.sh`` (docs/ENGINES.md has the figures).
 
 ``extra_info``: layout, op, blocks, block_shape, payload_bytes, median_s,
 mb_per_s, memcpy_mb_per_s, ratio_to_memcpy, memcpy_runs_mb_per_s,
@@ -197,33 +198,79 @@ def test_copy(benchmark, n, op):
         _STATE.clear()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: pinned H2D/D2H not measurable")
-@pytest.mark.parametrize("direction", ["d2h", "h2d"])
-def test_cuda_pinned_reference(benchmark, direction):
-    """Pinned host <-> device bandwidth, and gather/scatter through pinned staging beside it."""
-    benchmark.group = "copy"
-    n = SIZES[-1]
-    paged = [torch.empty(2, n, *SHAPE[2:], dtype=torch.float16, device="cuda").uniform_() for _ in range(SHAPE[0])]
-    pinned = host_blocks(n, LAYOUT, for_device="cuda")
-    dev = torch.empty(pinned.shape, dtype=torch.float16, device="cuda")
-    ids = list(range(n))
+CUDA_OPS = ["paged-gather", "paged-scatter", "dynamic-gather", "dynamic-scatter"]
+CUDA_CASES = [(n, op, host) for n in SIZES for op in CUDA_OPS for host in ("pinned", "pageable")]
 
-    def raw():
-        (pinned.copy_(dev, non_blocking=True) if direction == "d2h" else dev.copy_(pinned, non_blocking=True))
-        torch.cuda.synchronize()
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: pinned H2D/D2H not measurable")
+@pytest.mark.parametrize("n, op, host", CUDA_CASES, ids=[f"cuda-{op}-{host}-{n}" for n, op, host in CUDA_CASES])
+def test_cuda_copy(benchmark, n, op, host):
+    """Engine tensors on the device <-> a host buffer, beside a raw copy of the same bytes.
+
+    ``pinned``: the host buffer is pinned (``host_blocks(for_device="cuda")``),
+    so the transfer goes straight into or out of it and the call returns before
+    it ends (timed to ``rep.wait()``).  ``pageable``: a plain host tensor, so
+    the blocks pass through pinned staging (one host pass more).  The limit
+    beside each is one contiguous non-blocking copy of the same bytes between
+    a device tensor and a pinned host tensor (``pinned_mb_per_s``), and for
+    pageable rows also a plain ``copy_`` to or from a pageable tensor
+    (``pageable_mb_per_s``: what torch does without staging).
+    """
+    benchmark.group = "copy"
+    g = torch.Generator().manual_seed(n)
+    T, H, D = LAYOUT.block_tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim
+    pool = n + n // 4
+    dev = "cuda"
+    paged = [torch.empty(2, pool, T, H, D, dtype=torch.float16, device=dev).uniform_(-1, 1) for _ in range(SHAPE[0])]
+    dyn = [tuple(torch.empty(1, H, n * T, D, dtype=torch.float16, device=dev).uniform_(-1, 1) for _ in range(2))
+           for _ in range(SHAPE[0])]
+    ids = torch.randperm(pool, generator=g)[:n].tolist()
+    buf = host_blocks(n, LAYOUT, for_device=dev if host == "pinned" else "cpu")
+    pinned = host_blocks(n, LAYOUT, for_device=dev)  # the references' own buffers: buf is checked below
+    pageable = host_blocks(n, LAYOUT) if host == "pageable" else None
+    flat = torch.empty(buf.shape, dtype=torch.float16, device=dev)
+    gather = op.endswith("gather")
+    if not gather:
+        buf.uniform_(-1, 1, generator=g)
 
     def ours():
-        (gather_paged(paged, ids, pinned, LAYOUT) if direction == "d2h" else scatter_paged(pinned, paged, ids, LAYOUT)).wait()
+        if op == "paged-gather":
+            rep = gather_paged(paged, ids, buf, LAYOUT)
+        elif op == "paged-scatter":
+            rep = scatter_paged(buf, paged, ids, LAYOUT)
+        elif op == "dynamic-gather":
+            rep = gather_dynamic(_Cache(dyn), buf, LAYOUT)
+        else:
+            rep = scatter_dynamic_tensors(buf, LAYOUT, into=dyn)[1]
+        rep.wait()
         torch.cuda.synchronize()
+        return rep
 
-    raw()
-    ours()
-    benchmark.pedantic(ours, rounds=ROUNDS, iterations=1)
+    def raw(host_t):
+        def fn():
+            (host_t.copy_(flat, non_blocking=True) if gather else flat.copy_(host_t, non_blocking=True))
+            torch.cuda.synchronize()
+        return fn
+
+    rep = ours()  # warm-up, and what one call does
+    raw(pinned)()
+    benchmark.pedantic(ours, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     seconds = benchmark.stats.stats.median if benchmark.stats is not None else _median(ours, 1)
-    raw_s = _median(raw, max(3, ROUNDS))
+    pinned_s = _median(raw(pinned), max(3, ROUNDS))
+    pageable_s = _median(raw(pageable), max(3, ROUNDS)) if pageable is not None else None
+
+    b = n // 2  # the copy was right: one block checked against its definition
+    if op.startswith("paged"):
+        assert torch.equal(buf[b, 1], paged[1][:, ids[b]].cpu())
+    else:
+        assert torch.equal(buf[b, 1, 0], dyn[1][0][0, :, b * T:(b + 1) * T].transpose(0, 1).cpu())
     nbytes = n * LAYOUT.block_nbytes
     benchmark.extra_info.update({
-        "layout": "paged", "op": f"cuda-{direction}", "blocks": n, "payload_bytes": nbytes, "median_s": seconds,
-        "mb_per_s": nbytes / seconds / 1e6, "pinned_mb_per_s": nbytes / raw_s / 1e6,
-        "ratio_to_pinned": raw_s / seconds, "device": torch.cuda.get_device_name(),
+        "layout": op.split("-")[0], "op": f"cuda-{op}", "host": host, "blocks": n, "block_shape": list(SHAPE),
+        "dtype": "float16", "payload_bytes": nbytes, "median_s": seconds, "mb_per_s": nbytes / seconds / 1e6,
+        "pinned_mb_per_s": nbytes / pinned_s / 1e6, "ratio_to_pinned": pinned_s / seconds,
+        "pageable_mb_per_s": nbytes / pageable_s / 1e6 if pageable_s else None,
+        "ratio_to_pageable": pageable_s / seconds if pageable_s else None,
+        "host_passes": rep.host_passes, "transfers": rep.transfers, "device_passes": rep.device_passes,
+        "copy_ops": rep.copy_ops, "device": torch.cuda.get_device_name(),
     })
