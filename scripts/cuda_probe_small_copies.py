@@ -2,7 +2,7 @@
 with the package installed (as scripts/cuda_check.sh installs it); prints timings and torch profiler tables."""
 import time, torch, numpy as np
 from torch.profiler import profile, ProfilerActivity
-from quiver.engine.torch_io import KVLayout, gather_paged, scatter_paged, gather_dynamic, host_blocks, _check_paged
+from quiver.engine.torch_io import KVLayout, gather_paged, scatter_paged, host_blocks, _check_paged
 torch.set_num_threads(1)
 L, T, H, D = 32, 16, 8, 128
 lay = KVLayout(L, T, H, D, torch.float16)
@@ -35,7 +35,7 @@ for n in (16, 64):
         scratch.copy_(lm.permute(2, 0, 1, 3, 4, 5))
     def ids_to_dev(): torch.tensor(ids).to("cuda")
     def streams():
-        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream(); e = torch.cuda.Event(); s1.wait_stream(torch.cuda.current_stream()); e.record(s1)
+        s1 = torch.cuda.Stream(); torch.cuda.Stream(); e = torch.cuda.Event(); s1.wait_stream(torch.cuda.current_stream()); e.record(s1)
     r = {k: med(f) for k, f in dict(raw=raw, ours=ours, ours_scatter=ours_scatter, checks=checks, dev_strided=dev_strided,
                                     dev_layer_major=dev_layer_major, ids_to_dev=ids_to_dev, streams=streams).items()}
     print(f"n={n}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r.items()))
