@@ -1,4 +1,5 @@
-"""A compiled kernel for the one host copy torch runs slowly: blocks into a DynamicCache.
+"""Compiled kernels for the copies torch runs slowly: host blocks into a DynamicCache
+(Numba, below), and on CUDA the paged layout's device pass (Triton, at the end).
 
 Quiver's payload is ``[n, L, 2, T, H, D]`` (tokens before heads); a
 transformers DynamicCache layer is ``[batch, H, seq, D]``.  The only run both
@@ -106,3 +107,73 @@ def scatter_rows(src: torch.Tensor, pairs) -> bool:
     for i, x in enumerate(dsts):
         kernel(s, i // 2, i % 2, _words(x, width))
     return True
+
+
+# --- CUDA: the paged layout's runs of all layers in one launch (Triton) -------------------
+#
+# A vLLM paged KV tensor per layer is [2, num_blocks, T, H, D]: one block's K (or V) of
+# one layer is a contiguous run of T*H*D elements.  torch needs one ``index_select`` /
+# ``index_copy_`` per layer and K/V (2 x 32 for a 32-layer model), each ~20 us of host
+# time to issue: on an H200 a 16-block copy paid 1.3 ms of launches against 0.6 ms for
+# its transfer (docs/ENGINES.md).  This kernel moves every run of a chunk in one launch,
+# addressing the layers by their element offsets from the first layer's tensor.
+
+_TRITON_JIT = None   # the Triton kernel, once made
+_triton_failed = False
+
+
+def _triton_kernel():
+    """The Triton kernel, or None (no Triton, or turned off)."""
+    global _TRITON_JIT, _triton_failed
+    if os.environ.get(JIT_ENV, "").lower() == "off":
+        return None
+    if _TRITON_JIT is not None or _triton_failed:
+        return _TRITON_JIT
+    with _lock:
+        if _TRITON_JIT is None and not _triton_failed:
+            try:
+                from quiver.engine._triton_copy import paged_runs
+                _TRITON_JIT = paged_runs
+            except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
+                _triton_failed = True
+                log.info("Triton unavailable, CUDA paged copies stay in torch: %s", exc)
+    return _TRITON_JIT
+
+
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+_RUN_BLOCK = 1024  # words per Triton program
+
+
+def paged_runs(kv_caches, run_elems: int):
+    """For CUDA paged tensors ``[2, num_blocks, T, H, D]`` (``run_elems = T*H*D``), a
+    function ``copy(ids, buf, gather)`` that moves the runs of blocks ``ids`` (a device
+    int64 tensor) between the layers and ``buf`` ``[m, L, 2, T, H, D]`` (C-contiguous, on
+    the same device) in one launch, on the current stream: ``gather`` True copies
+    layers -> buf, False buf -> layers.  None when the kernel cannot be used (no Triton,
+    ``QUIVER_COPY_JIT=off``, a tensor not contiguous, offsets not word-aligned): the
+    caller copies with torch."""
+    first = kv_caches[0]
+    if first.device.type != "cuda" or not all(t.is_contiguous() for t in kv_caches):
+        return None
+    kernel = _triton_kernel()
+    if kernel is None:
+        return None
+    size = first.element_size()
+    base = first.data_ptr()
+    nbytes = run_elems * size
+    width = next(w for w in (8, 4, 2, 1)
+                 if nbytes % w == 0 and all((t.data_ptr() - base) % w == 0 for t in kv_caches) and base % w == 0)
+    run = nbytes // width
+    half = first.shape[1] * run  # words from a layer's K region to its V region
+    offs = torch.tensor([(t.data_ptr() - base) // width + kv * half for t in kv_caches for kv in range(2)],
+                        dtype=torch.int64).to(first.device)
+    engine = first.view(-1).view(torch.uint8).view(_WORDS[width])
+    n_pairs = 2 * len(kv_caches)
+
+    def copy(ids: torch.Tensor, buf: torch.Tensor, gather: bool) -> None:
+        offs.record_stream(torch.cuda.current_stream(first.device))  # freed only after this stream's use
+        words = buf.view(-1).view(torch.uint8).view(_WORDS[width])
+        grid = (ids.numel() * n_pairs, -(-run // _RUN_BLOCK))
+        kernel[grid](engine, words, offs, ids, n_pairs, run, GATHER=gather, BLOCK=_RUN_BLOCK)
+
+    return copy

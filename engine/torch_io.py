@@ -61,7 +61,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quiver.engine.copy_kernels import scatter_rows
+from quiver.engine.copy_kernels import paged_runs, scatter_rows
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
 from quiver.tier.hugepages import advise_huge_pages
@@ -251,6 +251,10 @@ def gather_paged(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Tensor
         rep.copy_ops = 2 * layout.num_layers
         rep.host_passes = 1
         return rep
+    runs = paged_runs(kv_caches, layout.block_tokens * layout.num_kv_heads * layout.head_dim)
+    if runs is not None:  # one launch per chunk (engine/copy_kernels.py)
+        return _cuda_gather(device, out, layout, rep, chunk_blocks,
+                            lambda lo, hi, dst: runs(ids[lo:hi].to(device), dst, True), dev_ops=1)
     return _cuda_gather(device, out, layout, rep, chunk_blocks,
                         lambda lo, hi, dst: _paged_gather_dev(kv_caches, ids[lo:hi].to(device), dst, layout))
 
@@ -274,8 +278,29 @@ def scatter_paged(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_id
                 rep.copy_ops += 1
         rep.host_passes = 1
         return rep
+    runs = paged_runs(kv_caches, layout.block_tokens * layout.num_kv_heads * layout.head_dim)
+    if runs is not None:
+        return _cuda_scatter(device, src, layout, rep, chunk_blocks,
+                             lambda lo, hi, d: runs(ids[lo:hi].to(device), d, False), dev_ops=1)
     return _cuda_scatter(device, src, layout, rep, chunk_blocks,
                          lambda lo, hi, d: _paged_scatter_dev(d, kv_caches, ids[lo:hi].to(device), layout))
+
+
+def warm_paged_copies(kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> bool:
+    """Compile (or load) the CUDA paged copy kernel before the engine serves: block 0 is
+    gathered and scattered back onto itself (the same bytes).  Triton's first use in a
+    process took 0.9 s with its disk cache warm and 1.9 s cold on an H200 host
+    (docs/ENGINES.md), which a first save or load would otherwise pay.  Call it before
+    the engine writes its KV.  True when the kernel is in use; False (nothing done) on
+    CPU or where torch does the copies."""
+    device, _ = _check_paged(kv_caches, layout)
+    if device.type != "cuda" or paged_runs(kv_caches, layout.block_tokens * layout.num_kv_heads
+                                           * layout.head_dim) is None:
+        return False
+    buf = host_blocks(1, layout, for_device=device)
+    gather_paged(kv_caches, [0], buf, layout).wait()
+    scatter_paged(buf, kv_caches, [0], layout).wait()
+    return True
 
 
 def _paged_gather_dev(kv_caches, sel: torch.Tensor, dst: torch.Tensor, layout: KVLayout) -> None:
@@ -593,7 +618,7 @@ def scatter_dynamic_tensors(src: torch.Tensor, layout: KVLayout, *, device: torc
 
 
 def _cuda_gather(device: torch.device, out: torch.Tensor, layout: KVLayout, rep: CopyReport,
-                 chunk_blocks: int, gather_dev) -> CopyReport:
+                 chunk_blocks: int, gather_dev, dev_ops: int | None = None) -> CopyReport:
     """Device gather into scratch on one side stream, D2H on another, then into ``out``.
 
     Chunked by ``chunk_blocks`` so scratch and staging stay bounded, and
@@ -644,13 +669,14 @@ def _cuda_gather(device: torch.device, out: torch.Tensor, layout: KVLayout, rep:
     last = copied[(-(-n // m) - 1) % nbuf]
     current.wait_event(last)
     rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
-    rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
+    per_chunk = 2 * layout.num_layers if dev_ops is None else dev_ops  # device copies per chunk
+    rep.copy_ops = -(-n // m) * (per_chunk + 1 + (0 if direct else 1))
     rep.event = last if n else None
     return rep
 
 
 def _cuda_scatter(device: torch.device, src: torch.Tensor, layout: KVLayout, rep: CopyReport,
-                  chunk_blocks: int, scatter_dev) -> CopyReport:
+                  chunk_blocks: int, scatter_dev, dev_ops: int | None = None) -> CopyReport:
     """Host -> pinned staging (unless ``src`` is pinned) -> device scratch -> engine tensors.
 
     The H2D copies run on one side stream and the device scatters on
@@ -690,7 +716,8 @@ def _cuda_scatter(device: torch.device, src: torch.Tensor, layout: KVLayout, rep
     last = scattered[(-(-n // m) - 1) % nbuf]
     current.wait_event(last)
     rep.device_passes, rep.transfers, rep.host_passes = 1, 1, 0 if direct else 1
-    rep.copy_ops = -(-n // m) * (2 * layout.num_layers + 1 + (0 if direct else 1))
+    per_chunk = 2 * layout.num_layers if dev_ops is None else dev_ops  # device copies per chunk
+    rep.copy_ops = -(-n // m) * (per_chunk + 1 + (0 if direct else 1))
     rep.event = last if n else None
     return rep
 
@@ -719,6 +746,7 @@ __all__ = [
     "block_view",
     "gather_paged",
     "scatter_paged",
+    "warm_paged_copies",
     "PAGED_FLASH",
     "PAGED_CPU",
     "PAGED_LAYOUTS",

@@ -199,12 +199,14 @@ def test_copy(benchmark, n, op):
 
 
 CUDA_OPS = ["paged-gather", "paged-scatter", "dynamic-gather", "dynamic-scatter"]
-CUDA_CASES = [(n, op, host) for n in SIZES for op in CUDA_OPS for host in ("pinned", "pageable")]
+CUDA_CASES = [(n, op, host, copier) for n in SIZES for op in CUDA_OPS for host in ("pinned", "pageable")
+              for copier in (("kernel", "torch") if op.startswith("paged") else ("torch",))]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: pinned H2D/D2H not measurable")
-@pytest.mark.parametrize("n, op, host", CUDA_CASES, ids=[f"cuda-{op}-{host}-{n}" for n, op, host in CUDA_CASES])
-def test_cuda_copy(benchmark, n, op, host):
+@pytest.mark.parametrize("n, op, host, copier", CUDA_CASES,
+                         ids=[f"cuda-{op}-{host}-{copier}-{n}" for n, op, host, copier in CUDA_CASES])
+def test_cuda_copy(benchmark, monkeypatch, n, op, host, copier):
     """Engine tensors on the device <-> a host buffer, beside a raw copy of the same bytes.
 
     ``pinned``: the host buffer is pinned (``host_blocks(for_device="cuda")``),
@@ -214,9 +216,16 @@ def test_cuda_copy(benchmark, n, op, host):
     beside each is one contiguous non-blocking copy of the same bytes between
     a device tensor and a pinned host tensor (``pinned_mb_per_s``), and for
     pageable rows also a plain ``copy_`` to or from a pageable tensor
-    (``pageable_mb_per_s``: what torch does without staging).
+    (``pageable_mb_per_s``: what torch does without staging).  ``copier``
+    (paged ops): the device pass as one Triton launch per chunk (``kernel``,
+    engine/copy_kernels.py) or torch's per-layer index ops (``torch``,
+    ``QUIVER_COPY_JIT=off``).
     """
     benchmark.group = "copy"
+    if copier == "kernel":
+        pytest.importorskip("triton", reason="the paged copy kernel needs Triton")
+    else:
+        monkeypatch.setenv("QUIVER_COPY_JIT", "off")
     g = torch.Generator().manual_seed(n)
     T, H, D = LAYOUT.block_tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim
     pool = n + n // 4
@@ -266,7 +275,7 @@ def test_cuda_copy(benchmark, n, op, host):
         assert torch.equal(buf[b, 1, 0], dyn[1][0][0, :, b * T:(b + 1) * T].transpose(0, 1).cpu())
     nbytes = n * LAYOUT.block_nbytes
     benchmark.extra_info.update({
-        "layout": op.split("-")[0], "op": f"cuda-{op}", "host": host, "blocks": n, "block_shape": list(SHAPE),
+        "layout": op.split("-")[0], "op": f"cuda-{op}", "host": host, "copier": copier, "blocks": n, "block_shape": list(SHAPE),
         "dtype": "float16", "payload_bytes": nbytes, "median_s": seconds, "mb_per_s": nbytes / seconds / 1e6,
         "pinned_mb_per_s": nbytes / pinned_s / 1e6, "ratio_to_pinned": pinned_s / seconds,
         "pageable_mb_per_s": nbytes / pageable_s / 1e6 if pageable_s else None,

@@ -37,7 +37,8 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
         lines += table(["blocks", "op", "MiB", "MB/s", "memcpy MB/s", "÷ memcpy", f"goal ≥ {COPY_GOAL_RATIO:g}",
                         "memcpy runs MB/s", "÷ memcpy runs", "÷ memcpy fresh", "copy ops"], rows)
     if cuda:
-        rows = [[fmt(_ex(b).get("op")), fmt(_ex(b).get("host")), fmt(_ex(b).get("blocks"), "int"),
+        rows = [[fmt(_ex(b).get("op")), fmt(_ex(b).get("host")), fmt(_ex(b).get("copier")),
+                 fmt(_ex(b).get("blocks"), "int"),
                  fmt(_ex(b).get("mb_per_s")), fmt(_ex(b).get("pinned_mb_per_s")), fmt(_ex(b).get("ratio_to_pinned")),
                  _verdict(_ex(b).get("ratio_to_pinned"), COPY_GOAL_RATIO, True),
                  fmt(_ex(b).get("ratio_to_pageable")), fmt(_ex(b).get("device"))]
@@ -45,7 +46,7 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
         lines += ["CUDA: engine tensors on the device, host buffer pinned or pageable, beside one raw "
                   "non-blocking copy of the same bytes to or from a pinned host tensor (and, for pageable "
                   "rows, torch's own pageable copy):", ""]
-        lines += table(["op", "host", "blocks", "MB/s", "raw pinned MB/s", "÷ pinned", f"goal ≥ {COPY_GOAL_RATIO:g}",
+        lines += table(["op", "host", "device pass", "blocks", "MB/s", "raw pinned MB/s", "÷ pinned", f"goal ≥ {COPY_GOAL_RATIO:g}",
                         "÷ raw pageable", "device"], rows)
     return lines + [reproduce_line(mode, benches), ""]
 

@@ -318,3 +318,13 @@ def test_dynamic_copies_on_sliced_batched_caches_and_offset_buffers(dtype):
         for kv in range(2):
             assert torch.equal(fresh[layer][kv][0], pairs[layer][kv][0, :, :3 * T])
 
+
+
+def test_warm_paged_copies_does_nothing_on_cpu():
+    """The CUDA copy kernel's warm-up (engine/torch_io.py) touches nothing on CPU tensors."""
+    from quiver.engine.torch_io import warm_paged_copies
+
+    kv = _paged(5, torch.float16)
+    before = [t.clone() for t in kv]
+    assert warm_paged_copies(kv, _layout(torch.float16)) is False
+    assert all(torch.equal(a, b) for a, b in zip(kv, before))

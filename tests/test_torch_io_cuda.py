@@ -57,10 +57,27 @@ def _host(n: int, layout: KVLayout, pinned: bool) -> torch.Tensor:
     return t
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def copier(request, monkeypatch):
+    """The paged copies' device pass: the Triton kernel (one launch per chunk) or torch's
+    per-layer index ops (``QUIVER_COPY_JIT=off``, and wherever Triton is missing)."""
+    if request.param == "kernel":
+        pytest.importorskip("triton", reason="the paged copy kernel needs Triton")
+    else:
+        monkeypatch.setenv("QUIVER_COPY_JIT", "off")
+    return request.param
+
+
+def _device_ops(rep, chunk: int, pinned: bool) -> int:
+    """Device copies per chunk, from the CopyReport: 1 for the kernel, 2 * layers for torch."""
+    chunks = -(-rep.blocks // chunk)
+    return rep.copy_ops // chunks - 1 - (0 if pinned else 1)
+
+
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_paged_gather_matches_cpu_gather(dtype, chunk, pinned):
+def test_paged_gather_matches_cpu_gather(dtype, chunk, pinned, copier):
     layout = _layout(dtype)
     kv_cpu = _paged_cpu(23, dtype)
     kv = [t.cuda() for t in kv_cpu]
@@ -72,12 +89,13 @@ def test_paged_gather_matches_cpu_gather(dtype, chunk, pinned):
     rep.wait()
     assert torch.equal(out, want)
     assert (rep.device_passes, rep.transfers, rep.host_passes) == (1, 1, 0 if pinned else 1)
+    assert _device_ops(rep, min(chunk, len(ids)), pinned) == (1 if copier == "kernel" else 2 * L)
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_paged_scatter_matches_cpu_scatter(dtype, chunk, pinned):
+def test_paged_scatter_matches_cpu_scatter(dtype, chunk, pinned, copier):
     layout = _layout(dtype)
     g = torch.Generator().manual_seed(1)
     ids = [4, 19, 0, 7, 12, 2, 15]
@@ -90,6 +108,31 @@ def test_paged_scatter_matches_cpu_scatter(dtype, chunk, pinned):
     rep.wait()
     for got, ref in zip(kv, want):  # the named blocks written, every other block unchanged
         assert torch.equal(got.cpu(), ref)
+    assert _device_ops(rep, min(chunk, len(ids)), pinned) == (1 if copier == "kernel" else 2 * L)
+
+
+def test_kernel_addresses_layers_below_the_first_and_leaves_strided_ones_to_torch():
+    """Layers carved from one allocation in reverse (layer 0 at the highest address: the
+    kernel's offsets are negative) copy right; non-contiguous layers take torch's path."""
+    pytest.importorskip("triton", reason="the paged copy kernel needs Triton")
+    layout = _layout(torch.float16)
+    cpu = _paged_cpu(12, torch.float16, seed=6)
+    big = torch.stack(cpu[::-1]).cuda()  # [L, 2, 12, T, H, D]
+    kv = [big[L - 1 - layer] for layer in range(L)]
+    assert kv[0].data_ptr() > kv[-1].data_ptr()
+    ids = [11, 2, 7, 0]
+    want = host_blocks(len(ids), layout)
+    gather_paged(cpu, ids, want, layout)
+    out = _host(len(ids), layout, pinned=True)
+    rep = gather_paged(kv, ids, out, layout)
+    rep.wait()
+    assert torch.equal(out, want) and _device_ops(rep, len(ids), True) == 1
+    wide = [torch.cat([t, t], dim=-1).cuda()[..., :D] for t in cpu]  # head_dim not contiguous
+    assert not wide[0].is_contiguous()
+    out.zero_()
+    rep = gather_paged(wide, ids, out, layout)
+    rep.wait()
+    assert torch.equal(out, want) and _device_ops(rep, len(ids), True) == 2 * L
 
 
 def test_gather_waits_for_the_engines_writes_on_the_current_stream():
@@ -196,3 +239,14 @@ def test_hf_adapter_on_cuda_restores_the_prefix_it_stored(tmp_path):
         assert torch.equal(got.keys[:, :, :80], want.keys[:, :, :80])
         assert torch.equal(got.values[:, :, :80], want.values[:, :, :80])
     assert (again.logits - full.logits[:, 80:]).abs().max().item() <= 1e-4
+
+
+def test_warm_paged_copies_leaves_the_blocks_as_they_were(copier):
+    from quiver.engine.torch_io import warm_paged_copies
+
+    layout = _layout(torch.float16)
+    cpu = _paged_cpu(5, torch.float16, seed=8)
+    kv = [t.cuda() for t in cpu]
+    assert warm_paged_copies(kv, layout) == (copier == "kernel")
+    assert all(torch.equal(got.cpu(), want) for got, want in zip(kv, cpu))
+
