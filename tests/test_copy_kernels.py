@@ -68,3 +68,54 @@ def test_shapes_that_do_not_fit_are_left_to_torch():
         before = [tuple(t.clone() for t in p) for p in pairs]
         assert not scatter_rows(src, pairs)
         assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
+
+
+# --- vLLM's CPU paged layout (torch_io's PAGED_CPU) ------------------------------------------
+
+
+def _cpu_engine(num_blocks: int, t: int, d: int, dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-100, 100, (num_blocks, H, t, 2 * d), generator=g, dtype=torch.int32).to(dtype)
+            for _ in range(L)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8], ids=str)
+def test_vllm_cpu_layout_kernel_matches_torch_both_ways(dtype, monkeypatch):
+    from quiver.engine.torch_io import gather_paged_cpu, scatter_paged_cpu
+
+    t, d = 8, 6
+    layout = KVLayout(num_layers=L, block_tokens=t, num_kv_heads=H, head_dim=d, dtype=dtype)
+    engine = _cpu_engine(11, t, d, dtype, 4)
+    ids = [9, 2, 3, 4, 0, 9, 7]  # a run (2, 3, 4), a repeat (9: legal in a gather), scattered ids
+    ours = torch.empty(len(ids), *layout.block_shape, dtype=dtype)
+    rep = gather_paged_cpu(engine, ids, ours, layout)
+    assert rep.copy_ops == L  # the kernel ran: one call per layer
+    monkeypatch.setenv(JIT_ENV, "off")
+    ref = torch.empty_like(ours)
+    assert gather_paged_cpu(engine, ids, ref, layout).copy_ops > L  # torch: a copy per run, layer and K/V
+    assert torch.equal(ours, ref)
+
+    src = torch.randint(-100, 100, (5, *layout.block_shape), dtype=torch.int32).to(dtype)
+    into = [6, 1, 10, 2, 3]
+    want = [x.clone() for x in engine]
+    scatter_paged_cpu(src, want, into, layout)  # torch (still off)
+    monkeypatch.delenv(JIT_ENV)
+    got = [x.clone() for x in engine]
+    assert scatter_paged_cpu(src, got, into, layout).copy_ops == L
+    assert all(torch.equal(a, b) for a, b in zip(got, want))  # and every other block unchanged
+
+
+def test_vllm_cpu_layout_kernel_leaves_misfits_to_torch():
+    from quiver.engine.copy_kernels import cpu_paged
+
+    t, d = 4, 8
+    engine = _cpu_engine(6, t, d, torch.float16, 5)
+    before = [x.clone() for x in engine]
+    blocks = torch.ones(2, L, 2, t, H, d, dtype=torch.float16)
+    ids = torch.tensor([1, 4])
+    assert not cpu_paged(blocks, engine, torch.tensor([1, 6]), gather=False)  # an id past the engine's blocks
+    assert not cpu_paged(blocks.float(), engine, ids, gather=False)  # another dtype
+    assert not cpu_paged(blocks, engine[:2], ids, gather=False)  # a layer missing
+    assert not cpu_paged(blocks, [x[:, :, :, :d] for x in engine], ids, gather=False)  # not contiguous
+    assert all(torch.equal(a, b) for a, b in zip(engine, before))
+    assert cpu_paged(blocks, engine, ids, gather=False)
