@@ -1,5 +1,6 @@
 """Compiled kernels for the copies torch runs slowly: host blocks into a DynamicCache
-(Numba, below), and on CUDA the paged layout's device pass (Triton, at the end).
+and vLLM's CPU paged layout both ways (Numba), and on CUDA the paged layout's device
+pass (Triton, at the end).
 
 Quiver's payload is ``[n, L, 2, T, H, D]`` (tokens before heads); a
 transformers DynamicCache layer is ``[batch, H, seq, D]``.  The only run both
@@ -162,7 +163,7 @@ def cpu_paged(blocks: torch.Tensor, kv_caches, ids: torch.Tensor, *, gather: boo
     torch's copy needs one strided ``copy_`` per run of consecutive block ids,
     layer and K/V: with a scattered block table, thousands per request, and K's
     transposed storage moves single elements; studies/bench_copy.py's
-    ``vllm-cpu`` rows measure both (docs/ENGINES.md)."""
+    ``vllmcpu-*`` rows measure both (docs/ENGINES.md)."""
     if blocks.device.type != "cpu" or not blocks.is_contiguous() or blocks.dim() != 6 or blocks.shape[2] != 2:
         return False
     n, layers, _, t, h, d = blocks.shape

@@ -33,11 +33,13 @@ byte is written once, straight into the caller's destination: a host tensor
 from :func:`host_blocks`, or :func:`block_view` of a writable buffer such as
 an L0 arena slot (``torch.frombuffer``: zero-copy).  No temporary is allocated
 (``tests/test_torch_io.py`` checks with the torch profiler).  On CUDA the
-blocks are gathered on the device into a scratch buffer (one device pass),
-copied to pinned host memory with a non-blocking copy on a side stream (one
-transfer), and, when the destination is not itself pinned, copied once more
-from the pinned staging into it (one host pass); an event marks completion.
-Scatter is the mirror image.  Pinning is only ever requested for a CUDA
+blocks are gathered on the device into a scratch buffer (one device pass: for
+the paged layout one Triton launch per chunk, engine/copy_kernels.py), copied
+to pinned host memory with a non-blocking copy (one transfer), and, when the
+destination is not itself pinned, copied once more from the pinned staging
+into it (one host pass); the device pass and the transfers run on two side
+streams, double-buffered, and an event marks completion.  Scatter is the
+mirror image.  Pinning is only ever requested for a CUDA
 device: torch raises if asked to pin without an accelerator.
 
 The device is explicit: it is the device of the engine's tensors, which must
@@ -130,7 +132,8 @@ def empty_host(shape, dtype: torch.dtype, *, pinned: bool = False) -> torch.Tens
     ran 2.1 GB/s with 4 KiB pages, 6.1 GB/s advised).  ``pinned`` (only with
     a CUDA device: torch raises otherwise): page-locked, so a transfer goes
     straight into or out of it (a pageable buffer passes through pinned
-    staging: on an H200 over PCIe 5, 4-5 GB/s against 31-46 GB/s pinned)."""
+    staging: on an H200 over PCIe 5, 512 blocks moved at 3.2-4.2 GB/s against
+    45-52 GB/s pinned, docs/ENGINES.md)."""
     if pinned:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     t = torch.empty(shape, dtype=dtype)
