@@ -1,6 +1,5 @@
 """Compiled kernels for the copies torch runs slowly: host blocks into a DynamicCache
-and vLLM's CPU paged layout both ways (Numba), and on CUDA the paged layout's device
-pass (Triton, at the end).
+(Numba, below), and on CUDA the paged layout's device pass (Triton, at the end).
 
 Quiver's payload is ``[n, L, 2, T, H, D]`` (tokens before heads); a
 transformers DynamicCache layer is ``[batch, H, seq, D]``.  The only run both
@@ -37,8 +36,8 @@ log = logging.getLogger("quiver.engine")
 JIT_ENV = "QUIVER_COPY_JIT"
 
 _lock = threading.Lock()
-_compiled: dict = {}  # Python kernel -> its Numba dispatcher, once made
-_failed = False       # Numba missing or failed: torch copies from then on
+_compiled = None   # the Numba dispatcher, once made
+_failed = False    # Numba missing or failed: torch copies from then on
 
 
 def _scatter_rows_py(src, layer, kv, dst):
@@ -54,69 +53,27 @@ def _scatter_rows_py(src, layer, kv, dst):
                     dst[hh, s, k] = src[b, layer, kv, i, hh, k]
 
 
-def _cpu_paged_scatter_py(blocks, layer, ids, engine):
-    """Blocks -> one layer of vLLM's CPU paged tensor (the Numba subset).
-
-    ``blocks`` is ``[n, L, 2, T, H, D]``; ``engine`` is the layer ``[num_blocks, H,
-    2*T*D]``: per (block id, head) K stored transposed ``[D, T]``, then V ``[T, D]``
-    (torch_io's PAGED_CPU).  Block j goes to engine block ``ids[j]``.  Elements are
-    integers of the payload's width.  K's transpose walks the block's rows in order:
-    of three loop orders timed here (a 512 MiB scatter of [32, 2, 16, 8, 128] float16
-    blocks), 3.4 GB/s against 2.5 by the tile's rows and 1.9 in 8 x 8 tiles.  V's rows
-    are slice assignments, which Numba compiles as plain copies."""
-    n, t, h, d = blocks.shape[0], blocks.shape[3], blocks.shape[4], blocks.shape[5]
-    vat = t * d
-    for j in range(n):
-        b = ids[j]
-        for hh in range(h):
-            e = engine[b, hh]
-            for i in range(t):  # K: token i's d elements go to column i of the [d, t] tile
-                row = blocks[j, layer, 0, i, hh]
-                for k in range(d):
-                    e[k * t + i] = row[k]
-            for i in range(t):  # V: rows of d elements, contiguous on both sides
-                e[vat + i * d:vat + (i + 1) * d] = blocks[j, layer, 1, i, hh, :]
-
-
-def _cpu_paged_gather_py(blocks, layer, ids, engine):
-    """One layer of vLLM's CPU paged tensor -> blocks: :func:`_cpu_paged_scatter_py`
-    reversed, K's transpose walking the block's rows in order."""
-    n, t, h, d = blocks.shape[0], blocks.shape[3], blocks.shape[4], blocks.shape[5]
-    vat = t * d
-    for j in range(n):
-        b = ids[j]
-        for hh in range(h):
-            e = engine[b, hh]
-            for i in range(t):
-                row = blocks[j, layer, 0, i, hh]
-                for k in range(d):
-                    row[k] = e[k * t + i]
-            for i in range(t):
-                blocks[j, layer, 1, i, hh, :] = e[vat + i * d:vat + (i + 1) * d]
-
-
-def _jit(py_func):
-    """The compiled ``py_func``, or None (no Numba, or turned off)."""
-    global _failed
+def _kernel():
+    """The compiled kernel, or None (no Numba, or turned off)."""
+    global _compiled, _failed
     if os.environ.get(JIT_ENV, "").lower() == "off":
         return None
-    disp = _compiled.get(py_func)
-    if disp is not None or _failed:
-        return disp
+    if _compiled is not None or _failed:
+        return _compiled
     with _lock:
-        if py_func not in _compiled and not _failed:
+        if _compiled is None and not _failed:
             try:
                 from numba import njit
 
                 from quiver.index_backends._art_kernels import attach_cache
 
-                disp = njit(nogil=True, boundscheck=False)(py_func)
-                attach_cache(disp, py_func)
-                _compiled[py_func] = disp
+                disp = njit(nogil=True, boundscheck=False)(_scatter_rows_py)
+                attach_cache(disp, _scatter_rows_py)
+                _compiled = disp
             except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
                 _failed = True
-                log.warning("copy kernels unavailable, host copies stay in torch: %s", exc)
-    return _compiled.get(py_func)
+                log.warning("copy kernel unavailable, DynamicCache copies stay in torch: %s", exc)
+    return _compiled
 
 
 def _words(t: torch.Tensor, width: int) -> np.ndarray:
@@ -143,46 +100,12 @@ def scatter_rows(src: torch.Tensor, pairs) -> bool:
     row = src.shape[-1] * src.element_size()
     ptrs = [src.data_ptr()] + [x.data_ptr() for x in dsts]
     width = next(w for w in (8, 4, 2, 1) if row % w == 0 and all(p % w == 0 for p in ptrs))
-    kernel = _jit(_scatter_rows_py)
+    kernel = _kernel()
     if kernel is None:
         return False
     s = _words(src, width)
     for i, x in enumerate(dsts):
         kernel(s, i // 2, i % 2, _words(x, width))
-    return True
-
-
-def cpu_paged(blocks: torch.Tensor, kv_caches, ids: torch.Tensor, *, gather: bool) -> bool:
-    """Host blocks ``[n, L, 2, T, H, D]`` <-> vLLM's CPU paged tensors (one
-    ``[num_blocks, H, T, 2*D]`` per layer, torch_io's PAGED_CPU), block j being
-    engine block ``ids[j]`` (a CPU int64 tensor): ``gather`` copies engine ->
-    blocks, else blocks -> engine.  True when done; False (nothing copied) when
-    the kernel is unavailable or a tensor or id does not fit (the caller copies
-    with torch, whose checks raise).
-
-    torch's copy needs one strided ``copy_`` per run of consecutive block ids,
-    layer and K/V: with a scattered block table, thousands per request, and K's
-    transposed storage moves single elements; studies/bench_copy.py's
-    ``vllmcpu-*`` rows measure both (docs/ENGINES.md)."""
-    if blocks.device.type != "cpu" or not blocks.is_contiguous() or blocks.dim() != 6 or blocks.shape[2] != 2:
-        return False
-    n, layers, _, t, h, d = blocks.shape
-    if len(kv_caches) != layers or ids.dim() != 1 or ids.numel() != n or ids.dtype != torch.int64:
-        return False
-    # The kernel runs without bounds checks: every shape it indexes is checked here.
-    if not all(x.device.type == "cpu" and x.is_contiguous() and x.dtype == blocks.dtype and x.dim() == 4
-               and tuple(x.shape[1:]) == (h, t, 2 * d) for x in kv_caches):
-        return False
-    if n and (int(ids.min()) < 0 or int(ids.max()) >= min(x.shape[0] for x in kv_caches)):
-        return False
-    kernel = _jit(_cpu_paged_gather_py if gather else _cpu_paged_scatter_py)
-    if kernel is None:
-        return False
-    width = blocks.element_size()
-    b = _words(blocks, width)
-    idx = ids.numpy()
-    for layer, x in enumerate(kv_caches):
-        kernel(b, layer, idx, _words(x, width).reshape(x.shape[0], h, 2 * t * d))
     return True
 
 

@@ -63,7 +63,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quiver.engine.copy_kernels import cpu_paged, paged_runs, scatter_rows
+from quiver.engine.copy_kernels import paged_runs, scatter_rows
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
 from quiver.tier.hugepages import advise_huge_pages
@@ -289,6 +289,23 @@ def scatter_paged(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], block_id
                          lambda lo, hi, d: _paged_scatter_dev(d, kv_caches, ids[lo:hi].to(device), layout))
 
 
+def warm_paged_copies(kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> bool:
+    """Compile (or load) the CUDA paged copy kernel before the engine serves: block 0 is
+    gathered and scattered back onto itself (the same bytes).  Triton's first use in a
+    process took 0.9 s with its disk cache warm and 1.9 s cold on an H200 host
+    (docs/ENGINES.md), which a first save or load would otherwise pay.  Call it before
+    the engine writes its KV.  True when the kernel is in use; False (nothing done) on
+    CPU or where torch does the copies."""
+    device, _ = _check_paged(kv_caches, layout)
+    if device.type != "cuda" or paged_runs(kv_caches, layout.block_tokens * layout.num_kv_heads
+                                           * layout.head_dim) is None:
+        return False
+    buf = host_blocks(1, layout, for_device=device)
+    gather_paged(kv_caches, [0], buf, layout).wait()
+    scatter_paged(buf, kv_caches, [0], layout).wait()
+    return True
+
+
 def _paged_gather_dev(kv_caches, sel: torch.Tensor, dst: torch.Tensor, layout: KVLayout) -> None:
     for layer in range(layout.num_layers):
         for kv in range(2):
@@ -393,24 +410,20 @@ def gather_paged_cpu(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Te
                      layout: KVLayout) -> CopyReport:
     """Copy blocks ``block_ids`` (token order) of vLLM-CPU paged tensors into host ``out`` ``[n, *block_shape]``.
 
-    A compiled kernel (engine/copy_kernels.py ``cpu_paged``: one call per layer),
-    or without it one strided torch copy per layer, K/V and run of consecutive
-    block ids; either way straight into ``out`` (no temporary): one host pass
-    (K is transposed on the way).
+    One strided copy per layer, K/V and run of consecutive block ids, straight
+    into ``out`` (no temporary): one host pass (K is transposed on the way).
     """
     num_blocks = _check_paged_cpu(kv_caches, layout)
     ids = _block_ids(block_ids, num_blocks, unique=False)
     n = ids.numel()
     _check_host(out, n, layout, "out")
-    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes, host_passes=1)
-    if cpu_paged(out, kv_caches, ids, gather=True):  # compiled (engine/copy_kernels.py); else torch
-        rep.copy_ops = layout.num_layers
-        return rep
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
     for pos, b, m in _runs(ids):
         for layer, t in enumerate(kv_caches):
             for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
                 out[pos:pos + m, layer, kv].copy_(view)
                 rep.copy_ops += 1
+    rep.host_passes = 1
     return rep
 
 
@@ -421,15 +434,13 @@ def scatter_paged_cpu(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], bloc
     ids = _block_ids(block_ids, num_blocks, unique=True)
     n = ids.numel()
     _check_host(src, n, layout, "src")
-    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes, host_passes=1)
-    if cpu_paged(src, kv_caches, ids, gather=False):
-        rep.copy_ops = layout.num_layers
-        return rep
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
     for pos, b, m in _runs(ids):
         for layer, t in enumerate(kv_caches):
             for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
                 view.copy_(src[pos:pos + m, layer, kv])
                 rep.copy_ops += 1
+    rep.host_passes = 1
     return rep
 
 
@@ -449,28 +460,6 @@ def scatter_paged_any(kind: str, src: torch.Tensor, kv_caches, block_ids, layout
     if kind == PAGED_FLASH:
         return scatter_paged(src, kv_caches, block_ids, layout)
     raise UnsupportedKVLayoutError(f"unknown paged layout {kind!r}; known: {PAGED_LAYOUTS}")
-
-
-def warm_paged_copies(kind: str, kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> bool:
-    """Compile (or load) the copy kernels of paged layout ``kind`` before the engine
-    serves: block 0 is gathered and scattered back onto itself (the same bytes).
-    Triton's first use in a process took 0.9 s with its disk cache warm and 1.9 s
-    cold on an H200 host, Numba's first call of a CPU kernel about 1 s uncached
-    (docs/ENGINES.md): a first save or load would otherwise pay it.  Call it before
-    the engine writes its KV.  True when a compiled kernel did the copies; False
-    when torch did (no kernel for this device, or turned off)."""
-    if kind == PAGED_CPU:
-        buf = host_blocks(1, layout)
-        gather_paged_cpu(kv_caches, [0], buf, layout)
-        return scatter_paged_cpu(buf, kv_caches, [0], layout).copy_ops == layout.num_layers
-    device, _ = _check_paged(kv_caches, layout)
-    if device.type != "cuda" or paged_runs(kv_caches, layout.block_tokens * layout.num_kv_heads
-                                           * layout.head_dim) is None:
-        return False
-    buf = host_blocks(1, layout, for_device=device)
-    gather_paged(kv_caches, [0], buf, layout).wait()
-    scatter_paged(buf, kv_caches, [0], layout).wait()
-    return True
 
 
 # --- HuggingFace DynamicCache -------------------------------------------------------

@@ -6,11 +6,6 @@ A request's n blocks move between an engine's KV tensors and one host buffer
 * ``paged-gather`` / ``paged-scatter``: vLLM-style per-layer ``[2, num_blocks,
   T, H, D]`` tensors; the block table is a random subset of a pool of
   ``n + n//4`` blocks (not contiguous, as in a busy engine);
-* ``vllmcpu-gather`` / ``vllmcpu-scatter``: vLLM's CPU paged layout, per
-  layer ``[num_blocks, H, T, 2*D]`` with K stored transposed (torch_io's
-  PAGED_CPU), same random block table; a compiled kernel
-  (engine/copy_kernels.py), with torch's copy of the same blocks timed in the
-  same test (``torch_mb_per_s``, ``ratio_to_torch``: ``QUIVER_COPY_JIT=off``);
 * ``dynamic-gather``: HuggingFace DynamicCache ``[1, H, n*T, D]`` per layer
   into blocks (a transposing copy: tokens before heads in the payload);
 * ``dynamic-scatter``: blocks into existing cache tensors;
@@ -67,9 +62,6 @@ import torch
 
 from quiver.engine.torch_io import (
     KVLayout,
-    _cpu_blocks,
-    gather_paged_cpu,
-    scatter_paged_cpu,
     gather_dynamic,
     gather_paged,
     host_blocks,
@@ -81,8 +73,7 @@ from .config import pick
 SHAPE = pick(smoke=(4, 2, 16, 8, 128), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 SIZES = pick(smoke=[4], quick=[16, 64, 512], full=[16, 64, 128, 256, 512])
 ROUNDS = pick(smoke=1, quick=5, full=10)
-OPS = ["paged-gather", "paged-scatter", "vllmcpu-gather", "vllmcpu-scatter", "dynamic-gather", "dynamic-scatter",
-       "dynamic-restore"]
+OPS = ["paged-gather", "paged-scatter", "dynamic-gather", "dynamic-scatter", "dynamic-restore"]
 LAYOUT = KVLayout(num_layers=SHAPE[0], block_tokens=SHAPE[2], num_kv_heads=SHAPE[3], head_dim=SHAPE[4],
                   dtype=torch.float16)
 
@@ -107,13 +98,11 @@ def _state(n: int) -> dict:
                  for _ in range(LAYOUT.num_layers)]
         dyn = [tuple(torch.empty(1, H, n * T, D, dtype=torch.float16).uniform_(-1, 1, generator=g) for _ in range(2))
                for _ in range(LAYOUT.num_layers)]
-        vllm_cpu = [torch.empty(pool, H, T, 2 * D, dtype=torch.float16).uniform_(-1, 1, generator=g)
-                    for _ in range(LAYOUT.num_layers)]
         ids = torch.randperm(pool, generator=g)[:n].tolist()
         host = host_blocks(n, LAYOUT)
         ref_src = np.empty(n * LAYOUT.block_nbytes, np.uint8)
         ref_src.fill(1)
-        _STATE.update(n=n, paged=paged, dyn=dyn, vllm_cpu=vllm_cpu, ids=ids, host=host, ref_src=ref_src,
+        _STATE.update(n=n, paged=paged, dyn=dyn, ids=ids, host=host, ref_src=ref_src,
                       ref_dst=np.zeros_like(ref_src))
     return _STATE
 
@@ -139,7 +128,7 @@ def _median(fn, rounds: int) -> float:
 
 
 @pytest.mark.parametrize("n, op", [(n, op) for n in SIZES for op in OPS], ids=[f"{op}-{n}" for n in SIZES for op in OPS])
-def test_copy(benchmark, monkeypatch, n, op):
+def test_copy(benchmark, n, op):
     benchmark.group = "copy"
     st = _state(n)
     host, ids = st["host"], st["ids"]
@@ -151,14 +140,6 @@ def test_copy(benchmark, monkeypatch, n, op):
 
         def fn():
             return scatter_paged(host, st["paged"], ids, LAYOUT)
-    elif op == "vllmcpu-gather":
-        def fn():
-            return gather_paged_cpu(st["vllm_cpu"], ids, host, LAYOUT)
-    elif op == "vllmcpu-scatter":
-        gather_paged_cpu(st["vllm_cpu"], ids, host, LAYOUT)
-
-        def fn():
-            return scatter_paged_cpu(host, st["vllm_cpu"], ids, LAYOUT)
     elif op == "dynamic-gather":
         cache = _Cache(st["dyn"])
 
@@ -185,20 +166,11 @@ def test_copy(benchmark, monkeypatch, n, op):
 
     memcpy_runs_s = _median(memcpy_runs, max(3, ROUNDS))
     memcpy_fresh_s = _median(_memcpy_fresh, max(3, ROUNDS)) if op == "dynamic-restore" else None
-    torch_s = None
-    if op.startswith("vllmcpu"):  # the same copy by torch, after the kernel's rounds
-        monkeypatch.setenv("QUIVER_COPY_JIT", "off")
-        assert fn().copy_ops > LAYOUT.num_layers  # torch's path: one copy per run, layer and K/V
-        torch_s = _median(fn, max(3, ROUNDS))
-        monkeypatch.delenv("QUIVER_COPY_JIT")
 
     # the copy was right: one block checked against its definition
     b = n // 2
     if op.startswith("paged"):
         assert torch.equal(host[b, 1], st["paged"][1][:, ids[b]])
-    elif op.startswith("vllmcpu"):
-        k, v = _cpu_blocks(st["vllm_cpu"][1], ids[b], 1, LAYOUT)
-        assert torch.equal(host[b, 1, 0], k[0]) and torch.equal(host[b, 1, 1], v[0])
     elif op == "dynamic-restore":
         pass  # fresh tensors are checked below
     else:
@@ -219,8 +191,6 @@ def test_copy(benchmark, monkeypatch, n, op):
         "run_bytes": run,
         "memcpy_fresh_mb_per_s": nbytes / memcpy_fresh_s / 1e6 if memcpy_fresh_s else None,
         "ratio_to_memcpy_fresh": memcpy_fresh_s / seconds if memcpy_fresh_s else None,
-        "torch_mb_per_s": nbytes / torch_s / 1e6 if torch_s else None,
-        "ratio_to_torch": torch_s / seconds if torch_s else None,
         "host_passes": rep.host_passes, "copy_ops": rep.copy_ops, "torch_threads": torch.get_num_threads(),
         "device": "cpu",
     })

@@ -22,8 +22,7 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
                          fmt(e.get("mb_per_s")), fmt(e.get("memcpy_mb_per_s")), fmt(e.get("ratio_to_memcpy")),
                          _verdict(e.get("ratio_to_memcpy"), COPY_GOAL_RATIO, True),
                          fmt(e.get("memcpy_runs_mb_per_s")), fmt(e.get("ratio_to_memcpy_runs")),
-                         fmt(e.get("ratio_to_memcpy_fresh")), fmt(e.get("ratio_to_torch")),
-                         fmt(e.get("copy_ops"), "int")])
+                         fmt(e.get("ratio_to_memcpy_fresh")), fmt(e.get("copy_ops"), "int")])
         lines += [
             f"Blocks of shape {fmt(e0.get('block_shape'))} {fmt(e0.get('dtype'))}, torch intra-op threads "
             f"{fmt(e0.get('torch_threads'))}, device {fmt(e0.get('device'))}. `memcpy` = numpy copyto of the same "
@@ -32,13 +31,11 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
             "allocates and memcpys the same bytes into them, paying the same page faults (whether a restore's "
             "pages are fresh or recycled depends on the heap, so restore figures vary between runs). "
             "`dynamic-scatter` and `dynamic-restore` run a compiled kernel in the blocks' order "
-            "(engine/copy_kernels.py, Numba); `vllmcpu-*` (vLLM's CPU paged layout, K stored transposed) "
-            "run one too, `× torch` = how much faster than torch's copy of the same blocks in the same test; "
-            "the other ops are torch copies. "
+            "(engine/copy_kernels.py, Numba); the other ops are torch copies. "
             f"Goal: ≥ {COPY_GOAL_RATIO:g} of memcpy (the pre-faulted one, for every op). 1 MB = 1e6 B.", "",
         ]
         lines += table(["blocks", "op", "MiB", "MB/s", "memcpy MB/s", "÷ memcpy", f"goal ≥ {COPY_GOAL_RATIO:g}",
-                        "memcpy runs MB/s", "÷ memcpy runs", "÷ memcpy fresh", "× torch", "copy ops"], rows)
+                        "memcpy runs MB/s", "÷ memcpy runs", "÷ memcpy fresh", "copy ops"], rows)
     if cuda:
         rows = [[fmt(_ex(b).get("op")), fmt(_ex(b).get("host")), fmt(_ex(b).get("copier")),
                  fmt(_ex(b).get("blocks"), "int"),

@@ -242,11 +242,11 @@ def test_hf_adapter_on_cuda_restores_the_prefix_it_stored(tmp_path):
 
 
 def test_warm_paged_copies_leaves_the_blocks_as_they_were(copier):
-    from quiver.engine.torch_io import PAGED_FLASH, warm_paged_copies
+    from quiver.engine.torch_io import warm_paged_copies
 
     layout = _layout(torch.float16)
     cpu = _paged_cpu(5, torch.float16, seed=8)
     kv = [t.cuda() for t in cpu]
-    assert warm_paged_copies(PAGED_FLASH, kv, layout) == (copier == "kernel")
+    assert warm_paged_copies(kv, layout) == (copier == "kernel")
     assert all(torch.equal(got.cpu(), want) for got, want in zip(kv, cpu))
 
