@@ -36,8 +36,23 @@ log = logging.getLogger("quiver.engine")
 JIT_ENV = "QUIVER_COPY_JIT"
 
 _lock = threading.Lock()
-_compiled = None   # the Numba dispatcher, once made
-_failed = False    # Numba missing or failed: torch copies from then on
+_made: dict = {}  # kernel name -> the kernel, or None once making it failed (torch copies from then on)
+
+
+def _once(name: str, make, level: int, what: str):
+    """The kernel ``make()`` returns, made at the first call of a process; None when
+    ``QUIVER_COPY_JIT=off`` or when making it failed (logged once at ``level``)."""
+    if os.environ.get(JIT_ENV, "").lower() == "off":
+        return None
+    if name not in _made:
+        with _lock:
+            if name not in _made:
+                try:
+                    _made[name] = make()
+                except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
+                    _made[name] = None
+                    log.log(level, "%s: %s", what, exc)
+    return _made[name]
 
 
 def _scatter_rows_py(src, layer, kv, dst):
@@ -53,27 +68,20 @@ def _scatter_rows_py(src, layer, kv, dst):
                     dst[hh, s, k] = src[b, layer, kv, i, hh, k]
 
 
+def _numba_scatter():
+    from numba import njit
+
+    from quiver.index_backends._art_kernels import attach_cache
+
+    disp = njit(nogil=True, boundscheck=False)(_scatter_rows_py)
+    attach_cache(disp, _scatter_rows_py)
+    return disp
+
+
 def _kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
-    global _compiled, _failed
-    if os.environ.get(JIT_ENV, "").lower() == "off":
-        return None
-    if _compiled is not None or _failed:
-        return _compiled
-    with _lock:
-        if _compiled is None and not _failed:
-            try:
-                from numba import njit
-
-                from quiver.index_backends._art_kernels import attach_cache
-
-                disp = njit(nogil=True, boundscheck=False)(_scatter_rows_py)
-                attach_cache(disp, _scatter_rows_py)
-                _compiled = disp
-            except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
-                _failed = True
-                log.warning("copy kernel unavailable, DynamicCache copies stay in torch: %s", exc)
-    return _compiled
+    return _once("scatter_rows", _numba_scatter, logging.WARNING,
+                 "copy kernel unavailable, DynamicCache copies stay in torch")
 
 
 def _words(t: torch.Tensor, width: int) -> np.ndarray:
@@ -118,26 +126,16 @@ def scatter_rows(src: torch.Tensor, pairs) -> bool:
 # its transfer (docs/ENGINES.md).  This kernel moves every run of a chunk in one launch,
 # addressing the layers by their element offsets from the first layer's tensor.
 
-_TRITON_JIT = None   # the Triton kernel, once made
-_triton_failed = False
+def _triton_paged_runs():
+    from quiver.engine._triton_copy import paged_runs
+
+    return paged_runs
 
 
 def _triton_kernel():
     """The Triton kernel, or None (no Triton, or turned off)."""
-    global _TRITON_JIT, _triton_failed
-    if os.environ.get(JIT_ENV, "").lower() == "off":
-        return None
-    if _TRITON_JIT is not None or _triton_failed:
-        return _TRITON_JIT
-    with _lock:
-        if _TRITON_JIT is None and not _triton_failed:
-            try:
-                from quiver.engine._triton_copy import paged_runs
-                _TRITON_JIT = paged_runs
-            except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
-                _triton_failed = True
-                log.info("Triton unavailable, CUDA paged copies stay in torch: %s", exc)
-    return _TRITON_JIT
+    return _once("paged_runs", _triton_paged_runs, logging.INFO,
+                 "Triton unavailable, CUDA paged copies stay in torch")
 
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
