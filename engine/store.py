@@ -793,7 +793,8 @@ class BlockStore:
         # One lock acquisition pins every L0 hit of the get (their slots are not
         # reused until unpinned, so each decodes with no lock held).
         pins = ram.pin_many(skeys) if ram is not None else [None] * n
-        l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None])
+        l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None]) \
+            if self._l2 is not None else {}
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             missed = n - len(batch)  # a get served whole from L0 asks no other tier
@@ -879,7 +880,9 @@ class BlockStore:
         are ``_read_one``'s."""
         t0 = time.perf_counter()
         good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._disk.get_many_into, "disk tier get")
-        from_l1.extend((skeys[i], FromL1(_layout(ident).total_len)) for i, _ in good)  # the only size it reads
+        if self._ram_bytes:  # no L0, nothing to promote
+            size = _layout(ident).total_len  # the only size it reads
+            from_l1.extend((skeys[i], FromL1(size)) for i, _ in good)
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l1", each)) for i, _ in good]
 
@@ -921,11 +924,11 @@ class BlockStore:
         if len(todo) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
         heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
-
-        def buffers_for(j: int, i: int):
-            return lambda length: [heads[j], rows[i], bytearray(4)] if length == layout.total_len else None
+        total = layout.total_len
+        buffers_fors = [lambda length, head=heads[j], row=rows[i]: [head, row, bytearray(4)] if length == total else None
+                        for j, i in enumerate(todo)]
         with translated(what):
-            got = read_many([skeys[i] for i in todo], [buffers_for(j, i) for j, i in enumerate(todo)])
+            got = read_many([skeys[i] for i in todo], buffers_fors)
         read = [j for j, pieces in enumerate(got) if pieces is not None]
         if not read:
             return []

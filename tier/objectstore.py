@@ -421,14 +421,15 @@ class OpCounts:
         self.retries = 0
         self.hits = self.misses = self.bytes_in = self.bytes_out = 0
 
-    def done(self, op: str, found: bool | None = None, nin: int = 0, nout: int = 0) -> None:
+    def done(self, op: str, found: bool | None = None, nin: int = 0, nout: int = 0, count: int = 1) -> None:
+        """``count`` operations ``op`` done (a batch counts once, under one lock)."""
         with self.lock:
-            self.ops[op] = self.ops.get(op, 0) + 1
+            self.ops[op] = self.ops.get(op, 0) + count
             if found is not None:
                 if found:
-                    self.hits += 1
+                    self.hits += count
                 else:
-                    self.misses += 1
+                    self.misses += count
             self.bytes_in += nin
             self.bytes_out += nout
 
@@ -754,7 +755,11 @@ def _fs_errors(what: str, root: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise ObjectStoreIOError(f"{what} in {root}: {exc.strerror or exc}") from exc
+        raise _fs_error(what, root, exc) from exc
+
+
+def _fs_error(what: str, root: str, exc: OSError) -> ObjectStoreIOError:
+    return ObjectStoreIOError(f"{what} in {root}: {exc.strerror or exc}")
 
 
 # A local object file is the object's bytes then this trailer: CRC32C of the
@@ -936,19 +941,20 @@ class LocalDirObjectStore(ObjectStore):
     def get_many_into(self, keys: list[bytes], buffers_fors: list) -> list[list | None]:
         self._check_open()
         out: list[list | None] = []
+        served = nout = 0
         for key, buffers_for in zip(keys, buffers_fors):
-            pieces = None
-            for name in self._names(key):
-                try:
-                    got = self._read_named(name, buffers_for)
-                except ObjectStoreIOError:
-                    break  # get_into raises it
-                if got is not None:  # else: not under this name
-                    pieces = None if got is _NOT_CLEAN else got
-                    break
-            if pieces is not None:
-                self.counts.done("get", True, nout=sum(memoryview(p).nbytes for p in pieces))
+            try:  # the current name only: a miss (also under a legacy name) is get_into's
+                pieces = self._read_named(object_name(key), buffers_for)
+            except ObjectStoreIOError:
+                pieces = None  # get_into raises it
+            if pieces is _NOT_CLEAN:
+                pieces = None
+            elif pieces is not None:
+                served += 1
+                nout += sum(memoryview(p).nbytes for p in pieces)
             out.append(pieces)
+        if served:
+            self.counts.done("get", True, nout=nout, count=served)
         return out
 
     def _read_named(self, name: str, buffers_for: Callable[[int], list | None]):
@@ -956,18 +962,20 @@ class LocalDirObjectStore(ObjectStore):
         body into the caller's pieces, the trailer into its own); None if there is
         no such object; _NOT_CLEAN if it fails the check or ``buffers_for``
         declines its length (nothing removed here)."""
-        path = self._path(name)
-        with _fs_errors(f"read {name}", self.root):
-            try:
-                size = self._io.file_size(path)
-                pieces, trailer = buffers_for(max(0, size - _TRAILER.size)), bytearray(_TRAILER.size)
-                if pieces is None:
-                    return _NOT_CLEAN
-                got = self._io.read_into(path, [*pieces, trailer])
-            except FileNotFoundError:
-                return None
-        if got == size >= _TRAILER.size:
+        trailer = bytearray(_TRAILER.size)
+
+        def with_trailer(size: int) -> list | None:
+            pieces = buffers_for(max(0, size - _TRAILER.size))
+            return None if pieces is None else [*pieces, trailer]
+        try:
+            size, read, got = self._io.read_sized_into(self._path(name), with_trailer)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _fs_error(f"read {name}", self.root, exc) from exc  # not _fs_errors: a get's hot loop
+        if read is not None and got == size >= _TRAILER.size:
             crc, magic = _TRAILER.unpack(trailer)
+            pieces = read[:-1]
             if magic == _TRAILER_MAGIC and crc32c_of(pieces) == crc:
                 return pieces
         return _NOT_CLEAN

@@ -173,6 +173,15 @@ class FileSystem(ABC):
             pos += piece.nbytes
         return min(data.nbytes, pos + 1)
 
+    def read_sized_into(self, path: str, buffers_for) -> tuple[int, list | None, int]:
+        """``(size, buffers, got)``: the file's size, ``buffers_for(size)`` and, when
+        that is not None, ``read_into(path, buffers)`` (else 0): a read whose
+        buffers depend on the file's size (an L2 object file: body, then its
+        trailer).  OsFileSystem sizes the open file (fstat), not its path."""
+        size = self.file_size(path)
+        buffers = buffers_for(size)
+        return size, buffers, (0 if buffers is None else self.read_into(path, buffers))
+
     @abstractmethod
     def file_size(self, path: str) -> int: ...
 
@@ -250,21 +259,20 @@ class OsFileSystem(FileSystem):
             return f.read(n)
 
     def read_into(self, path: str, buffers: list) -> int:
-        views = [memoryview(b).cast("B") for b in buffers] + [memoryview(bytearray(1))]  # 1 byte: longer?
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            total = 0
-            while views:
-                asked = sum(v.nbytes for v in views)
-                n = os.preadv(fd, views, total)
-                total += n
-                if n < asked:
-                    break  # a regular file reads short only at its end: one call per read
-                while views and n >= views[0].nbytes:
-                    n -= views.pop(0).nbytes
-                if n:
-                    views[0] = views[0][n:]
-            return total
+            # One call: a regular file reads short only at its end, and the 1-byte
+            # probe after the buffers is filled only when the file is longer.
+            return os.preadv(fd, [*buffers, bytearray(1)], 0)
+        finally:
+            os.close(fd)
+
+    def read_sized_into(self, path: str, buffers_for) -> tuple[int, list | None, int]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            buffers = buffers_for(size)
+            return size, buffers, (0 if buffers is None else os.preadv(fd, [*buffers, bytearray(1)], 0))
         finally:
             os.close(fd)
 
