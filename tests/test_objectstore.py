@@ -320,6 +320,25 @@ def _race(spec: str, key: bytes, payloads: list[str], env: dict | None = None,
     return outs
 
 
+def test_local_open_races_another_opener(tmp_path):
+    """Two processes opening one new directory at once: the other one makes a
+    subdirectory between this one's check and its mkdir.  (A file system that
+    does that on cue: a real race cannot be timed.)"""
+    from quiver.walpub.io import OsFileSystem
+
+    class OtherOpenerFirst(OsFileSystem):
+        def isdir(self, path: str) -> bool:
+            found = super().isdir(path)
+            if not found and os.path.basename(path) == "manifests":
+                os.mkdir(path)  # the other process, just after our check
+            return found
+
+    root = tmp_path / "l2"
+    store = LocalDirObjectStore(root, io=OtherOpenerFirst())
+    store.put(key_of(b"x"), b"x")
+    assert LocalDirObjectStore(root).get(key_of(b"x")) == b"x"
+
+
 def test_local_first_writer_wins_across_processes(tmp_path):
     key = key_of(b"raced")
     outs = _race(str(tmp_path), key, ["from-A", "from-B"])

@@ -798,8 +798,13 @@ class LocalDirObjectStore(ObjectStore):
         try:
             self._makedirs(self.root)
             for sub in ("blocks", "manifests", "tmp"):
-                if not self._io.isdir(os.path.join(self.root, sub)):
-                    self._io.mkdir(os.path.join(self.root, sub))
+                path = os.path.join(self.root, sub)
+                if not self._io.isdir(path):
+                    try:
+                        self._io.mkdir(path)
+                    except FileExistsError:  # another process opening the same new directory made it
+                        if not self._io.isdir(path):
+                            raise
             # Also when the root exists: a killed creator may have left its name
             # (or its subdirectories) in the page cache only.
             self._io.fsync_dir(os.path.dirname(self.root), "l2_layout")
