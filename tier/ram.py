@@ -263,26 +263,30 @@ class RamTier:
         """A read-only view of the block and its slot number, or None; counts as an
         access.  The slot is not reused until ``unpin(slot)``, so the view may be
         read without any lock held."""
-        with self._lock:
-            return self._pin_locked(key)
+        return self.pin_many([key])[0]
 
     def pin_many(self, keys: list[bytes]) -> list[tuple[memoryview, int] | None]:
         """``pin`` of each key under one lock acquisition (a get of n blocks takes
-        the lock once, not n times)."""
+        the lock once and counts once, not n times)."""
+        out: list[tuple[memoryview, int] | None] = []
+        hits = nbytes = 0
         with self._lock:
-            return [self._pin_locked(k) for k in keys]
-
-    def _pin_locked(self, key: bytes) -> tuple[memoryview, int] | None:
-        entry = self._where.get(key)
-        if entry is None:
-            self._n["misses"] += 1
-            return None
-        slot, n = entry
-        self._policy.access(key)
-        self._n["hits"] += 1
-        self._n["bytes_out"] += n
-        self._pins[slot] = self._pins.get(slot, 0) + 1
-        return self._view(slot, n).toreadonly(), slot
+            where, pins, access, mv, size = self._where, self._pins, self._policy.access, self._mv, self.slot_bytes
+            for key in keys:
+                entry = where.get(key)
+                if entry is None:
+                    out.append(None)
+                    continue
+                slot, n = entry
+                access(key)
+                pins[slot] = pins.get(slot, 0) + 1
+                out.append((mv[slot * size:slot * size + n].toreadonly(), slot))
+                hits += 1
+                nbytes += n
+            self._n["hits"] += hits
+            self._n["misses"] += len(keys) - hits
+            self._n["bytes_out"] += nbytes
+        return out
 
     def heads(self, slots: list[int], nbytes: int) -> np.ndarray:
         """The first ``nbytes`` of each listed slot, ``[len(slots), nbytes]``
