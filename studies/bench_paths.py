@@ -2,8 +2,9 @@
 
 Everything goes through the public API (``BlockStore.open``/``put``/``get``), one
 thread, and every contender is timed in the same rounds, interleaved (store, limit,
-store, limit, ...), so a noisy neighbour hits both; the figures are medians over the
-rounds and the ratios compare the medians.
+store, limit, ...), so a noisy neighbour hits both, in an order that rotates with the
+round (each contender runs as often first, right after another's, as the others); the
+figures are medians over the rounds and the ratios compare the medians.
 
 Paths (``path`` in extra_info), per block size:
 
@@ -108,10 +109,12 @@ def _timed(fn) -> float:
 
 
 def _rounds(contenders: dict) -> dict:
-    """Median seconds per contender, timed interleaved over ROUNDS rounds."""
+    """Median seconds per contender, timed interleaved over ROUNDS rounds, the
+    order rotating with the round."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(ROUNDS):
-        for name, fn in contenders.items():
+    order = list(contenders.items())
+    for r in range(ROUNDS):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             times[name].append(_timed(fn))
     return {name: float(np.median(ts)) for name, ts in times.items()}
 

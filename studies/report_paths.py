@@ -96,7 +96,7 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
     lines = _section_head("engine-paths", "Engine paths through `BlockStore` beside their limits (group `engine-paths`)")
     lines += [
         "What a user pays through the public API, one thread, each contender timed in the same rounds, interleaved "
-        f"(medians of {fmt(e0.get('rounds'), 'int')} rounds; ratios compare the medians). Blocks: one layer of float16 "
+        f"in an order that rotates with the round (medians of {fmt(e0.get('rounds'), 'int')} rounds; ratios compare the medians). Blocks: one layer of float16 "
         "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
         "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
         "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
