@@ -6,6 +6,9 @@ A request's n blocks move between an engine's KV tensors and one host buffer
 * ``paged-gather`` / ``paged-scatter``: vLLM-style per-layer ``[2, num_blocks,
   T, H, D]`` tensors; the block table is a random subset of a pool of
   ``n + n//4`` blocks (not contiguous, as in a busy engine);
+  ``paged-gather-consecutive`` / ``paged-scatter-consecutive``: the same with
+  the table ``0 .. n-1`` (what a fresh engine's block allocator hands out: one
+  run per layer and K/V, where a copy can be one strided copy);
 * ``dynamic-gather``: HuggingFace DynamicCache ``[1, H, n*T, D]`` per layer
   into blocks (a transposing copy: tokens before heads in the payload);
 * ``dynamic-scatter``: blocks into existing cache tensors;
@@ -73,7 +76,8 @@ from .config import pick
 SHAPE = pick(smoke=(4, 2, 16, 8, 128), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 SIZES = pick(smoke=[4], quick=[16, 64, 512], full=[16, 64, 128, 256, 512])
 ROUNDS = pick(smoke=1, quick=5, full=10)
-OPS = ["paged-gather", "paged-scatter", "dynamic-gather", "dynamic-scatter", "dynamic-restore"]
+OPS = ["paged-gather", "paged-scatter", "paged-gather-consecutive", "paged-scatter-consecutive", "dynamic-gather",
+       "dynamic-scatter", "dynamic-restore"]
 LAYOUT = KVLayout(num_layers=SHAPE[0], block_tokens=SHAPE[2], num_kv_heads=SHAPE[3], head_dim=SHAPE[4],
                   dtype=torch.float16)
 
@@ -131,11 +135,11 @@ def _median(fn, rounds: int) -> float:
 def test_copy(benchmark, n, op):
     benchmark.group = "copy"
     st = _state(n)
-    host, ids = st["host"], st["ids"]
-    if op == "paged-gather":
+    host, ids = st["host"], (list(range(n)) if op.endswith("-consecutive") else st["ids"])
+    if op.startswith("paged-gather"):
         def fn():
             return gather_paged(st["paged"], ids, host, LAYOUT)
-    elif op == "paged-scatter":
+    elif op.startswith("paged-scatter"):
         gather_paged(st["paged"], ids, host, LAYOUT)
 
         def fn():

@@ -30,6 +30,8 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
             f"({_size(e0.get('run_bytes'))}); `memcpy fresh` (restore only) allocates the tensors a restore "
             "allocates and memcpys the same bytes into them, paying the same page faults (whether a restore's "
             "pages are fresh or recycled depends on the heap, so restore figures vary between runs). "
+            "Paged ops take a random block table out of a pool of n + n/4 blocks (a busy engine's); "
+            "`-consecutive` ones take blocks 0 .. n-1 (a fresh engine's). "
             "`dynamic-scatter` and `dynamic-restore` run a compiled kernel in the blocks' order "
             "(engine/copy_kernels.py, Numba); the other ops are torch copies. "
             f"Goal: ≥ {COPY_GOAL_RATIO:g} of memcpy (the pre-faulted one, for every op). 1 MB = 1e6 B.", "",
