@@ -33,12 +33,26 @@ _UINT32_MAX = 0xFFFFFFFF
 _ARRAY_U32_OK = array.array("I").itemsize == 4
 
 
+_KEYING = "_quiver_keying"  # where an identity keeps its derived keys (in its __dict__, as its fingerprint)
+
+
+def _keying(identity: CacheIdentity) -> tuple[bytes | None, bytes]:
+    """(chain hash key, root key) of ``identity``, derived once per instance and
+    kept on it, as its cached fingerprint is: a get or put does not run the
+    two BLAKE3 derivations again (issue 10).  Per instance, never per equal
+    identity: equality ignores ``tenant_secret``, the keys do not."""
+    got = identity.__dict__.get(_KEYING)
+    if got is None:
+        secret = identity.tenant_secret
+        hash_key = None if secret is None else blake3.blake3(secret, derive_key_context=TENANT_KEY_CONTEXT).digest()
+        got = (hash_key, _hash(ROOT_DOMAIN + identity.fingerprint, hash_key))
+        identity.__dict__[_KEYING] = got
+    return got
+
+
 def chain_hash_key(identity: CacheIdentity) -> bytes | None:
     """The 32-byte BLAKE3 key for a tenant's keyed chain, or None if unkeyed."""
-    secret = identity.tenant_secret
-    if secret is None:
-        return None
-    return blake3.blake3(secret, derive_key_context=TENANT_KEY_CONTEXT).digest()
+    return _keying(identity)[0]
 
 
 def _hash(data: bytes, key: bytes | None) -> bytes:
@@ -55,7 +69,7 @@ def _check_identity(identity: Any) -> None:
 def root_key(identity: CacheIdentity) -> bytes:
     """k[-1]: the parent of block 0, bound to the identity (and secret, if any)."""
     _check_identity(identity)
-    return _hash(ROOT_DOMAIN + identity.fingerprint, chain_hash_key(identity))
+    return _keying(identity)[1]
 
 
 def tokens_to_le_u32(token_ids: Any) -> bytes:

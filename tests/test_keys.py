@@ -176,6 +176,17 @@ def test_keyed_chain_differs_from_unkeyed_and_per_secret():
     assert chain_keys(make(tenant_secret=bytes(SECRET)), TOKENS) == chain_keys(make(tenant_secret=SECRET), TOKENS)
 
 
+def test_derived_keys_are_kept_per_instance_not_per_equal_identity():
+    """Equal identities (equality ignores the secret) with other secrets, each
+    keyed twice: the keys kept on the first never serve the second."""
+    a, b = make(tenant_secret=SECRET), make(tenant_secret=SECRET[::-1])
+    assert a == b and hash(a) == hash(b)
+    first = [chain_keys(a, TOKENS), chain_keys(b, TOKENS)]
+    assert first[0] != first[1]
+    assert [chain_keys(a, TOKENS), chain_keys(b, TOKENS)] == first
+    assert root_key(a) != root_key(b) and chain_hash_key(a) != chain_hash_key(b)
+
+
 @pytest.mark.parametrize(
     "tokens",
     [
