@@ -609,6 +609,9 @@ def body_in_place(head, out, *, allow_lossy: bool = False, layout: RawLayout | N
 
 # Header bytes 16..112 (fingerprint, key, parent) may hold any bytes in a valid header.
 _PER_BLOCK_AT, _PER_BLOCK_END = 16, 112
+# RawLayout.matching_rows: below this many headers a loop over their bytes beats numpy's
+# fixed cost (4 headers: 4 vs 14 us; 32: about even; 512: numpy 300 vs 420 us).
+_NUMPY_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -639,6 +642,8 @@ class RawLayout:
         identity fields; None: not compared).  A bool per row: the bytes
         compare in numpy comparisons over all rows, then each row's header CRC."""
         n, at, end = self.header_len, _PER_BLOCK_END, _PER_BLOCK_END + len(self.rest)
+        if len(heads) < _NUMPY_ROWS:
+            return self._rows_by_bytes(heads, ids)
         ok = ((heads[:, :_PER_BLOCK_AT] == np.frombuffer(self.lead, np.uint8)).all(axis=1)
               & (heads[:, at:end] == np.frombuffer(self.rest, np.uint8)).all(axis=1))
         if ids is not None:
@@ -647,6 +652,20 @@ class RawLayout:
         for j in np.flatnonzero(ok):
             ok[j] = crc32c.crc32c(heads[j, :n - _CRC_SIZE]) == stored[j]
         return ok
+
+    def _rows_by_bytes(self, heads: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """:meth:`matching_rows` by a loop over the rows' bytes: the same compares."""
+        n, at, end = self.header_len, _PER_BLOCK_END, _PER_BLOCK_END + len(self.rest)
+        rows = heads.tobytes()
+        want = None if ids is None else ids.tobytes()
+        width = at - _PER_BLOCK_AT
+        ok = []
+        for j in range(len(heads)):
+            o = j * n
+            ok.append(rows[o:o + _PER_BLOCK_AT] == self.lead and rows[o + at:o + end] == self.rest
+                      and (want is None or rows[o + _PER_BLOCK_AT:o + at] == want[j * width:(j + 1) * width])
+                      and crc32c.crc32c(rows[o:o + n - _CRC_SIZE]) == _U32.unpack_from(rows, o + n - _CRC_SIZE)[0])
+        return np.array(ok, dtype=bool)
 
     def matches(self, head: memoryview) -> bool:
         """True if ``head`` (a 'B' memoryview) starts with a header of this layout

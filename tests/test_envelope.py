@@ -651,7 +651,8 @@ def test_body_in_place_accepts_the_layout_or_parses():
     assert not body_in_place(lz4[:decode_header(lz4).header_len], arr)
 
 
-def test_matching_rows_checks_layout_identity_fields_and_header_crc_per_row():
+@pytest.mark.parametrize("copies", [1, 10], ids=["by-bytes", "numpy"])  # 4 or 40 headers: both ways
+def test_matching_rows_checks_layout_identity_fields_and_header_crc_per_row(copies):
     arr, env, layout = _layout_case()
     hl = layout.header_len
     other = encode_block(arr, **dict(IDS, key=bytes(32)), layer_offsets=uniform_layer_offsets(2, arr.nbytes),
@@ -659,7 +660,7 @@ def test_matching_rows_checks_layout_identity_fields_and_header_crc_per_row():
     damaged = bytearray(env)
     damaged[hl - 1] ^= 0x01  # the header CRC itself
     lz4 = encode_block(arr, **IDS, codec="lz4").ljust(hl, b"\0")
-    heads = np.stack([np.frombuffer(e[:hl], np.uint8) for e in (env, other, bytes(damaged), lz4)])
-    ids = np.frombuffer((FP + KEY + PARENT) * 4, np.uint8).reshape(4, 96)
-    assert layout.matching_rows(heads, ids).tolist() == [True, False, False, False]
-    assert layout.matching_rows(heads, None).tolist() == [True, True, False, False]  # no identity compare
+    heads = np.stack([np.frombuffer(e[:hl], np.uint8) for e in (env, other, bytes(damaged), lz4)] * copies)
+    ids = np.frombuffer((FP + KEY + PARENT) * 4 * copies, np.uint8).reshape(4 * copies, 96)
+    assert layout.matching_rows(heads, ids).tolist() == [True, False, False, False] * copies
+    assert layout.matching_rows(heads, None).tolist() == [True, True, False, False] * copies  # no identity compare
