@@ -164,11 +164,15 @@ def envelope_bound(ident: CacheIdentity, codec: str, chunk_size: int = codecs.DE
                          layer_crcs=codec == "none", chunk_size=chunk_size)
 
 
-#: Fewest L0 hits a get checks together (``_l0_batch``): its numpy passes cost
-#: ~15 us whatever the count, the per-block path ~4 us more per block than the
-#: batch, so below this the per-block path is the cheaper one (a single 2 MiB
-#: get: ~105-175 us through the batch, ~110 us per block, memcpy ~45 us).
-L0_BATCH_MIN = 4
+#: Fewest L0 hits a get checks together (``_l0_batch``): with the headers of a small
+#: batch compared byte-wise (``RawLayout.matching_rows``) the batch was the cheaper
+#: path from 2 hits (2 x 512 B: 28.5 against 33.2 us per get, interleaved A/B); at
+#: 1 the two were even, and a single hit keeps the per-block path.
+L0_BATCH_MIN = 2
+#: Fewest L1 or local-directory L2 reads a get makes together (``_read_batch``): the
+#: one-key read was cheaper for 1 block (L1, 512 B: 52 against 65 us per get,
+#: interleaved A/B), even at 2, and dearer from 3.
+READ_BATCH_MIN = 4
 
 
 def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
@@ -849,7 +853,7 @@ class BlockStore:
         """The L0 hits of a get checked and copied together, so the get pays its
         fixed Python cost once, not per block (issue 10): every pinned header is
         compared with the identity's codec-none layout and with the block's own
-        fingerprint, key and parent (the guard's compare) in one numpy pass
+        fingerprint, key and parent (the guard's compare) together
         (``RawLayout.matching_rows``), its header CRC checked, and the body
         copied into the block's row of the destination.  Returns (index,
         ("l0", seconds)) of the blocks served; any other hit (another codec, a
@@ -896,7 +900,7 @@ class BlockStore:
         damaged object there: ``_read_one`` reads it again and decides), each
         queued for L1 and L0 as ``_read_one`` does.  Returns (index,
         ("l2", seconds)) of the blocks served."""
-        if self._l2 is None or len(todo) < L0_BATCH_MIN:
+        if self._l2 is None or len(todo) < READ_BATCH_MIN:
             return []
         t0 = time.perf_counter()
         good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._l2.get_many_into, "L2 get")
@@ -916,14 +920,14 @@ class BlockStore:
         block): ``read_many(keys, buffers_fors)`` (``get_many_into``) reads each
         codec-none object of the identity's size with its body straight into the
         block's row and verifies it (length + CRC32C: the one pass), then every
-        header is checked in one numpy pass (``RawLayout.matching_rows``: layout,
+        header is checked together (``RawLayout.matching_rows``: layout,
         the guard's compare, header CRC).  Returns (index, pieces) of the blocks
         served; any other (a miss, another codec or size, a failed check, a
         mismatch) is left to ``_read_one``, which reads it again, decides and
         explains; a refused block's row is zeroed first (its bytes do not stay in
         the caller's array)."""
         layout = _layout(ident)
-        if len(todo) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
+        if len(todo) < READ_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
         heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
         total = layout.total_len

@@ -814,9 +814,9 @@ def test_a_get_reads_its_local_l2_blocks_in_one_batch_into_out(tmp_path, monkeyp
     directory's batch (``get_many_into``), each body straight into its row of
     ``out``, none through the per-block path; they reach L0 at once and L1
     through the promoter."""
-    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.engine.store import READ_BATCH_MIN
 
-    n = L0_BATCH_MIN + 2
+    n = READ_BATCH_MIN + 2
     ident, tokens, blocks = make_case(56, n)
     l2 = tmp_path / "l2"
     with BlockStore.open(tmp_path / "a", object_store=l2, ram_bytes=0, index="flat") as store:
@@ -1202,16 +1202,16 @@ def _no_one_key_l1_reads(store, monkeypatch) -> list:
 
 
 def test_a_get_reads_its_l1_hits_in_one_batch_into_out(tmp_path, monkeypatch):
-    """A get of n >= L0_BATCH_MIN blocks in L1 (not L0) reads them all through
+    """A get of n >= READ_BATCH_MIN blocks in L1 (not L0) reads them all through
     the tier's batch (``get_many_into``), each body straight into its row of
     ``out``, and promotes them to L0 (in the background, which reads them
     again: only the get's own thread's reads are recorded); none takes the
     one-key path."""
     import threading
 
-    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.engine.store import READ_BATCH_MIN
 
-    n = L0_BATCH_MIN + 2
+    n = READ_BATCH_MIN + 2
     ident, tokens, blocks = make_case(67, n)
     with BlockStore.open(tmp_path / "s", ram_bytes=1 << 22, index="flat") as store:
         store.put(ident, tokens, blocks)
@@ -1245,15 +1245,15 @@ def test_a_tier_failing_in_a_batch_names_the_first_block_not_delivered(tmp_path,
     raising as a closed volume does: a fake for a fault this test cannot time),
     the error names the first block the L0 batch did not deliver."""
     from quiver.engine.errors import StoreClosedError
-    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.engine.store import READ_BATCH_MIN
     from quiver.walpub.errors import VolumeClosedError
 
-    n = 2 * L0_BATCH_MIN
+    n = 2 * READ_BATCH_MIN
     ident, tokens, blocks = make_case(70, n)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
     with BlockStore.open(tmp_path / "s", ram_bytes=1 << 23, index="flat") as store:
         store.put(ident, tokens, blocks)
-        for sk in skeys[L0_BATCH_MIN:]:
+        for sk in skeys[READ_BATCH_MIN:]:
             store._ram.delete(sk)  # blocks 0..3 in L0, 4..7 only in L1
 
         def closed(*_a, **_kw):
@@ -1263,8 +1263,8 @@ def test_a_tier_failing_in_a_batch_names_the_first_block_not_delivered(tmp_path,
         out = np.zeros_like(blocks)
         with pytest.raises(StoreClosedError) as info:
             store.get(ident, tokens, out=out)
-        assert info.value.block_index == L0_BATCH_MIN
-        assert np.array_equal(out[:L0_BATCH_MIN], blocks[:L0_BATCH_MIN])
+        assert info.value.block_index == READ_BATCH_MIN
+        assert np.array_equal(out[:READ_BATCH_MIN], blocks[:READ_BATCH_MIN])
 
 
 def test_a_damaged_l1_object_in_a_batch_goes_the_one_key_way(tmp_path, monkeypatch):
@@ -1272,9 +1272,9 @@ def test_a_damaged_l1_object_in_a_batch_goes_the_one_key_way(tmp_path, monkeypat
     others and leaves that block to the one-key path, which refuses it as walpub
     always did (checksum error naming it, record dropped, its row zeroed); the
     blocks before it are delivered."""
-    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.engine.store import READ_BATCH_MIN
 
-    n = L0_BATCH_MIN + 2
+    n = READ_BATCH_MIN + 2
     ident, tokens, blocks = make_case(68, n)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, n)]
     with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
@@ -1294,9 +1294,9 @@ def test_a_guard_refusal_in_an_l1_batch_goes_the_one_key_way(tmp_path, monkeypat
     header check refuses it (its row zeroed) and the one-key path explains it,
     an IdentityMismatchError at block 0; nothing of it is left in ``out``."""
     from quiver.engine.errors import IdentityMismatchError
-    from quiver.engine.store import L0_BATCH_MIN
+    from quiver.engine.store import READ_BATCH_MIN
 
-    n = L0_BATCH_MIN + 1
+    n = READ_BATCH_MIN + 1
     ident, tokens, blocks = make_case(69, n)
     with BlockStore.open(tmp_path / "s", ram_bytes=0, index="flat") as store:
         store.put(ident, tokens, blocks)
