@@ -35,8 +35,13 @@ Paths (``path`` in extra_info), per block size:
   SigV4 on, over loopback HTTP; tests/s3servers.py), each round a fresh store as above,
   beside that store's object store fetching the same objects one after another
   (``ObjectStore.get`` in a loop: n round trips, the path a get took before its reads ran
-  in flight together) and fetching one object (one round trip).  Goal: n blocks in about
+  in flight together), fetching them from ``L2_READS_IN_FLIGHT`` threads (what reads in
+  flight can reach on this machine: no BlockStore, no verification into ``out``) and
+  fetching one object (one round trip).  Goal: n blocks in about
   one round trip plus the bytes, not n round trips.
+- ``l2-rgw``: the same against Ceph RGW (a one-node cluster on loopback, tests/s3servers.py,
+  started once for both sizes): a server in C++, where moto is Python on the same 2 cores;
+  skipped with the reason where RGW cannot be installed or started, and in smoke mode.
 - ``put-durable``: ``put`` of ``PUT_BLOCKS`` new blocks (durable on return: L1's
   group commit; ``ram_bytes=0`` so no RAM copy is made, like the contenders), beside
   LMDB (``sync=True``, one write transaction per call, the same values under 32-byte
@@ -60,7 +65,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .config import pick
+from .config import SMOKE, pick
 from .conftest import make_bench_dir, run_once
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -72,7 +77,7 @@ ROUNDS = pick(smoke=3, quick=21, full=41)
 THREADS = pick(smoke=[2], quick=[1, 2, 4], full=[1, 2, 4])
 THREAD_BLOCKS = pick(smoke=4, quick=16, full=16)
 PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREADS], "l1-batch", "l2-batch",
-         "l2-s3", "put-durable"]
+         "l2-s3", "l2-rgw", "put-durable"]
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
@@ -285,26 +290,59 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
             "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med["limit"] / med["floor"]}
 
 
-def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
+_RGW: dict = {}  # the Ceph RGW of l2-rgw, started once for both sizes (~13 s), or why it is absent
+
+
+def _s3_servers():
     import sys
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import s3servers
+    return s3servers
+
+
+def _rgw():
+    """The module's RGW server (started at first use); pytest.skip with the reason where
+    it cannot run (smoke mode does not start it, as the object-store study)."""
+    if "absent" not in _RGW and "server" not in _RGW:
+        if SMOKE:
+            _RGW["absent"] = "smoke mode: Ceph RGW is not started (quick and full runs measure it)"
+        else:
+            s3servers = _s3_servers()
+            try:
+                _RGW["server"] = s3servers.RgwServer()
+            except (s3servers.RgwUnavailable, RuntimeError) as exc:
+                _RGW["absent"] = f"Ceph RGW absent: {exc}"
+    if "absent" in _RGW:
+        pytest.skip(_RGW["absent"])
+    return _RGW["server"].server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_rgw():
+    yield
+    if "server" in _RGW:
+        _RGW.pop("server").stop()
+
+
+def _l2_s3(root: Path, block_bytes: int, n: int, kind: str) -> dict:
+    """``kind``: "moto" (a server started for this case) or "rgw" (the module's)."""
     from quiver import BlockStore
     from quiver.engine.keys import chain_keys
     from quiver.engine.store import L2_READS_IN_FLIGHT
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from s3servers import MotoServer
 
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
     warm_tokens, warm_blocks = _case(ident, L2_READS_IN_FLIGHT)
     out = np.empty_like(blocks)
-    moto = MotoServer()
-    saved = {k: os.environ.get(k) for k in moto.server.env()}
-    os.environ.update(moto.server.env())  # the standard credential chain, as an engine would use it
+    moto = _s3_servers().MotoServer() if kind == "moto" else None
+    server = moto.server if moto is not None else _rgw()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())  # the standard credential chain, as an engine would use it
+    bucket = f"quiver-paths-{block_bytes}"
     try:
-        moto.server.client().create_bucket(Bucket="quiver-paths")
-        spec = "s3://quiver-paths/p"
+        server.client().create_bucket(Bucket=bucket)
+        spec = f"s3://{bucket}/p"
         with BlockStore.open(root / "writer", index="art", ram_bytes=0, object_store=spec) as st:
             st.put(ident, warm_tokens, warm_blocks)
             st.put(ident, tokens, blocks)
@@ -319,7 +357,8 @@ def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
             st.drain_promotions()
             return st, root / f"reader{i}"
 
-        times: dict[str, list[float]] = {"store": [], "sequential": [], "one": []}
+        times: dict[str, list[float]] = {"store": [], "sequential": [], "parallel": [], "one": []}
+        pool = ThreadPoolExecutor(L2_READS_IN_FLIGHT)
         for r in range(ROUNDS + 1):
             st, path = fresh()
             try:
@@ -327,6 +366,7 @@ def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
                 t_store = _timed(lambda: st.get(ident, tokens, out=out))
                 assert st.stats()["counters"]["l2_hits"] == n + len(warm_blocks), "a timed get did not come from L2"
                 t_seq = _timed(lambda: [l2.get(k) for k in skeys])
+                t_par = _timed(lambda: list(pool.map(l2.get, skeys)))
                 t_one = _timed(lambda: l2.get(skeys[0]))
             finally:
                 st.close()
@@ -334,10 +374,12 @@ def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
             if r == 0:
                 assert out.tobytes() == blocks.tobytes()
                 continue
-            for k, v in (("store", t_store), ("sequential", t_seq), ("one", t_one)):
+            for k, v in (("store", t_store), ("sequential", t_seq), ("parallel", t_par), ("one", t_one)):
                 times[k].append(v)
+        pool.shutdown()
     finally:
-        moto.stop()
+        if moto is not None:
+            moto.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -346,9 +388,10 @@ def _l2_s3(root: Path, block_bytes: int, n: int) -> dict:
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"store_s": med["store"], "limit_s": med["one"], "sequential_s": med["sequential"],
             "ratio": med["store"] / med["one"], "vs_sequential": med["sequential"] / med["store"],
-            "limit": "one object fetched by the store's object store (one round trip), moto over loopback",
+            "parallel_s": med["parallel"], "vs_parallel": med["parallel"] / med["store"],
+            "limit": f"one object fetched by the store's object store (one round trip), {kind} over loopback",
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
-            "server": "moto"}
+            "server": kind, "in_flight": L2_READS_IN_FLIGHT}
 
 
 def _fsyncs(st) -> int:
@@ -451,8 +494,11 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _l1(root, block_bytes, L1_BATCH))
         elif path == "l2-batch":
             out = run_once(benchmark, lambda: _l2(root, block_bytes, L1_BATCH))
-        elif path == "l2-s3":
-            out = run_once(benchmark, lambda: _l2_s3(root, block_bytes, L1_BATCH))
+        elif path in ("l2-s3", "l2-rgw"):
+            kind = "moto" if path == "l2-s3" else "rgw"
+            if kind == "rgw":
+                _rgw()  # skips here, before any timing, where RGW cannot run
+            out = run_once(benchmark, lambda: _l2_s3(root, block_bytes, L1_BATCH, kind))
         else:
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:
