@@ -55,7 +55,7 @@ import weakref
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
-from typing import Any
+from typing import Any, Iterable
 
 import blake3
 import numpy as np
@@ -797,8 +797,8 @@ class BlockStore:
         # One lock acquisition pins every L0 hit of the get (their slots are not
         # reused until unpinned, so each decodes with no lock held).
         pins = ram.pin_many(skeys) if ram is not None else [None] * n
-        l2_reads = self._start_l2_reads(ident, [(i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None]) \
-            if self._l2 is not None else {}
+        # A generator: without an L2 no block's destination view is made.
+        l2_reads = self._start_l2_reads(ident, ((i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None))
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             missed = n - len(batch)  # a get served whole from L0 asks no other tier
@@ -1006,7 +1006,7 @@ class BlockStore:
             pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
         self._decode(pieces[0], want, dst, ident, verify_body=verify_body)
 
-    def _start_l2_reads(self, ident: CacheIdentity, blocks: list[tuple[int, bytes, Any]]) -> dict[int, Future | None]:
+    def _start_l2_reads(self, ident: CacheIdentity, blocks: Iterable[tuple[int, bytes, Any]]) -> dict[int, Future | None]:
         """The blocks of a get, (index, key, destination), that neither L0 nor
         L1's index holds, by index: each with its L2 read started, where the
         L2's reads wait on a network (``ObjectStore.concurrent_reads``), so n

@@ -296,7 +296,9 @@ _RGW: dict = {}  # the Ceph RGW of l2-rgw, started once for both sizes (~13 s), 
 def _s3_servers():
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     import s3servers
     return s3servers
 

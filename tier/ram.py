@@ -271,7 +271,7 @@ class RamTier:
         out: list[tuple[memoryview, int] | None] = []
         hits = nbytes = 0
         with self._lock:
-            where, pins, access, mv, size = self._where, self._pins, self._policy.access, self._mv, self.slot_bytes
+            where, pins, access = self._where, self._pins, self._policy.access
             for key in keys:
                 entry = where.get(key)
                 if entry is None:
@@ -280,7 +280,7 @@ class RamTier:
                 slot, n = entry
                 access(key)
                 pins[slot] = pins.get(slot, 0) + 1
-                out.append((mv[slot * size:slot * size + n].toreadonly(), slot))
+                out.append((self._view(slot, n).toreadonly(), slot))
                 hits += 1
                 nbytes += n
             self._n["hits"] += hits

@@ -1107,22 +1107,16 @@ class Volume:
                 if value is not None:
                     self._touch(key)
         out: list[list | None] = []
-        read_into, root, check = self.io.read_into, self.root, crc32c  # this module's crc32c (see _crc_of)
+        read_into, root = self.io.read_into, self.root
         for key, value, buffers_for in zip(keys, values, buffers_fors):
             pieces = None
             if value is not None:
                 try:
                     length, crc, _seq, _flags = unpack_index_value(key, value)
                     pieces = buffers_for(length)
-                    if pieces is not None:
-                        if read_into(f"{root}/{object_relpath(key)}", pieces) == length:
-                            got = 0
-                            for piece in pieces:
-                                got = check(piece, got)
-                            if got != crc:
-                                pieces = None
-                        else:
-                            pieces = None
+                    if pieces is not None and not (read_into(f"{root}/{object_relpath(key)}", pieces) == length
+                                                   and _crc_of(pieces) == crc):
+                        pieces = None
                 except (DamagedRecordError, OSError):
                     pieces = None
             out.append(pieces)
