@@ -797,8 +797,8 @@ class BlockStore:
         # One lock acquisition pins every L0 hit of the get (their slots are not
         # reused until unpinned, so each decodes with no lock held).
         pins = ram.pin_many(skeys) if ram is not None else [None] * n
-        # A generator: without an L2 no block's destination view is made.
-        l2_reads = self._start_l2_reads(ident, ((i, skeys[i], dsts[i]) for i in range(n) if pins[i] is None))
+        # A generator: a store with no L2 looks at no block for it.
+        l2_reads = self._start_l2_reads(ident, ((i, skeys[i]) for i in range(n) if pins[i] is None), dsts)
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
             missed = n - len(batch)  # a get served whole from L0 asks no other tier
@@ -1006,9 +1006,10 @@ class BlockStore:
             pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
         self._decode(pieces[0], want, dst, ident, verify_body=verify_body)
 
-    def _start_l2_reads(self, ident: CacheIdentity, blocks: Iterable[tuple[int, bytes, Any]]) -> dict[int, Future | None]:
-        """The blocks of a get, (index, key, destination), that neither L0 nor
-        L1's index holds, by index: each with its L2 read started, where the
+    def _start_l2_reads(self, ident: CacheIdentity, blocks: Iterable[tuple[int, bytes]], dsts) -> dict[int, Future | None]:
+        """The blocks of a get, (index, key), that neither L0 nor
+        L1's index holds, by index: each with its L2 read started (into
+        ``dsts[index]``), where the
         L2's reads wait on a network (``ObjectStore.concurrent_reads``), so n
         blocks cost about one round trip per ``L2_READS_IN_FLIGHT``, not n
         (issue 10); else None, read on the get's own thread.  A local directory
@@ -1023,16 +1024,16 @@ class BlockStore:
             return {}
         with self._lock:
             ram = self._ram
-        maybe = [(i, sk, dst) for i, sk, dst in blocks if not (ram is not None and ram.contains(sk))]
-        in_l1 = self._disk.contains_many([sk for _, sk, _ in maybe]) if maybe else []  # one index call
+        maybe = [(i, sk) for i, sk in blocks if not (ram is not None and ram.contains(sk))]
+        in_l1 = self._disk.contains_many([sk for _, sk in maybe]) if maybe else []  # one index call
         wanted = [block for block, held in zip(maybe, in_l1) if not held]
-        if not l2.concurrent_reads or len(wanted) < 2:
-            return {i: None for i, _, _ in wanted}
+        if not l2.concurrent_reads or len(wanted) < 2:  # read on the get's thread: no destination view made here
+            return {i: None for i, _ in wanted}
         with self._lock:
             if self._l2_pool is None:
                 self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
             pool = self._l2_pool
-        return {i: pool.submit(self._l2_read, l2, sk, ident, dst) for i, sk, dst in wanted}
+        return {i: pool.submit(self._l2_read, l2, sk, ident, dsts[i]) for i, sk in wanted}
 
     def _l2_read(self, l2, skey: bytes, ident: CacheIdentity, dst) -> list | None:
         """An L2 block's verified bytes in pieces (``ObjectStore.get_into``): a
