@@ -29,10 +29,12 @@
    float32 Llama); a suffix of one block is a matrix-matrix product like the
    full prefill, and the logits were bit-identical in every case tested.
    The cost is at most ``block_tokens - 1`` extra tokens of compute.
-4. ``store.get`` decodes the k verified blocks into a reused host staging
-   tensor (:meth:`HFPrefixCache.reserve`), and
-   ``scatter_dynamic`` builds a ``DynamicCache`` from it (one transposing copy
-   per byte).  A get that fails (a block evicted since the lookup, corruption
+4. ``store.get`` delivers the k verified blocks into a new ``DynamicCache``
+   (a ``DynamicCacheSink``, engine/sink.py): an L0 hit is copied once, from
+   its slot into the cache's tensors (a transposing copy); a block from L1 or
+   L2 goes through a reused host staging tensor
+   (:meth:`HFPrefixCache.reserve`) first.  On a CUDA model the get fills the
+   pinned staging and ``scatter_dynamic`` moves it to the device.  A get that fails (a block evicted since the lookup, corruption
    in every tier, the identity guard refusing a block, an unreachable L2) is
    not an inference failure: the adapter recomputes the whole prompt and says
    why in ``PrefillResult.restore_error``.
@@ -58,7 +60,7 @@ import torch
 
 from quiver.engine.errors import QuiverError
 from quiver.engine.identity import CacheIdentity
-from quiver.engine.torch_io import KVLayout, empty_host, gather_dynamic, scatter_dynamic
+from quiver.engine.torch_io import DynamicCacheSink, KVLayout, empty_host, gather_dynamic, scatter_dynamic
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -214,10 +216,16 @@ class HFPrefixCache:
             try:
                 t0 = time.perf_counter()
                 host = self.reserve(k)
-                self.store.get(self.ident, tokens, k, out=host)
-                t["get_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                cache = scatter_dynamic(host, self.layout, device=self.device)
+                if self._on_cuda():  # into pinned host blocks, then to the device
+                    self.store.get(self.ident, tokens, k, out=host)
+                    t["get_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    cache = scatter_dynamic(host, self.layout, device=self.device)
+                else:  # straight into the cache's tensors: an L0 hit is copied once (engine/sink.py)
+                    sink = self.store.get(self.ident, tokens, k, out=DynamicCacheSink(self.layout, host))
+                    t["get_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    cache = sink.cache()
                 t["scatter_s"] = time.perf_counter() - t0
             except QuiverError as exc:  # recompute: a cache miss is never an inference failure
                 restore_error = f"{type(exc).__name__}: {exc}"

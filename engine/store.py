@@ -88,6 +88,7 @@ from quiver.engine.errors import (
     ObjectStoreRequestError,
     ObjectStoreUnreachableError,
     QuiverError,
+    ShapeMismatchError,
     StoreClosedError,
     StoreConfigError,
     StoreIOError,
@@ -102,6 +103,7 @@ from quiver.engine.options import check_open_options, check_path, config_record
 from quiver.engine.owed_journal import OwedJournal
 from quiver.engine.promoter import FromL1, FromL2, Promoter
 from quiver.engine.payload import block_arrays, check_identity, check_quant, check_start_block
+from quiver.engine.sink import BlockSink
 
 TIERS = ("l0", "l1", "l2")
 NAIVE_NAMESPACE = b"\0" * 16
@@ -758,6 +760,10 @@ class BlockStore:
         Returns a numpy array ``[n, *block_shape]`` (bfloat16 as uint16), or
         decodes into ``out`` (array/tensor ``[n, *block_shape]`` or a sequence
         of per-block ones) and returns it, ``n = n_blocks - start_block``.
+        ``out`` may also be a :class:`~quiver.engine.sink.BlockSink` (an
+        engine's own cache layout): the verified blocks are handed to it, L0
+        hits straight from their slots (one copy), the others through its
+        staging array (engine/sink.py).
         Raises BlockNotFoundError for a block no tier holds,
         IdentityMismatchError when the guard refuses a stored block, an
         EnvelopeError when every copy found was corrupt; each carries
@@ -780,6 +786,11 @@ class BlockStore:
         parents = ([self._root(ident)] + keys)[start:len(keys)]
         keys, skeys = keys[start:], skeys[start:]
         n = len(keys)
+        sink = out if isinstance(out, BlockSink) else None
+        if sink is not None:
+            out = sink.staging(n)
+            if isinstance(out, (list, tuple)):
+                raise ShapeMismatchError("a BlockSink's staging must be one array [n, *block_shape]")
         if out is None:
             carrier = CARRIERS[ident.kv_dtype][0]
             result = np.empty((n, *ident.block_shape), dtype=carrier)
@@ -792,6 +803,7 @@ class BlockStore:
         from_l2: list[tuple[bytes, Any]] = []  # promoted to L1 in one group commit, then L0 (engine/promoter.py)
         from_l1: list[tuple[bytes, FromL1]] = []  # promoted to L0 (engine/promoter.py)
         served: list[tuple[str, float]] = []      # (tier, seconds) per block delivered
+        staged: list[int] = []  # with a sink: blocks delivered into its staging rows (then taken from there)
         with self._lock:
             ram = self._ram
         # One lock acquisition pins every L0 hit of the get (their slots are not
@@ -800,15 +812,19 @@ class BlockStore:
         # A generator: a store with no L2 looks at no block for it.
         l2_reads = self._start_l2_reads(ident, ((i, skeys[i]) for i in range(n) if pins[i] is None), dsts)
         try:
-            batch = self._l0_batch(ident, keys, parents, pins, rows) if rows is not None else []
+            batch = self._l0_batch(ident, keys, parents, pins, rows, sink) if rows is not None else []
             missed = n - len(batch)  # a get served whole from L0 asks no other tier
             if rows is not None and missed:  # not in L0, and in L1's index when the get began (else: l2_reads)
                 try:
-                    batch += self._l1_batch(ident, keys, parents, skeys, rows,
-                                            [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1)
+                    read = self._l1_batch(ident, keys, parents, skeys, rows,
+                                          [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1)
+                    batch += read
+                    staged.extend(i for i, _ in read)
                     if l2_reads:
-                        batch += self._l2_batch(ident, keys, parents, skeys, rows,
-                                                [i for i, read in l2_reads.items() if read is None], from_l2)
+                        read = self._l2_batch(ident, keys, parents, skeys, rows,
+                                              [i for i, got in l2_reads.items() if got is None], from_l2)
+                        batch += read
+                        staged.extend(i for i, _ in read)
                 except QuiverError as exc:  # a tier that failed as a whole (closed, failed): at the first
                     delivered = {i for i, _ in batch}  # block not delivered, so the ones before it were
                     exc.block_index = start + next(i for i in range(n) if i not in delivered)
@@ -822,6 +838,7 @@ class BlockStore:
                 try:
                     served.append(self._read_one(skeys[i], want, dsts[i], ident, pins[i], from_l2, from_l1,
                                                  l2_reads.get(i), l1_lacks=i in l2_reads))
+                    staged.append(i)
                 except QuiverError as exc:
                     exc.block_index = start + i
                     if isinstance(exc, IdentityMismatchError):
@@ -836,6 +853,8 @@ class BlockStore:
                 for fut in started:
                     fut.cancel()  # those not running yet (a failed block ends the get)
                 wait_all(started)  # the running ones may write into the caller's array: not after we return
+            if sink is not None and staged:  # also after an error: the blocks before it are delivered
+                sink.take(rows, 0, staged, staged)
             if (from_l2 or from_l1) and self._ensure_l0(ident):
                 self._l0_promoter.submit(from_l1)
             if from_l2:
@@ -846,16 +865,17 @@ class BlockStore:
                 for (tier, seconds), count in per_time.items():
                     self._n[f"{tier}_hits"] += count
                     self._lat["get"][tier].observe(seconds, count)
-        return result
+        return result if sink is None else sink
 
     def _l0_batch(self, ident: CacheIdentity, keys: list, parents: list, pins: list,
-                  rows: np.ndarray) -> list[tuple[int, tuple[str, float]]]:
+                  rows: np.ndarray, sink: BlockSink | None) -> list[tuple[int, tuple[str, float]]]:
         """The L0 hits of a get checked and copied together, so the get pays its
         fixed Python cost once, not per block (issue 10): every pinned header is
         compared with the identity's codec-none layout and with the block's own
         fingerprint, key and parent (the guard's compare) together
         (``RawLayout.matching_rows``), its header CRC checked, and the body
-        copied into the block's row of the destination.  Returns (index,
+        copied into the block's row of the destination (with a sink, handed to
+        it from the slots: one copy into the engine's layout).  Returns (index,
         ("l0", seconds)) of the blocks served; any other hit (another codec, a
         mismatch, a damaged header) is left to ``_read_one``, which decides and
         explains it."""
@@ -871,9 +891,13 @@ class BlockStore:
         # One thread copies: split over a thread pool in tasks of 4 MiB, 8 MiB gets ran slower
         # here (memory-bound, and a hand-off costs about a 256 KiB copy), 128 MiB ones gained < 10%.
         arena, slot_bytes = self._ram.arena, self._ram.slot_bytes  # pinned slots: read with no lock held
-        for i in good:  # the arena holds bytes verified (or encoded) on their way in: header only
-            at = pins[i][1] * slot_bytes + hl
-            rows[i] = arena[at:at + raw]
+        # The arena holds bytes verified (or encoded) on their way in: header only.
+        if sink is not None:
+            sink.take(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], good)
+        else:
+            for i in good:
+                at = pins[i][1] * slot_bytes + hl
+                rows[i] = arena[at:at + raw]
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l0", each)) for i in good]
 

@@ -63,9 +63,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quiver.engine.copy_kernels import paged_runs, scatter_rows
+from quiver.engine.copy_kernels import paged_runs, scatter_block_rows, scatter_rows
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
+from quiver.engine.sink import BlockSink
 from quiver.tier.hugepages import advise_huge_pages
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
@@ -562,11 +563,16 @@ def scatter_dynamic(src: torch.Tensor, layout: KVLayout, *, device: torch.device
     :func:`scatter_dynamic_tensors`).  The layers are installed directly, not
     through ``DynamicCache.update`` (which would concatenate: a second copy).
     """
+    pairs, rep = scatter_dynamic_tensors(src, layout, device=device)
+    rep.wait()
+    return _dynamic_cache(pairs)
+
+
+def _dynamic_cache(pairs):
+    """A ``DynamicCache`` whose layers are ``pairs`` (keys, values), installed as they are."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    pairs, rep = scatter_dynamic_tensors(src, layout, device=device)
-    rep.wait()
     cache = DynamicCache()
     for k, v in pairs:
         layer = DynamicLayer()
@@ -574,6 +580,45 @@ def scatter_dynamic(src: torch.Tensor, layout: KVLayout, *, device: torch.device
         layer.keys, layer.values = k, v
         cache.layers.append(layer)
     return cache
+
+
+class DynamicCacheSink(BlockSink):
+    """``BlockStore.get(..., out=sink)`` into a new single-sequence CPU
+    ``DynamicCache`` of ``n`` blocks (engine/sink.py): each layer's keys and
+    values ``[1, H, n*T, D]`` are allocated here and written once per byte, an
+    L0 hit straight from its slot (the compiled transposing copy,
+    engine/copy_kernels.py), any other block from ``staging`` (a host tensor
+    ``[n, *block_shape]``, e.g. the adapter's reused one) after the get put it
+    there.  :meth:`cache` is the DynamicCache, once the get has returned."""
+
+    def __init__(self, layout: KVLayout, staging: torch.Tensor):
+        n = staging.shape[0] if staging.dim() >= 1 else 0
+        self.layout = layout
+        self._staging = _check_host(staging, n, layout, "staging")
+        T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+        self.pairs = [(empty_host((1, H, n * T, D), layout.dtype), empty_host((1, H, n * T, D), layout.dtype))
+                      for _ in range(layout.num_layers)]
+
+    def staging(self, n: int) -> torch.Tensor:
+        if n != self._staging.shape[0]:
+            raise ShapeMismatchError(f"the sink holds {self._staging.shape[0]} blocks, the get asks for {n}")
+        return self._staging
+
+    def take(self, src: np.ndarray, offset: int, rows, blocks) -> None:
+        layout = self.layout
+        if scatter_block_rows(src, offset, rows, blocks, layout.block_shape, layout.dtype, self.pairs):
+            return
+        # No compiled kernel (QUIVER_COPY_JIT=off, no Numba): torch, block by block.
+        nbytes, T = layout.block_nbytes, layout.block_tokens
+        for r, b in zip(rows, blocks):
+            block = torch.from_numpy(src[r, offset:offset + nbytes].copy()).view(layout.dtype).view(layout.block_shape)
+            for layer, pair in enumerate(self.pairs):
+                for kv in range(2):
+                    _seq_view(pair[kv], 0, b * T, 1, layout)[0].copy_(block[layer, kv])
+
+    def cache(self):
+        """The ``DynamicCache`` holding the blocks the get delivered."""
+        return _dynamic_cache(self.pairs)
 
 
 def scatter_dynamic_tensors(src: torch.Tensor, layout: KVLayout, *, device: torch.device | str = "cpu",

@@ -24,14 +24,16 @@ prompt is P seeded random tokens + a suffix of S = 64 new ones.
   local-directory L2 (blocks are read from it, verified, and promoted into the
   new L1 -- durably, fsync'd -- and L0).
 
-Timed call for the restore paths: lookup + get + scatter_dynamic + the suffix
-forward (the adapter's ``store_blocks`` is off in timed rounds, so the suffix's
+Timed call for the restore paths: lookup + get (into the new DynamicCache
+through a ``DynamicCacheSink``: an L0 hit copied once from its slot, an L1 or L2
+block through the staging buffer; docs/ENGINES.md) + the cache's assembly
+(``scatter_s``) + the suffix forward (the adapter's ``store_blocks`` is off in timed rounds, so the suffix's
 own blocks are not written and every round restores the same P tokens).
 Store opening (L1 recovery, L2 manifest bootstrap, L0 arena allocation) and
 the adapter's host staging buffer (``reserve``) are outside the timed call: a
 process pays them once, not per request.
 
-Figures: ``ttft_s`` (median of rounds), ``store_s`` = lookup + get + scatter,
+Figures: ``ttft_s`` (median of rounds), ``store_s`` = lookup + get + scatter_s,
 ``suffix_prefill_s`` = the model forward over the S tokens, ``store_share`` =
 store_s / suffix_prefill_s (goal <= 0.10), ``speedup`` = full TTFT / this TTFT.
 Each restore is checked: P tokens restored from the intended tier, and the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,4 +68,42 @@ def test_shapes_that_do_not_fit_are_left_to_torch():
     for pairs in (short, missing, other):
         before = [tuple(t.clone() for t in p) for p in pairs]
         assert not scatter_rows(src, pairs)
+        assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
+
+
+@pytest.mark.parametrize("offset, stride_pad", [(0, 0), (268, 12), (3, 1)])  # whole rows; an arena's slots; odd
+def test_block_rows_from_slots_land_where_their_blocks_belong(offset, stride_pad):
+    """scatter_block_rows: block blocks[j]'s payload is row rows[j] of a 2-D
+    byte array at ``offset`` (L0's arena: a header before each body, slots
+    ``stride_pad`` bytes longer than an envelope); any order, any subset."""
+    from quiver.engine.copy_kernels import scatter_block_rows
+
+    layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
+    n = 5
+    src = torch.randint(-100, 100, (n, *layout.block_shape), dtype=torch.int32).to(torch.float16)
+    width = offset + layout.block_nbytes + stride_pad
+    slots = np.zeros((7, width), dtype=np.uint8)
+    rows, blocks = [6, 0, 3], [4, 1, 2]  # slot of each block, blocks out of order, 0 and 3 not taken
+    for r, b in zip(rows, blocks):
+        slots[r, offset:offset + layout.block_nbytes] = src[b].view(torch.uint8).reshape(-1).numpy()
+    ours, ref = _pairs(1, n * T, 8, torch.float16, 7), _pairs(1, n * T, 8, torch.float16, 7)
+    assert scatter_block_rows(slots, offset, rows, blocks, layout.block_shape, torch.float16, ours)
+    _torch_scatter(src, ref, layout)
+    for (k, v), (rk, rv), (ok, ov) in zip(ours, ref, _pairs(1, n * T, 8, torch.float16, 7)):
+        for b in range(n):
+            span = slice(b * T, (b + 1) * T)
+            want_k, want_v = (rk, rv) if b in blocks else (ok, ov)  # a block not taken is untouched
+            assert torch.equal(k[:, :, span], want_k[:, :, span]) and torch.equal(v[:, :, span], want_v[:, :, span])
+
+
+def test_block_rows_out_of_bounds_copy_nothing():
+    from quiver.engine.copy_kernels import scatter_block_rows
+
+    layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
+    slots = np.ones((2, layout.block_nbytes + 4), dtype=np.uint8)
+    for offset, rows, blocks, seq in [(0, [2], [0], T), (0, [-1], [0], T), (5, [0], [0], T),  # row, offset
+                                      (0, [0], [1], T), (0, [0, 1], [0], T)]:  # past the cache; lengths differ
+        pairs = _pairs(1, seq, 8, torch.float16, 8)
+        before = [tuple(t.clone() for t in p) for p in pairs]
+        assert not scatter_block_rows(slots, offset, rows, blocks, layout.block_shape, torch.float16, pairs)
         assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
