@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,51 +101,71 @@ def scatter_rows(src: torch.Tensor, pairs) -> bool:
     checks raise for those): the caller copies with torch."""
     if src.device.type != "cpu" or not src.is_contiguous() or src.dim() != 6:
         return False
+    target = dynamic_target(pairs, tuple(src.shape[1:]), src.dtype)
+    if target is None:
+        return False
     n = src.shape[0]
     rows = np.arange(n, dtype=np.int64)
-    return scatter_block_rows(src.detach().view(torch.uint8).numpy().reshape(n, -1), 0, rows, rows,
-                              tuple(src.shape[1:]), src.dtype, pairs)
+    return scatter_block_rows(src.detach().view(torch.uint8).numpy().reshape(n, -1), 0, rows, rows, target)
 
 
-def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, block_shape: tuple, dtype: torch.dtype,
-                       pairs) -> bool:
-    """Copy block payloads out of the rows of a 2-D ``uint8`` array into a
-    DynamicCache's tensors: the payload of block ``blocks[j]`` (tokens
-    ``[blocks[j]*T, (blocks[j]+1)*T)``) is ``src[rows[j], offset:offset +
-    nbytes]``, ``[L, 2, T, H, D]`` of ``dtype``.  ``src`` is a staging array
-    of whole blocks (offset 0) or L0's arena seen as ``[slots, slot_bytes]``
-    (offset: the envelope's header), so a RAM hit is copied once, straight into
-    the cache (engine/sink.py).  True when done; False (nothing copied) as for
-    :func:`scatter_rows`."""
+class DynamicTarget(NamedTuple):
+    """A DynamicCache's tensors as the kernel writes them, checked once
+    (:func:`dynamic_target`), for any number of :func:`scatter_block_rows`."""
+
+    block_shape: tuple  # [L, 2, T, H, D]
+    row: int            # bytes of one head's D elements: the run both layouts share
+    width: int          # bytes of the kernel's word
+    words: list         # per (layer, K/V), layer-major: [H, seq, row // width] of width-byte integers
+    seq: int            # tokens every tensor holds
+
+
+def dynamic_target(pairs, block_shape: tuple, dtype: torch.dtype) -> DynamicTarget | None:
+    """Batch row 0 of each layer's (keys, values) ``[batch, H, seq, D]`` ready
+    for the kernel, or None when it cannot write them (kernel unavailable, a
+    tensor not C-contiguous in that row, another dtype or shape): the caller
+    copies with torch."""
     layers, _, t, h, d = block_shape
-    item = torch.tensor([], dtype=dtype).element_size()
-    nbytes = layers * 2 * t * h * d * item
-    rows, blocks = np.asarray(rows, dtype=np.int64), np.asarray(blocks, dtype=np.int64)
     dsts = [tensor[0] for pair in pairs for tensor in pair]
-    # The kernel runs without bounds checks: every index it takes is checked here.
-    if (src.dtype != np.uint8 or src.ndim != 2 or src.strides[1] != 1 or not 0 <= offset <= src.shape[1] - nbytes
-            or len(rows) != len(blocks) or len(dsts) != 2 * layers):
-        return False
-    if len(rows) and (rows.min() < 0 or rows.max() >= src.shape[0] or blocks.min() < 0):
-        return False
-    seq = (int(blocks.max()) + 1) * t if len(blocks) else 0
-    if not all(x.device.type == "cpu" and x.is_contiguous() and x.dtype == dtype and x.dim() == 3
-               and x.shape[0] == h and x.shape[1] >= seq and x.shape[2] == d for x in dsts):
-        return False
-    row = d * item
+    if _kernel() is None or len(dsts) != 2 * layers or not all(
+            x.device.type == "cpu" and x.is_contiguous() and x.dtype == dtype and x.dim() == 3
+            and x.shape[0] == h and x.shape[2] == d for x in dsts):
+        return None
+    row = d * torch.tensor([], dtype=dtype).element_size()
     # The widest word a row divides into.  The source may sit at any byte (an arena slot's
     # body follows a 268 B header for 8 layers): x86 loads it unaligned, 14.6-15.1 ms for a
     # 128 MiB restore against 16.6-17.0 with 4-byte words (8 layers, D=64, float32).
     width = next(w for w in (8, 4, 2, 1) if row % w == 0 and all(x.data_ptr() % w == 0 for x in dsts))
-    kernel = _kernel()
-    if kernel is None:
+    return DynamicTarget(tuple(block_shape), row, width, [_words(x, width) for x in dsts],
+                         min(x.shape[1] for x in dsts))
+
+
+def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: DynamicTarget) -> bool:
+    """Copy block payloads out of the rows of a 2-D ``uint8`` array into a
+    DynamicCache's tensors (``target``): the payload of block ``blocks[j]``
+    (tokens ``[blocks[j]*T, (blocks[j]+1)*T)``) is ``src[rows[j], offset:offset +
+    nbytes]``, ``[L, 2, T, H, D]``.  ``src`` is a staging array of whole blocks
+    (offset 0), a chunk buffer, or L0's arena seen as ``[slots, slot_bytes]``
+    (offset: the envelope's header), so a RAM hit is copied once, straight into
+    the cache (engine/sink.py).  True when done; False (nothing copied) when an
+    index would fall outside ``src`` or the cache."""
+    layers, _, t, h, _ = target.block_shape
+    row, width = target.row, target.width
+    nbytes = layers * 2 * t * h * row
+    rows, blocks = np.asarray(rows, dtype=np.int64), np.asarray(blocks, dtype=np.int64)
+    # The kernel runs without bounds checks: every index it takes is checked here.
+    if (src.dtype != np.uint8 or src.ndim != 2 or src.strides[1] != 1 or not 0 <= offset <= src.shape[1] - nbytes
+            or len(rows) != len(blocks)):
+        return False
+    if len(rows) and (rows.min() < 0 or rows.max() >= src.shape[0] or blocks.min() < 0
+                      or (int(blocks.max()) + 1) * t > target.seq):
         return False
     word = {8: np.int64, 4: np.int32, 2: np.int16, 1: np.int8}[width]
-    w = row // width
-    s = np.ndarray((src.shape[0], layers, 2, t, h, w), dtype=word, buffer=src, offset=offset,
+    s = np.ndarray((src.shape[0], layers, 2, t, h, row // width), dtype=word, buffer=src, offset=offset,
                    strides=(src.strides[0], 2 * t * h * row, t * h * row, h * row, row, width))
-    for i, x in enumerate(dsts):
-        kernel(s, rows, blocks, i // 2, i % 2, _words(x, width))
+    kernel = _kernel()
+    for i, x in enumerate(target.words):
+        kernel(s, rows, blocks, i // 2, i % 2, x)
     return True
 
 

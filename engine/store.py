@@ -175,6 +175,10 @@ L0_BATCH_MIN = 2
 #: one-key read was cheaper for 1 block (L1, 512 B: 52 against 65 us per get,
 #: interleaved A/B), even at 2, and dearer from 3.
 READ_BATCH_MIN = 4
+#: With a BlockSink, L1 and L2 batches are read a chunk of about this many bytes at a
+#: time, through a reused per-thread buffer (``_read_batch``): 4 to 32 blocks of 256 KiB
+#: measured alike (22.3-24.6 ms for 512), all well under one 128 MiB pass (34 ms).
+SINK_CHUNK_BYTES = 4 << 20
 
 
 def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
@@ -354,6 +358,7 @@ class BlockStore:
     def _init_state(self) -> None:
         """The handle's locks, tier slots, counters and latency histograms (nothing opened yet)."""
         self._lock = threading.RLock()
+        self._sink_chunks = threading.local()  # each thread's buffer for a sink's chunked reads
         self._closed = False
         # In-flight public calls (lookup, put, get, flush_l2): close() sets
         # _closing (new calls are refused) and waits for _ops to reach 0 before
@@ -803,7 +808,7 @@ class BlockStore:
         from_l2: list[tuple[bytes, Any]] = []  # promoted to L1 in one group commit, then L0 (engine/promoter.py)
         from_l1: list[tuple[bytes, FromL1]] = []  # promoted to L0 (engine/promoter.py)
         served: list[tuple[str, float]] = []      # (tier, seconds) per block delivered
-        staged: list[int] = []  # with a sink: blocks delivered into its staging rows (then taken from there)
+        staged: list[int] = []  # with a sink: blocks the per-block path delivered into its staging rows
         with self._lock:
             ram = self._ram
         # One lock acquisition pins every L0 hit of the get (their slots are not
@@ -816,15 +821,12 @@ class BlockStore:
             missed = n - len(batch)  # a get served whole from L0 asks no other tier
             if rows is not None and missed:  # not in L0, and in L1's index when the get began (else: l2_reads)
                 try:
-                    read = self._l1_batch(ident, keys, parents, skeys, rows,
-                                          [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1)
-                    batch += read
-                    staged.extend(i for i, _ in read)
+                    batch += self._l1_batch(ident, keys, parents, skeys, rows,
+                                            [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1,
+                                            sink)
                     if l2_reads:
-                        read = self._l2_batch(ident, keys, parents, skeys, rows,
-                                              [i for i, got in l2_reads.items() if got is None], from_l2)
-                        batch += read
-                        staged.extend(i for i, _ in read)
+                        batch += self._l2_batch(ident, keys, parents, skeys, rows,
+                                                [i for i, read in l2_reads.items() if read is None], from_l2, sink)
                 except QuiverError as exc:  # a tier that failed as a whole (closed, failed): at the first
                     delivered = {i for i, _ in batch}  # block not delivered, so the ones before it were
                     exc.block_index = start + next(i for i in range(n) if i not in delivered)
@@ -902,14 +904,15 @@ class BlockStore:
         return [(i, ("l0", each)) for i in good]
 
     def _l1_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
-                  todo: list[int], from_l1: list) -> list[tuple[int, tuple[str, float]]]:
+                  todo: list[int], from_l1: list, sink: BlockSink | None) -> list[tuple[int, tuple[str, float]]]:
         """The L1 hits among blocks ``todo`` read and checked together
         (``_read_batch`` over ``DiskTier.get_many_into``: walpub's index asked
         under one lock), each appended to ``from_l1`` (promoted to L0 after the
         get).  Returns (index, ("l1", seconds)) of the blocks served; the others
         are ``_read_one``'s."""
         t0 = time.perf_counter()
-        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._disk.get_many_into, "disk tier get")
+        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._disk.get_many_into, "disk tier get",
+                                sink)
         if self._ram_bytes:  # no L0, nothing to promote
             size = _layout(ident).total_len  # the only size it reads
             from_l1.extend((skeys[i], FromL1(size)) for i, _ in good)
@@ -917,7 +920,7 @@ class BlockStore:
         return [(i, ("l1", each)) for i, _ in good]
 
     def _l2_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
-                  todo: list[int], from_l2: list) -> list[tuple[int, tuple[str, float]]]:
+                  todo: list[int], from_l2: list, sink: BlockSink | None) -> list[tuple[int, tuple[str, float]]]:
         """The L2 hits among blocks ``todo`` (L1's index lacked them; their reads
         not started in flight) read and checked together (``_read_batch`` over
         ``ObjectStore.get_many_into``: a local directory's reads, no removal of a
@@ -927,7 +930,7 @@ class BlockStore:
         if self._l2 is None or len(todo) < READ_BATCH_MIN:
             return []
         t0 = time.perf_counter()
-        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._l2.get_many_into, "L2 get")
+        good = self._read_batch(ident, keys, parents, skeys, rows, todo, self._l2.get_many_into, "L2 get", sink)
         if not good:
             return []
         with self._lock:
@@ -938,7 +941,7 @@ class BlockStore:
         return [(i, ("l2", each)) for i, _ in good]
 
     def _read_batch(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, rows: np.ndarray,
-                    todo: list[int], read_many, what: str) -> list[tuple[int, list]]:
+                    todo: list[int], read_many, what: str, sink: BlockSink | None) -> list[tuple[int, list]]:
         """Blocks ``todo`` read from one tier together, as ``_l0_batch`` checks L0
         hits (issue 10: a get pays the tier's lock and call layers once, not per
         block): ``read_many(keys, buffers_fors)`` (``get_many_into``) reads each
@@ -949,14 +952,41 @@ class BlockStore:
         served; any other (a miss, another codec or size, a failed check, a
         mismatch) is left to ``_read_one``, which reads it again, decides and
         explains; a refused block's row is zeroed first (its bytes do not stay in
-        the caller's array)."""
+        the caller's array).
+
+        With a sink the blocks go through a small buffer of this thread's
+        (``_chunk_rows``) instead, a chunk at a time, each chunk handed to the
+        sink once checked, while its bytes are still in the CPU cache: 512 x 256
+        KiB read from files, CRC-checked and copied into a DynamicCache took
+        22.3-22.6 ms in chunks of 16 against 33.8-34.2 ms through a 128 MiB
+        staging array, and 30.2 ms in chunks of 16 through the staging rows (a
+        fresh region each chunk: the cache's lines are written back and
+        refilled)."""
         layout = _layout(ident)
         if len(todo) < READ_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
+        if sink is None:
+            return [(todo[j], pieces) for j, pieces in
+                    self._read_rows(ident, keys, parents, skeys, todo, rows, todo, read_many, what)]
+        chunk = self._chunk_rows(layout.raw_len)
+        good = []
+        for at in range(0, len(todo), len(chunk)):
+            part = todo[at:at + len(chunk)]
+            got = self._read_rows(ident, keys, parents, skeys, part, chunk, range(len(part)), read_many, what)
+            if got:
+                sink.take(chunk, 0, [j for j, _ in got], [part[j] for j, _ in got])
+                good += [(part[j], pieces) for j, pieces in got]
+        return good
+
+    def _read_rows(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, todo: list[int],
+                   rows: np.ndarray, places, read_many, what: str) -> list[tuple[int, list]]:
+        """``_read_batch``'s read and check of blocks ``todo``, block ``todo[j]``
+        into ``rows[places[j]]``; returns (j, pieces) of the blocks served."""
+        layout = _layout(ident)
         heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
         total = layout.total_len
-        buffers_fors = [lambda length, head=heads[j], row=rows[i]: [head, row, bytearray(4)] if length == total else None
-                        for j, i in enumerate(todo)]
+        buffers_fors = [lambda length, head=heads[j], row=rows[p]: [head, row, bytearray(4)] if length == total else None
+                        for j, p in enumerate(places)]
         with translated(what):
             got = read_many([skeys[i] for i in todo], buffers_fors)
         read = [j for j, pieces in enumerate(got) if pieces is not None]
@@ -966,10 +996,20 @@ class BlockStore:
         good = []
         for j, fits in zip(read, ok):
             if fits:
-                good.append((todo[j], got[j]))
+                good.append((j, got[j]))
             else:
-                rows[todo[j]].fill(0)
+                rows[places[j]].fill(0)
         return good
+
+    def _chunk_rows(self, raw_len: int) -> np.ndarray:
+        """This thread's buffer of ``SINK_CHUNK_BYTES`` (at least one block) for a
+        sink's chunked reads (``_read_batch``), kept for its next get (a fresh
+        one pays page faults each time)."""
+        blocks = max(1, SINK_CHUNK_BYTES // raw_len)
+        buf = getattr(self._sink_chunks, "rows", None)
+        if buf is None or buf.shape != (blocks, raw_len):
+            buf = self._sink_chunks.rows = np.empty((blocks, raw_len), dtype=np.uint8)
+        return buf
 
     def _guard_ids(self, ident: CacheIdentity, keys: list, parents: list, idx: list[int]) -> np.ndarray | None:
         """The guard's identity fields (fingerprint, key, parent) of blocks ``idx``,

@@ -63,7 +63,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quiver.engine.copy_kernels import paged_runs, scatter_block_rows, scatter_rows
+from quiver.engine.copy_kernels import dynamic_target, paged_runs, scatter_block_rows, scatter_rows
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
 from quiver.engine.sink import BlockSink
@@ -598,6 +598,7 @@ class DynamicCacheSink(BlockSink):
         T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
         self.pairs = [(empty_host((1, H, n * T, D), layout.dtype), empty_host((1, H, n * T, D), layout.dtype))
                       for _ in range(layout.num_layers)]
+        self._target = dynamic_target(self.pairs, layout.block_shape, layout.dtype)  # None: torch copies
 
     def staging(self, n: int) -> torch.Tensor:
         if n != self._staging.shape[0]:
@@ -606,7 +607,7 @@ class DynamicCacheSink(BlockSink):
 
     def take(self, src: np.ndarray, offset: int, rows, blocks) -> None:
         layout = self.layout
-        if scatter_block_rows(src, offset, rows, blocks, layout.block_shape, layout.dtype, self.pairs):
+        if self._target is not None and scatter_block_rows(src, offset, rows, blocks, self._target):
             return
         # No compiled kernel (QUIVER_COPY_JIT=off, no Numba): torch, block by block.
         nbytes, T = layout.block_nbytes, layout.block_tokens

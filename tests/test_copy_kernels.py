@@ -76,7 +76,7 @@ def test_block_rows_from_slots_land_where_their_blocks_belong(offset, stride_pad
     """scatter_block_rows: block blocks[j]'s payload is row rows[j] of a 2-D
     byte array at ``offset`` (L0's arena: a header before each body, slots
     ``stride_pad`` bytes longer than an envelope); any order, any subset."""
-    from quiver.engine.copy_kernels import scatter_block_rows
+    from quiver.engine.copy_kernels import dynamic_target, scatter_block_rows
 
     layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
     n = 5
@@ -87,7 +87,7 @@ def test_block_rows_from_slots_land_where_their_blocks_belong(offset, stride_pad
     for r, b in zip(rows, blocks):
         slots[r, offset:offset + layout.block_nbytes] = src[b].view(torch.uint8).reshape(-1).numpy()
     ours, ref = _pairs(1, n * T, 8, torch.float16, 7), _pairs(1, n * T, 8, torch.float16, 7)
-    assert scatter_block_rows(slots, offset, rows, blocks, layout.block_shape, torch.float16, ours)
+    assert scatter_block_rows(slots, offset, rows, blocks, dynamic_target(ours, layout.block_shape, torch.float16))
     _torch_scatter(src, ref, layout)
     for (k, v), (rk, rv), (ok, ov) in zip(ours, ref, _pairs(1, n * T, 8, torch.float16, 7)):
         for b in range(n):
@@ -97,7 +97,7 @@ def test_block_rows_from_slots_land_where_their_blocks_belong(offset, stride_pad
 
 
 def test_block_rows_out_of_bounds_copy_nothing():
-    from quiver.engine.copy_kernels import scatter_block_rows
+    from quiver.engine.copy_kernels import dynamic_target, scatter_block_rows
 
     layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
     slots = np.ones((2, layout.block_nbytes + 4), dtype=np.uint8)
@@ -105,5 +105,5 @@ def test_block_rows_out_of_bounds_copy_nothing():
                                       (0, [0], [1], T), (0, [0, 1], [0], T)]:  # past the cache; lengths differ
         pairs = _pairs(1, seq, 8, torch.float16, 8)
         before = [tuple(t.clone() for t in p) for p in pairs]
-        assert not scatter_block_rows(slots, offset, rows, blocks, layout.block_shape, torch.float16, pairs)
+        assert not scatter_block_rows(slots, offset, rows, blocks, dynamic_target(pairs, layout.block_shape, torch.float16))
         assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))

@@ -111,3 +111,40 @@ def test_a_sink_of_another_size_or_a_staging_list_is_refused(tmp_path):
             st.get(ident, tokens, 3, out=_sink(ident, 2))
         with pytest.raises(ShapeMismatchError):
             st.get(ident, tokens, 3, out=ListStaging(layout, host_blocks(3, layout)))
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_chunked_reads_hand_over_only_checked_blocks(tmp_path, monkeypatch, l2):
+    """With a sink, L1 batches go through a small buffer a chunk at a time
+    (SINK_CHUNK_BYTES; three blocks here, so 11 blocks take four chunks).  A
+    block whose L1 copy was damaged at rest is never handed over from the
+    chunk: its L2 copy is (l2), or the get stops there with the blocks before
+    it delivered (no L2)."""
+    import quiver.engine.store as store_mod
+    from quiver.engine.errors import EnvelopeError
+    from test_store import _flip_l1_object
+
+    ident, tokens, blocks = make_case(25, 11)
+    monkeypatch.setattr(store_mod, "SINK_CHUNK_BYTES", 3 * ident.block_nbytes)
+    skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 11)]
+    want = _expected(blocks, KVLayout.from_identity(ident))
+    path = tmp_path / "s"
+    with BlockStore.open(path, index="flat", ram_bytes=0, object_store=tmp_path / "l2" if l2 else None) as st:
+        st.put(ident, tokens, blocks)
+        assert l2 is False or st.flush_l2(timeout_s=60) == 0
+        _flip_l1_object(path, skeys[7])  # inside the third chunk
+        sink = _sink(ident, 11)
+        if l2:
+            st.get(ident, tokens, 11, out=sink)
+            assert _same(sink.pairs, want)
+            c = st.stats()["counters"]
+            assert (c["l1_hits"], c["corrupt_l1"], c["l2_hits"]) == (10, 1, 1)
+            assert len(st._sink_chunks.rows) == 3
+        else:
+            with pytest.raises(EnvelopeError) as err:
+                st.get(ident, tokens, 11, out=sink)
+            assert err.value.block_index == 7
+            T = ident.block_tokens
+            for (k, v), (wk, wv) in zip(sink.pairs, want):
+                assert torch.equal(k[:, :, :7 * T], wk[:, :, :7 * T]) and torch.equal(v[:, :, :7 * T], wv[:, :, :7 * T])
+                assert not k[:, :, 7 * T:8 * T].eq(wk[:, :, 7 * T:8 * T]).all()  # the damaged block: not delivered
