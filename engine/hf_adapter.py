@@ -34,10 +34,11 @@
    its slot into the cache's tensors (a transposing copy); a block from L1 or
    L2 goes through a reused host staging tensor
    (:meth:`HFPrefixCache.reserve`) first.  On a CUDA model the get fills the
-   pinned staging and ``scatter_dynamic`` moves it to the device.  A get that fails (a block evicted since the lookup, corruption
-   in every tier, the identity guard refusing a block, an unreachable L2) is
-   not an inference failure: the adapter recomputes the whole prompt and says
-   why in ``PrefillResult.restore_error``.
+   pinned staging and ``scatter_dynamic`` moves it to the device.  A get that
+   fails (a block evicted since the lookup, corruption in every tier, the
+   identity guard refusing a block, an unreachable L2) is not an inference
+   failure: the adapter recomputes the whole prompt and says why in
+   ``PrefillResult.restore_error``.
 5. ``model(prompt[kT:], past_key_values=cache)``.
 6. The new full blocks ``k .. len(prompt) // T`` are gathered out of the cache
    (``gather_dynamic``) and stored (``store.put(..., start_block=k)``: only the
