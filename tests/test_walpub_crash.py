@@ -14,7 +14,7 @@ import pytest
 
 from quiver.walpub import SimFileSystem, Volume
 from quiver.walpub import wal
-from quiver.walpub.crash_check import Expect, Tracker, check_state, explore, explore_kill
+from quiver.walpub.crash_check import Tracker, check_state, explore, explore_kill
 from quiver.walpub.crash_states import crash_states
 from quiver.walpub.simfs import PersistentIndexTwin
 
