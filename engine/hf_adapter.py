@@ -31,9 +31,10 @@
    The cost is at most ``block_tokens - 1`` extra tokens of compute.
 4. ``store.get`` delivers the k verified blocks into a new ``DynamicCache``
    (a ``DynamicCacheSink``, engine/sink.py): an L0 hit is copied once, from
-   its slot into the cache's tensors (a transposing copy); a block from L1 or
-   L2 goes through a reused host staging tensor
-   (:meth:`HFPrefixCache.reserve`) first.  On a CUDA model the get fills the
+   its slot into the cache's tensors (a transposing copy); blocks from L1 or
+   L2 are read a few MiB at a time into the store's chunk buffer and copied
+   from there, and any block decoded one at a time goes through a reused host
+   staging tensor (:meth:`HFPrefixCache.reserve`).  On a CUDA model the get fills the
    pinned staging and ``scatter_dynamic`` moves it to the device.  A get that
    fails (a block evicted since the lookup, corruption in every tier, the
    identity guard refusing a block, an unreachable L2) is not an inference

@@ -5,9 +5,11 @@ DynamicCache is ``[batch, H, seq, D]`` per layer and K/V; a block is
 ``[L, 2, T, H, D]``), so a restore into it is a get into host blocks and then a
 transposing copy: every byte written twice.  A sink takes the transposing copy
 straight from where the verified bytes already are.  A block served by L0 is
-copied once, from its (pinned) slot in the arena into the cache; any other
-block (read from L1 or L2, decoded, or checked one at a time) lands in the
-sink's staging array first, as a plain get's would, and is taken from there.
+copied once, from its (pinned) slot in the arena into the cache.  Blocks
+read together from L1 or L2 pass through a small per-thread buffer of the
+store's, a chunk at a time, and are taken from it while in the CPU cache; any
+other block (decoded, or checked one at a time) lands in the sink's staging
+array first, as a plain get's would, and is taken from there.
 
 The get calls ``take`` only with bytes that passed every check a plain get
 makes (identity guard, header CRC, the body's checks for a block read from disk
@@ -27,14 +29,14 @@ class BlockSink:
 
     def staging(self, n: int):
         """An array (or CPU tensor) ``[n, *block_shape]`` of the identity's dtype,
-        where the get puts the blocks it does not hand over from L0 (then takes
-        them from there), checked like any ``out``."""
+        where the get puts the blocks of its per-block path (then takes them
+        from there), checked like any ``out``."""
         raise NotImplementedError
 
     def take(self, src: np.ndarray, offset: int, rows: Sequence[int], blocks: Sequence[int]) -> None:
         """Copy block ``blocks[j]``'s payload, ``src[rows[j], offset:offset +
         block_nbytes]`` (``src`` a 2-D ``uint8`` array: the staging array's rows,
-        or L0's arena as ``[slots, slot_bytes]`` with the header's length as
-        ``offset``), to where block ``blocks[j]`` of the get belongs (0: the get's
+        a chunk buffer's, or L0's arena as ``[slots, slot_bytes]`` with the
+        header's length as ``offset``), to where block ``blocks[j]`` of the get belongs (0: the get's
         ``start_block``).  ``src`` is only valid during the call."""
         raise NotImplementedError

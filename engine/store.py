@@ -767,8 +767,9 @@ class BlockStore:
         of per-block ones) and returns it, ``n = n_blocks - start_block``.
         ``out`` may also be a :class:`~quiver.engine.sink.BlockSink` (an
         engine's own cache layout): the verified blocks are handed to it, L0
-        hits straight from their slots (one copy), the others through its
-        staging array (engine/sink.py).
+        hits straight from their slots (one copy), L1/L2 batches a chunk at a
+        time from a per-thread buffer, the others through its staging array
+        (engine/sink.py).
         Raises BlockNotFoundError for a block no tier holds,
         IdentityMismatchError when the guard refuses a stored block, an
         EnvelopeError when every copy found was corrupt; each carries

@@ -587,9 +587,10 @@ class DynamicCacheSink(BlockSink):
     ``DynamicCache`` of ``n`` blocks (engine/sink.py): each layer's keys and
     values ``[1, H, n*T, D]`` are allocated here and written once per byte, an
     L0 hit straight from its slot (the compiled transposing copy,
-    engine/copy_kernels.py), any other block from ``staging`` (a host tensor
-    ``[n, *block_shape]``, e.g. the adapter's reused one) after the get put it
-    there.  :meth:`cache` is the DynamicCache, once the get has returned."""
+    engine/copy_kernels.py), an L1/L2 batch from the store's chunk buffer, any
+    other block from ``staging`` (a host tensor ``[n, *block_shape]``, e.g.
+    the adapter's reused one) after the get put it there.  :meth:`cache` is
+    the DynamicCache, once the get has returned."""
 
     def __init__(self, layout: KVLayout, staging: torch.Tensor):
         n = staging.shape[0] if staging.dim() >= 1 else 0

@@ -25,8 +25,8 @@ prompt is P seeded random tokens + a suffix of S = 64 new ones.
   new L1 -- durably, fsync'd -- and L0).
 
 Timed call for the restore paths: lookup + get (into the new DynamicCache
-through a ``DynamicCacheSink``: an L0 hit copied once from its slot, an L1 or L2
-block through the staging buffer; docs/ENGINES.md) + the cache's assembly
+through a ``DynamicCacheSink``: an L0 hit copied once from its slot, L1 or L2
+blocks through the store's 4 MiB chunk buffer; docs/ENGINES.md) + the cache's assembly
 (``scatter_s``) + the suffix forward (the adapter's ``store_blocks`` is off in timed rounds, so the suffix's
 own blocks are not written and every round restores the same P tokens).
 Store opening (L1 recovery, L2 manifest bootstrap, L0 arena allocation) and

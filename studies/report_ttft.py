@@ -43,8 +43,8 @@ def ttft_section(mode: str, benches: list[dict], plots) -> list[str]:
         "new ones. `full` = prefill with no cache (a miss); `l0`/`l1`/`l2` = the prefix restored from that tier "
         "(L1 as served by the page cache; L2 from a local-directory object store, promoted into a fresh L1 and L0), "
         "then the suffix forward. store = lookup + get + scatter: the get writes the model's cache itself (a "
-        "`DynamicCacheSink`: an L0 hit is copied once, from its slot into the cache; an L1/L2 block lands in a reused "
-        "staging buffer and is copied from there), so `scatter` is only the cache's assembly; store share = store / suffix "
+        "`DynamicCacheSink`: an L0 hit is copied once, from its slot into the cache; L1/L2 blocks are read 4 MiB at a "
+        "time into a reused buffer and copied from there), so `scatter` is only the cache's assembly; store share = store / suffix "
         f"prefill (goal ≤ {TTFT_STORE_SHARE_GOAL_PCT:g}%); speedup = full TTFT / this TTFT, same P, same run.", "",
     ]
     lines += table(["prefix tokens", "path", "TTFT ms", "speedup", "store ms", "lookup ms", "get ms", "scatter ms",
