@@ -968,25 +968,26 @@ class BlockStore:
             return []
         if sink is None:
             return [(todo[j], pieces) for j, pieces in
-                    self._read_rows(ident, keys, parents, skeys, todo, rows, todo, read_many, what)]
+                    self._read_rows(ident, layout, keys, parents, skeys, todo, rows, todo, read_many, what)]
         chunk = self._chunk_rows(layout.raw_len)
         good = []
         for at in range(0, len(todo), len(chunk)):
             part = todo[at:at + len(chunk)]
-            got = self._read_rows(ident, keys, parents, skeys, part, chunk, range(len(part)), read_many, what)
+            got = self._read_rows(ident, layout, keys, parents, skeys, part, chunk, range(len(part)), read_many,
+                                  what)
             if got:
                 sink.take(chunk, 0, [j for j, _ in got], [part[j] for j, _ in got])
                 good += [(part[j], pieces) for j, pieces in got]
         return good
 
-    def _read_rows(self, ident: CacheIdentity, keys: list, parents: list, skeys: list, todo: list[int],
-                   rows: np.ndarray, places, read_many, what: str) -> list[tuple[int, list]]:
+    def _read_rows(self, ident: CacheIdentity, layout: RawLayout, keys: list, parents: list, skeys: list,
+                   todo: list[int], rows: np.ndarray, places, read_many, what: str) -> list[tuple[int, list]]:
         """``_read_batch``'s read and check of blocks ``todo``, block ``todo[j]``
         into ``rows[places[j]]``; returns (j, pieces) of the blocks served."""
-        layout = _layout(ident)
         heads = np.empty((len(todo), layout.header_len), dtype=np.uint8)
         total = layout.total_len
-        buffers_fors = [lambda length, head=heads[j], row=rows[p]: [head, row, bytearray(4)] if length == total else None
+        buffers_fors = [lambda length, head=heads[j], row=rows[p]: ([head, row, bytearray(4)] if length == total
+                                                                    else None)
                         for j, p in enumerate(places)]
         with translated(what):
             got = read_many([skeys[i] for i in todo], buffers_fors)
@@ -1071,12 +1072,12 @@ class BlockStore:
             pieces = [b"".join(pieces)]  # a same-sized envelope of another codec: decode it
         self._decode(pieces[0], want, dst, ident, verify_body=verify_body)
 
-    def _start_l2_reads(self, ident: CacheIdentity, blocks: Iterable[tuple[int, bytes]], dsts) -> dict[int, Future | None]:
-        """The blocks of a get, (index, key), that neither L0 nor
-        L1's index holds, by index: each with its L2 read started (into
-        ``dsts[index]``), where the
-        L2's reads wait on a network (``ObjectStore.concurrent_reads``), so n
-        blocks cost about one round trip per ``L2_READS_IN_FLIGHT``, not n
+    def _start_l2_reads(self, ident: CacheIdentity, blocks: Iterable[tuple[int, bytes]],
+                        dsts) -> dict[int, Future | None]:
+        """The blocks of a get, (index, key), that neither L0 nor L1's index
+        holds, by index: each with its L2 read started (into ``dsts[index]``),
+        where the L2's reads wait on a network (``ObjectStore.concurrent_reads``),
+        so n blocks cost about one round trip per ``L2_READS_IN_FLIGHT``, not n
         (issue 10); else None, read on the get's own thread.  A local directory
         is read there, as L1 is: on this machine a read pool made its 256 KiB
         gets ×1.5–2.2 slower (the threads contend for the GIL between their

@@ -105,5 +105,6 @@ def test_block_rows_out_of_bounds_copy_nothing():
                                       (0, [0], [1], T), (0, [0, 1], [0], T)]:  # past the cache; lengths differ
         pairs = _pairs(1, seq, 8, torch.float16, 8)
         before = [tuple(t.clone() for t in p) for p in pairs]
-        assert not scatter_block_rows(slots, offset, rows, blocks, dynamic_target(pairs, layout.block_shape, torch.float16))
+        target = dynamic_target(pairs, layout.block_shape, torch.float16)
+        assert not scatter_block_rows(slots, offset, rows, blocks, target)
         assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
