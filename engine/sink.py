@@ -27,6 +27,11 @@ import numpy as np
 class BlockSink:
     """What ``BlockStore.get`` needs of a destination that is not an array."""
 
+    #: ``take`` may run on two threads at once (the get's and the store's read
+    #: helper, each with its own blocks): set by a sink whose takes of distinct
+    #: blocks write disjoint memory.  False: the get calls one ``take`` at a time.
+    concurrent_take = False
+
     def staging(self, n: int):
         """An array (or CPU tensor) ``[n, *block_shape]`` of the identity's dtype,
         where the get puts the blocks of its per-block path (then takes them

@@ -26,8 +26,10 @@ process design.  In short:
   (``[start, end)``) and the prompt blocks that become complete this step (to
   save).
 * Worker: ``start_load_kv`` reads the blocks (``BlockStore.get``: CRC and
-  identity guard) into a host buffer and scatters ``[start, end)`` into vLLM's
-  paged tensors; any failure -- corrupt, foreign identity, evicted since the
+  identity guard) and scatters ``[start, end)`` into vLLM's paged tensors: on
+  the CPU through a ``PagedSink`` (each batch scattered as the get hands it
+  over, an L1 chunk while in the CPU cache), on a GPU into a pinned host buffer,
+  then one asynchronous copy; any failure -- corrupt, foreign identity, evicted since the
   lookup, a tier down -- puts the request's blocks in
   ``get_block_ids_with_load_errors`` and vLLM recomputes them (set
   ``kv_load_failure_policy="recompute"``; vLLM's default fails the request).
@@ -73,6 +75,7 @@ from quiver.engine.torch_io import (
     PAGED_FLASH,
     TORCH_DTYPES,
     KVLayout,
+    PagedSink,
     detect_paged_layout,
     empty_host,
     gather_paged_any,
@@ -697,10 +700,14 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     raise ValueError("unaligned external hit: nothing was loaded")
                 ident = self._ident(op.parts)
                 buf = self._load_buffer(end - start)  # only the blocks vLLM does not hold already
-                self.store.get(ident, op.token_ids[: end * self.block_size], n_blocks=end, out=buf,
-                               start_block=start)
-                self._staging_copy = scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end],
-                                                       self._layout)
+                tokens = op.token_ids[: end * self.block_size]
+                if self._kv[0].device.type == "cpu":  # scattered as the get hands the blocks over
+                    sink = PagedSink(self._kind, self._kv, op.block_ids[start:end], self._layout, buf)
+                    self.store.get(ident, tokens, n_blocks=end, out=sink, start_block=start)
+                else:  # into pinned staging, then one asynchronous copy to the GPU
+                    self.store.get(ident, tokens, n_blocks=end, out=buf, start_block=start)
+                    self._staging_copy = scatter_paged_any(self._kind, buf, self._kv, op.block_ids[start:end],
+                                                           self._layout)
             except Exception as exc:  # never an inference failure: vLLM recomputes these blocks
                 bad = op.block_ids[start:end]
                 self._load_errors.update(bad)

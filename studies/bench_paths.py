@@ -1,7 +1,8 @@
 """BlockStore's engine paths beside their physical limits (group ``engine-paths``; issue 10).
 
 Everything goes through the public API (``BlockStore.open``/``put``/``get``), one
-thread, and every contender is timed in the same rounds, interleaved (store, limit,
+calling thread (L1/L2 batches: with the store's read helper, and their limits read
+with the same two threads), and every contender is timed in the same rounds, interleaved (store, limit,
 store, limit, ...), so a noisy neighbour hits both, in an order that rotates with the
 round (each contender runs as often first, right after another's, as the others); the
 figures are medians over the rounds and the ratios compare the medians.
@@ -19,14 +20,17 @@ Paths (``path`` in extra_info), per block size:
 - ``l1-batch``: ``ram_bytes=0`` (every get is an L1 read, as after a restart), page
   cache warm (one untimed get first), beside a plain-file ``readinto`` of the same
   number of files of the same size into the same ``out`` (open, readinto, close each).
+  The get reads a batch in 4 MiB chunks on its own thread and the store's read helper
+  (``READ_HELPERS``); the limit and floor read the files with the same threads and
+  chunks (like with like), and ``one_thread_limit_s`` is the same read on one thread.
 - ``l2-batch``: a get of ``L1_BATCH`` blocks that only a local-directory L2 holds
   (each round a fresh store directory sharing the L2; open, a first get of 8 other
   blocks, and close untimed), so it includes the L2 reads (into ``out``, on the get's
-  own thread), verification, and queueing the promotion into L1 (the background writer
+  threads as L1's batch), verification, and queueing the promotion into L1 (the background writer
   reads the objects again and writes them after the get returns: untimed, and not
   running under the next timed get), beside reading the same L2 object files with
-  ``readinto`` (page cache warm): that directory's raw read bandwidth.  The three
-  contenders (get, raw read, raw read + CRC) run back to back after each round's
+  ``readinto`` (page cache warm) by the same threads: that directory's raw read
+  bandwidth.  The four contenders (get, raw read, raw read + CRC, raw read on one thread) run back to back after each round's
   set-up, in an order that rotates with the round, and the get's promotion is drained
   before the next contender, so none always runs in the same place (a first version ran
   the raw read always right after the store's close; measured side by side on
@@ -83,6 +87,14 @@ GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, 
 _SEQ = [0]
 WRITE_PARALLELISM = 8  # walpub's object writes + fsyncs in flight (walpub/io.py, RealIO.write_parallelism)
 _VERIFIED_READ = "the same plain files read, then one CRC32C pass over each (the one check a disk read needs)"
+
+
+def _same_threads() -> str:
+    """How the L1/L2 limits read their files: as the store reads a batch."""
+    from quiver.engine.store import READ_CHUNK_BYTES, READ_HELPERS
+
+    return (f"by the get's threads: in {READ_CHUNK_BYTES / MiB:g} MiB chunks, the calling thread and "
+            f"{READ_HELPERS} helper(s) each taking the next")
 
 
 def _ident(block_bytes: int):
@@ -189,27 +201,57 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
             "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"]}
 
 
-def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool = False):
+def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool = False,
+                  helper: ThreadPoolExecutor | None = None):
     """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch);
     ``verify``: then one CRC32C pass over what was read (the one check a read from disk needs:
-    docs/FORMAT.md), the floor of a verified read."""
+    docs/FORMAT.md), the floor of a verified read.  With ``helper`` the files are read as the
+    store reads a batch (``BlockStore._read_batch``): in chunks of ``READ_CHUNK_BYTES``, the
+    calling thread and the helper's thread each taking the next chunk until none is left."""
+    import threading
+
     import crc32c
 
-    views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
-    tail = bytearray(max(extra, 1))
+    from quiver.engine.store import READ_CHUNK_BYTES
 
-    def read():
-        for p, v in zip(paths, views):
-            with open(p, "rb", buffering=0) as f:
-                f.readinto(v)
+    views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
+    per = max(1, READ_CHUNK_BYTES // max(1, views[0].nbytes)) if views else 1
+    tails = threading.local()  # each thread's scratch for the rest of a file
+
+    def read_files(files) -> None:
+        tail = getattr(tails, "buf", None)
+        if tail is None:
+            tail = tails.buf = bytearray(max(extra, 1))
+        for i in files:
+            with open(paths[i], "rb", buffering=0) as f:
+                f.readinto(views[i])
                 f.readinto(tail)
             if verify:
-                crc32c.crc32c(tail, crc32c.crc32c(v))
+                crc32c.crc32c(tail, crc32c.crc32c(views[i]))
+
+    def read():
+        chunks = iter([range(at, min(at + per, len(paths))) for at in range(0, len(paths), per)])
+        lock = threading.Lock()
+
+        def take_chunks() -> None:
+            while True:
+                with lock:
+                    files = next(chunks, None)
+                if files is None:
+                    return
+                read_files(files)
+        if helper is None or len(paths) <= per:
+            read_files(range(len(paths)))
+            return
+        other = helper.submit(take_chunks)
+        take_chunks()
+        other.result()
     return read
 
 
 def _l1(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
+    from quiver.engine.store import READ_HELPERS
 
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
@@ -224,26 +266,31 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
             p = files / f"{i:04d}"
             p.write_bytes(blocks[i].tobytes() + bytes(env_bytes - block_bytes))
             paths.append(p)
-        plain = _plain_reader(paths, out, env_bytes - block_bytes)  # the rest: the envelope's header and CRC
-        verified = _plain_reader(paths, out, env_bytes - block_bytes, verify=True)
-        st.get(ident, tokens, out=out)  # page cache warm, code loaded
-        plain()
-        hits = st.stats()["counters"]["l1_hits"]
-        med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "floor": verified})
+        extra = env_bytes - block_bytes  # the rest of each file: the envelope's header and CRC
+        with ThreadPoolExecutor(READ_HELPERS) as helper:  # the store's read helper(s), one per store
+            plain = _plain_reader(paths, out, extra, helper=helper)
+            verified = _plain_reader(paths, out, extra, verify=True, helper=helper)
+            one_thread = _plain_reader(paths, out, extra)
+            st.get(ident, tokens, out=out)  # page cache warm, code loaded
+            plain()
+            hits = st.stats()["counters"]["l1_hits"]
+            med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "floor": verified,
+                           "one_thread": one_thread})
         assert st.stats()["counters"]["l1_hits"] - hits == ROUNDS * n, "a timed get did not come from L1"
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["store"] / med["limit"],
-            "limit": "plain files, open + readinto + close each (page cache warm)", "blocks": n,
+            "limit": f"plain files, open + readinto + close each (page cache warm), {_same_threads()}", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
             "bytes": n * block_bytes, "floor_s": med["floor"], "floor": _VERIFIED_READ,
-            "floor_ratio": med["floor"] / med["limit"]}
+            "floor_ratio": med["floor"] / med["limit"], "threads": 1 + READ_HELPERS,
+            "one_thread_limit_s": med["one_thread"]}
 
 
 def _l2(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
 
-    from quiver.engine.store import L2_READS_IN_FLIGHT
+    from quiver.engine.store import L2_READS_IN_FLIGHT, READ_HELPERS
 
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
@@ -257,9 +304,12 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         assert st.flush_l2(timeout_s=300) == 0
     paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
-    plain = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes)
-    verified = _plain_reader(paths, out, max(p.stat().st_size for p in paths) - block_bytes, verify=True)
-    times: dict[str, list[float]] = {"store": [], "limit": [], "floor": []}
+    extra = max(p.stat().st_size for p in paths) - block_bytes
+    helper = ThreadPoolExecutor(READ_HELPERS)  # the store's read helper(s), one per store
+    plain = _plain_reader(paths, out, extra, helper=helper)
+    verified = _plain_reader(paths, out, extra, verify=True, helper=helper)
+    one_thread = _plain_reader(paths, out, extra)
+    times: dict[str, list[float]] = {"store": [], "limit": [], "floor": [], "one_thread": []}
 
     def one_round(r: int) -> None:
         """A fresh store (open, a first get of other blocks and its promotion:
@@ -269,8 +319,9 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         with BlockStore.open(root / f"reader{r}", index="art", ram_bytes=0, object_store=l2) as st:
             st.get(ident, warm_tokens)  # untimed: the store's L2 read threads started, as in a running server
             st.drain_promotions()  # and its L1 write done, not running under the timed get
-            contenders = [("store", lambda: st.get(ident, tokens, out=out)), ("limit", plain), ("floor", verified)]
-            for name, fn in contenders[r % 3:] + contenders[:r % 3]:
+            contenders = [("store", lambda: st.get(ident, tokens, out=out)), ("limit", plain), ("floor", verified),
+                          ("one_thread", one_thread)]
+            for name, fn in contenders[r % 4:] + contenders[:r % 4]:
                 times[name].append(_timed(fn))
                 if name == "store":  # before a raw read overwrites out; its promotion not under the next
                     assert out.tobytes() == blocks.tobytes(), "the get delivered other bytes"
@@ -278,16 +329,21 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
             assert st.stats()["counters"]["l2_hits"] == n + len(warm_blocks), "a timed get did not come from L2"
         shutil.rmtree(root / f"reader{r}")
 
-    one_round(0)  # code loaded, L2 files in the page cache
-    for k in times:
-        times[k].clear()
-    for r in range(ROUNDS):
-        one_round(r)
+    try:
+        one_round(0)  # code loaded, L2 files in the page cache
+        for k in times:
+            times[k].clear()
+        for r in range(ROUNDS):
+            one_round(r)
+    finally:
+        helper.shutdown()
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
-            "limit": "the L2 directory's object files, open + readinto + close each (page cache warm)",
+            "limit": f"the L2 directory's object files, open + readinto + close each (page cache warm), "
+                     f"{_same_threads()}",
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
-            "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med["limit"] / med["floor"]}
+            "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med["limit"] / med["floor"],
+            "threads": 1 + READ_HELPERS, "one_thread_limit_s": med["one_thread"]}
 
 
 _RGW: dict = {}  # the Ceph RGW of l2-rgw, started once for both sizes (~13 s), or why it is absent
@@ -505,5 +561,5 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS)
+    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS)  # l1/l2-batch: their own threads
     assert out["store_s"] > 0 and out["limit_s"] > 0

@@ -80,7 +80,14 @@ def _get_row(e: dict) -> list[str]:
             fmt(_us(e.get("store_s"))),
             fmt(_us(e.get("limit_s"))), fmt(mb_per_s(e.get("bytes"), e.get("store_s"))),
             fmt(mb_per_s(e.get("block_bytes") if e["path"] in ("l2-s3", "l2-rgw") else e.get("bytes"), e.get("limit_s"))), ratio, fmt(_us(e.get("per_block_s"))), goal, verdict,
-            _floor(e), _txt(e.get("limit"))]
+            _floor(e), _txt(e.get("limit")) + _one_thread(e)]
+
+
+def _one_thread(e: dict) -> str:
+    """The L1/L2 limit read on one thread, where the case has it (the get and its limit use two)."""
+    if e.get("one_thread_limit_s") is None:
+        return ""
+    return f" (one thread read them in {fmt(_us(e['one_thread_limit_s']))} µs)"
 
 
 def _put_row(e: dict) -> list[str]:
@@ -98,12 +105,15 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
     e0 = cases[0] if cases else {}
     lines = _section_head("engine-paths", "Engine paths through `BlockStore` beside their limits (group `engine-paths`)")
     lines += [
-        "What a user pays through the public API, one thread, each contender timed in the same rounds, interleaved "
+        "What a user pays through the public API, one calling thread (an L1 or L2 batch is read by the get's "
+        "thread and the store's read helper, in 4 MiB chunks: `threads` 2, and its limit and floor read their "
+        "files with the same two threads and chunks, like with like; the limit column adds the same read on one "
+        "thread), each contender timed in the same rounds, interleaved "
         f"in an order that rotates with the round (medians of {fmt(e0.get('rounds'), 'int')} rounds; ratios compare the medians). Blocks: one layer of float16 "
         "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
         "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
         "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
-        "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's own thread, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
+        "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's two threads, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
         "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". 1 MB = 1e6 B.",
         "",
         "### Gets (L0 RAM, L1 disk)",
@@ -164,7 +174,8 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
     gets = [cell(e) for e in cases if e["path"] in ("l0-batch", "l0-single", "l0-fixed", "l1-batch", "l2-batch")]
     puts = [cell(e) for e in cases if e["path"] == "put-durable"]
     return [["Restore through `BlockStore.get` ÷ its limit (issue 10 goals)", "; ".join(gets) or DASH,
-             "one thread; L0 ÷ memcpy, L1 × plain-file readinto, L2 (directory) ÷ its raw read", link],
+             "one calling thread (L1/L2 batches and their limits: two threads); L0 ÷ memcpy, L1 × plain-file "
+             "readinto, L2 (directory) ÷ its raw read", link],
             ["Durable put through `BlockStore.put` (issue 10 goals)", "; ".join(puts) or DASH,
              "one thread, durable on return, beside LMDB (sync=True) and a raw fsync'd write", link]]
 

@@ -116,7 +116,7 @@ def test_a_sink_of_another_size_or_a_staging_list_is_refused(tmp_path):
 @pytest.mark.parametrize("l2", [False, True])
 def test_chunked_reads_hand_over_only_checked_blocks(tmp_path, monkeypatch, l2):
     """With a sink, L1 batches go through a small buffer a chunk at a time
-    (SINK_CHUNK_BYTES; three blocks here, so 11 blocks take four chunks).  A
+    (READ_CHUNK_BYTES; three blocks here, so 11 blocks take four chunks).  A
     block whose L1 copy was damaged at rest is never handed over from the
     chunk: its L2 copy is (l2), or the get stops there with the blocks before
     it delivered (no L2)."""
@@ -125,7 +125,7 @@ def test_chunked_reads_hand_over_only_checked_blocks(tmp_path, monkeypatch, l2):
     from test_store import _flip_l1_object
 
     ident, tokens, blocks = make_case(25, 11)
-    monkeypatch.setattr(store_mod, "SINK_CHUNK_BYTES", 3 * ident.block_nbytes)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 3 * ident.block_nbytes)
     skeys = [ident.namespace + k for k in chain_keys(ident, tokens, 11)]
     want = _expected(blocks, KVLayout.from_identity(ident))
     path = tmp_path / "s"
@@ -148,3 +148,157 @@ def test_chunked_reads_hand_over_only_checked_blocks(tmp_path, monkeypatch, l2):
             for (k, v), (wk, wv) in zip(sink.pairs, want):
                 assert torch.equal(k[:, :, :7 * T], wk[:, :, :7 * T]) and torch.equal(v[:, :, :7 * T], wv[:, :, :7 * T])
                 assert not k[:, :, 7 * T:8 * T].eq(wk[:, :, 7 * T:8 * T]).all()  # the damaged block: not delivered
+
+
+def _two_thread_store(tmp_path, monkeypatch, n: int):
+    """A store holding ``n`` blocks in L1 only, chunks of two blocks, and a spy on
+    L1's batch read whose first call on the get's own thread waits until the
+    read helper's first call has begun: both threads then read chunks of the
+    get (an ordering by events, not by timing)."""
+    import threading
+
+    import quiver.engine.store as store_mod
+
+    ident, tokens, blocks = make_case(27, n)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 2 * ident.block_nbytes)
+    st = BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0)
+    st.put(ident, tokens, blocks)
+    real, caller = st._disk.get_many_into, threading.get_ident()
+    helper_began = threading.Event()
+    calls: list[int] = []
+
+    def spy(keys, buffers_fors):
+        calls.append(threading.get_ident())
+        if threading.get_ident() == caller:
+            assert helper_began.wait(60), "the read helper never took a chunk"
+        else:
+            helper_began.set()
+        return real(keys, buffers_fors)
+    st._disk.get_many_into = spy
+    return st, ident, tokens, blocks, calls
+
+
+def test_a_sinks_chunks_are_read_on_two_threads_and_taken_one_at_a_time(tmp_path, monkeypatch):
+    """The get's thread and the store's read helper each read and check chunks
+    of the same get; every chunk is handed to the sink, never two takes at once
+    (a sink need not be thread-safe), and the cache holds every block."""
+    import threading
+
+    st, ident, tokens, blocks, calls = _two_thread_store(tmp_path, monkeypatch, 10)
+    layout = KVLayout.from_identity(ident)
+
+    class Watched(DynamicCacheSink):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.inside, self.overlaps, self.takers, self.blocks = 0, 0, set(), []
+
+        def take(self, src, offset, rows, blocks):
+            self.inside += 1
+            self.overlaps += self.inside > 1
+            self.takers.add(threading.get_ident())
+            self.blocks += list(blocks)
+            super().take(src, offset, rows, blocks)
+            self.inside -= 1
+
+    with st:
+        sink = Watched(layout, host_blocks(10, layout))
+        st.get(ident, tokens, 10, out=sink)
+        assert _same(sink.pairs, _expected(blocks, layout))
+        assert len(set(calls)) == 2 and len(sink.takers) == 2 and sink.overlaps == 0
+        assert sorted(sink.blocks) == list(range(10)) and st.stats()["counters"]["l1_hits"] == 10
+
+
+def test_a_get_into_an_array_reads_its_chunks_on_two_threads(tmp_path, monkeypatch):
+    """Without a sink the two threads read their chunks straight into the
+    caller's rows: every block lands in its own row, verified."""
+    st, ident, tokens, blocks, calls = _two_thread_store(tmp_path, monkeypatch, 9)
+    with st:
+        out = np.zeros_like(blocks)
+        assert st.get(ident, tokens, 9, out=out) is out
+        assert out.tobytes() == blocks.tobytes() and len(set(calls)) == 2
+        assert st.stats()["counters"]["l1_hits"] == 9
+
+
+def test_a_tier_failure_on_the_read_helper_ends_the_get(tmp_path, monkeypatch):
+    """L1 failing as a whole under the helper's read (a closed tier, raised on
+    that thread only: a real tier cannot fail on one chosen thread) comes out
+    of the get as the store's typed error.  Its ``block_index`` is 0: the
+    batch failed as a whole, so no block of it counts as delivered (its first
+    chunks may have reached the sink, verified, but a caller may not rely on
+    them)."""
+    import threading
+
+    from quiver.engine.errors import StoreClosedError
+    from quiver.tier.errors import TierClosedError
+
+    st, ident, tokens, blocks, calls = _two_thread_store(tmp_path, monkeypatch, 10)
+    checked = st._disk.get_many_into
+    caller = threading.get_ident()
+
+    def failing(keys, buffers_fors):
+        if threading.get_ident() != caller:
+            checked(keys, buffers_fors)  # lets the get's thread go on (the spy's event), then fails
+            raise TierClosedError("closed under the get")
+        return checked(keys, buffers_fors)
+    st._disk.get_many_into = failing
+    with st:
+        with pytest.raises(StoreClosedError) as err:
+            st.get(ident, tokens, 10, out=_sink(ident, 10))
+        assert err.value.block_index == 0 and len(set(calls)) == 2
+
+
+def _paged_kv(kind: str, layout: KVLayout, num_blocks: int) -> list[torch.Tensor]:
+    """Paged KV tensors of ``kind`` (vLLM's CPU layout, or the flash one on the host), filled with a marker."""
+    T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_dim
+    shape = (num_blocks, H, T, 2 * D) if kind == "cpu" else (2, num_blocks, T, H, D)
+    return [torch.full(shape, 7.0, dtype=layout.dtype) for _ in range(layout.num_layers)]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "flash"])
+def test_a_paged_sink_gets_the_bytes_of_every_tier(tmp_path, monkeypatch, kind):
+    """Blocks 0-3 in L0, 4-11 only in L1 (chunks of two blocks, on both
+    threads), 12-14 only in L2, scattered into a shuffled block table of host
+    paged KV: the same bytes as a get into an array and scatter_paged_any, and
+    no block outside the table written."""
+    import quiver.engine.store as store_mod
+    from quiver.engine.torch_io import PagedSink, scatter_paged_any
+
+    ident, tokens, blocks = make_case(29, 15)
+    layout = KVLayout.from_identity(ident)
+    monkeypatch.setattr(store_mod, "READ_CHUNK_BYTES", 2 * ident.block_nbytes)
+    table = list(np.random.default_rng(3).permutation(20)[:15])
+    want = _paged_kv(kind, layout, 20)
+    scatter_paged_any(kind, torch.from_numpy(blocks), want, table, layout)
+    l2 = tmp_path / "l2"
+    with BlockStore.open(tmp_path / "writer", index="flat", ram_bytes=0, object_store=l2) as st:
+        st.put(ident, tokens, blocks)
+        assert st.flush_l2(timeout_s=60) == 0
+    with BlockStore.open(tmp_path / "reader", index="flat", ram_bytes=1 << 20, object_store=l2) as st:
+        st.put(ident, tokens[:12 * ident.block_tokens], blocks[:12])
+        for k in [ident.namespace + k for k in chain_keys(ident, tokens, 12)][4:]:
+            st._ram.delete(k)  # 4-11: L1 only
+        kv = _paged_kv(kind, layout, 20)
+        sink = PagedSink(kind, kv, table, layout, host_blocks(15, layout))
+        assert st.get(ident, tokens, 15, out=sink) is sink
+        c = st.stats()["counters"]
+        assert (c["l0_hits"], c["l1_hits"], c["l2_hits"]) == (4, 8, 3)
+        assert all(torch.equal(a, b) for a, b in zip(kv, want))
+
+
+def test_a_paged_sink_refuses_a_bad_table_or_layout_before_the_get():
+    """A block table naming a block twice or past the cache, or KV tensors of
+    another layout: refused when the sink is made, not half-way through a get."""
+    from quiver.engine.errors import BlockTableError
+    from quiver.engine.torch_io import PagedSink, UnsupportedKVLayoutError
+
+    ident, _tokens, _blocks = make_case(30, 2)
+    layout = KVLayout.from_identity(ident)
+    kv = _paged_kv("cpu", layout, 4)
+    with pytest.raises(BlockTableError):
+        PagedSink("cpu", kv, [1, 1], layout, host_blocks(2, layout))
+    with pytest.raises(BlockTableError):
+        PagedSink("cpu", kv, [0, 4], layout, host_blocks(2, layout))
+    with pytest.raises(UnsupportedKVLayoutError):
+        PagedSink("cpu", _paged_kv("flash", layout, 4), [0, 1], layout, host_blocks(2, layout))
+    with pytest.raises(UnsupportedKVLayoutError):
+        PagedSink("tiles", kv, [0, 1], layout, host_blocks(2, layout))
