@@ -43,5 +43,5 @@ class BlockSink:
         block_nbytes]`` (``src`` a 2-D ``uint8`` array: the staging array's rows,
         a chunk buffer's, or L0's arena as ``[slots, slot_bytes]`` with the
         header's length as ``offset``), to where block ``blocks[j]`` of the get belongs (0: the get's
-        ``start_block``).  ``src`` is only valid during the call."""
+        ``start_block``).  ``src`` is only valid during the call; ``rows`` is never empty."""
         raise NotImplementedError

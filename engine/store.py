@@ -903,7 +903,7 @@ class BlockStore:
         # here (memory-bound, and a hand-off costs about a 256 KiB copy), 128 MiB ones gained < 10%.
         arena, slot_bytes = self._ram.arena, self._ram.slot_bytes  # pinned slots: read with no lock held
         # The arena holds bytes verified (or encoded) on their way in: header only.
-        if sink is not None:
+        if sink is not None and good:
             sink.take(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], good)
         else:
             for i in good:
@@ -975,7 +975,8 @@ class BlockStore:
 
         With a sink the blocks go through a small buffer of the reading
         thread's (``_chunk_rows``), each chunk handed to the sink once checked,
-        while its bytes are still in the CPU cache, one ``take`` at a time (a
+        while its bytes are still in the CPU cache, one ``take`` at a time
+        unless the sink's ``concurrent_take`` says its takes may overlap (a
         sink need not be thread-safe): 512 x 256 KiB read from files,
         CRC-checked and copied into a DynamicCache took 22.3-22.6 ms in chunks
         of 16 against 33.8-34.2 ms through a 128 MiB staging array, and 30.2 ms

@@ -302,3 +302,26 @@ def test_a_paged_sink_refuses_a_bad_table_or_layout_before_the_get():
         PagedSink("cpu", _paged_kv("flash", layout, 4), [0, 1], layout, host_blocks(2, layout))
     with pytest.raises(UnsupportedKVLayoutError):
         PagedSink("tiles", kv, [0, 1], layout, host_blocks(2, layout))
+
+
+def test_a_paged_sink_after_every_l0_slot_was_refused(tmp_path):
+    """Every L0 hit's header damaged: the L0 batch hands the sink nothing,
+    each block comes from L1 through the per-block path's staging rows, and
+    vLLM's CPU-layout blocks hold the right bytes."""
+    from quiver.engine.torch_io import PagedSink, scatter_paged_any
+
+    ident, tokens, blocks = make_case(31, 3)
+    layout = KVLayout.from_identity(ident)
+    keys = [ident.namespace + k for k in chain_keys(ident, tokens, 3)]
+    want = _paged_kv("cpu", layout, 6)
+    scatter_paged_any("cpu", torch.from_numpy(blocks), want, [5, 0, 3], layout)
+    with BlockStore.open(tmp_path / "s", index="flat", ram_bytes=1 << 20) as st:
+        st.put(ident, tokens, blocks)
+        for k in keys:
+            slot, _ = st._ram._where[k]
+            st._ram.arena[slot * st._ram.slot_bytes + 40] ^= 0x01  # inside the header's key field
+        kv = _paged_kv("cpu", layout, 6)
+        st.get(ident, tokens, 3, out=PagedSink("cpu", kv, [5, 0, 3], layout, host_blocks(3, layout)))
+        assert all(torch.equal(a, b) for a, b in zip(kv, want))
+        c = st.stats()["counters"]
+        assert c["corrupt_l0"] == 3 and c["l0_hits"] == 0 and c["l1_hits"] == 3
