@@ -8,7 +8,7 @@ passes over every payload byte at about memcpy speed.  CRC32C is linear, so
 once and the envelope CRC is combined from theirs.
 
 The operator "append ``n`` zero bytes" is built once per length (square and
-multiply over GF(2), about 4 ms, cached per length) and applied through four
+multiply over GF(2), about 0.7 ms, cached per length) and applied through four
 byte tables: 0.4 us per combine in Python, against 2.7 us for a CRC32C pass
 over 64 KiB here, so a caller combines only pieces of ``COMBINE_MIN_BYTES`` or
 more and runs the CRC over smaller ones again.
@@ -25,19 +25,19 @@ _POLY = 0x82F63B78
 COMBINE_MIN_BYTES = 16 * 1024
 
 
-def _times(mat: list[int], vec: int) -> int:
-    """Matrix (32 columns, GF(2)) times vector."""
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _square(mat: list[int]) -> list[int]:
-    return [_times(mat, col) for col in mat]
+def _product(mat: list[int], cols: list[int]) -> list[int]:
+    """``mat`` times the matrix of columns ``cols`` (32 x 32 over GF(2)): each
+    column through 8 nibble tables of ``mat`` (16 entries each, filled by
+    linearity), not 32 steps a column."""
+    nibbles = []
+    for at in range(0, 32, 4):
+        table = [0] * 16
+        for v in range(1, 16):
+            table[v] = table[v & (v - 1)] ^ mat[at + (v & -v).bit_length() - 1]
+        nibbles.append(table)
+    return [nibbles[0][c & 15] ^ nibbles[1][c >> 4 & 15] ^ nibbles[2][c >> 8 & 15] ^ nibbles[3][c >> 12 & 15]
+            ^ nibbles[4][c >> 16 & 15] ^ nibbles[5][c >> 20 & 15] ^ nibbles[6][c >> 24 & 15] ^ nibbles[7][c >> 28]
+            for c in cols]
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,20 +45,23 @@ def _shift_tables(nbytes: int) -> tuple[tuple[int, ...], ...]:
     """Four 256-entry tables that apply "append ``nbytes`` zero bytes" to a
     CRC register, one per byte of the register."""
     op = [_POLY] + [1 << (n - 1) for n in range(1, 32)]  # one zero bit
-    op = _square(_square(op))                            # four zero bits
+    op = _product(op, op)
+    op = _product(op, op)                                # four zero bits
     result = None                                        # identity until the first set bit
     n = nbytes
     while n:
-        op = _square(op)  # 8, 16, 32, ... zero bits: one byte, two, four, ...
+        op = _product(op, op)  # 8, 16, 32, ... zero bits: one byte, two, four, ...
         if n & 1:
-            result = op if result is None else [_times(op, col) for col in result]
+            result = op if result is None else _product(op, result)
         n >>= 1
     cols = result if result is not None else [1 << i for i in range(32)]
     tables = []
     for byte in range(4):
+        # Linear: an entry is its lowest set bit's column XOR the entry without that bit
+        # (256 XORs per table instead of 256 matrix products).
         table = [0] * 256
-        for b in range(256):
-            table[b] = _times(cols, b << (8 * byte))
+        for b in range(1, 256):
+            table[b] = table[b & (b - 1)] ^ cols[8 * byte + (b & -b).bit_length() - 1]
         tables.append(tuple(table))
     return tuple(tables)
 
