@@ -631,6 +631,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         max_blocks = -(-int(self._vllm_config.model_config.max_model_len) // self.block_size)
         n = min(max_blocks, self.opts.load_staging_bytes // self._layout.block_nbytes)
         self._staging = host_blocks(n, self._layout, for_device=self._kv[0].device) if n > 0 else None
+        if self._kv[0].device.type == "cpu":  # loads go through the store's chunk buffers (PagedSink): made now
+            self.store.prepare_reads(self._layout.block_nbytes)
         self._store_thread = StoreThread(self.store, self.events)
         self._server = LookupServer(socket_name(self.opts.store_path, rank), self._lookup_answer)
         atexit.register(self._close_worker)  # if vLLM exits without calling shutdown(): drain the saves

@@ -17,7 +17,7 @@ from quiver.engine.store import BlockStore
 from quiver.engine.torch_io import DynamicCacheSink, KVLayout, host_blocks, scatter_dynamic_tensors
 
 sys.path.insert(0, os.path.dirname(__file__))
-from store_child import make_case  # noqa: E402
+from store_child import make_case, make_ident  # noqa: E402
 
 
 def _expected(blocks: np.ndarray, layout: KVLayout):
@@ -139,7 +139,7 @@ def test_chunked_reads_hand_over_only_checked_blocks(tmp_path, monkeypatch, l2):
             assert _same(sink.pairs, want)
             c = st.stats()["counters"]
             assert (c["l1_hits"], c["corrupt_l1"], c["l2_hits"]) == (10, 1, 1)
-            assert len(st._sink_chunks.rows) == 3
+            assert st._chunks and all(buf.nbytes == 3 * ident.block_nbytes for buf in st._chunks)  # chunks of 3
         else:
             with pytest.raises(EnvelopeError) as err:
                 st.get(ident, tokens, 11, out=sink)
@@ -206,6 +206,47 @@ def test_a_sinks_chunks_are_read_on_two_threads_and_taken_one_at_a_time(tmp_path
         assert _same(sink.pairs, _expected(blocks, layout))
         assert len(set(calls)) == 2 and len(sink.takers) == 2 and sink.overlaps == 0
         assert sorted(sink.blocks) == list(range(10)) and st.stats()["counters"]["l1_hits"] == 10
+
+
+def test_prepare_reads_makes_the_chunk_buffers_a_sink_get_uses(tmp_path, monkeypatch):
+    """After ``prepare_reads`` a sink get read on two threads makes no buffer
+    (both threads take prepared ones, touched) and gives them back; blocks
+    larger than the prepared buffers get a new one, the bytes right either way."""
+    import quiver.engine.store as store_mod
+
+    st, ident, tokens, blocks, calls = _two_thread_store(tmp_path, monkeypatch, 10)
+    layout = KVLayout.from_identity(ident)
+    made = []
+    real_empty = store_mod.empty_huge
+    monkeypatch.setattr(store_mod, "empty_huge", lambda shape: made.append(shape) or real_empty(shape))
+    with st:
+        st.prepare_reads(ident.block_nbytes)
+        assert len(made) == 1 + store_mod.READ_HELPERS and len(st._chunks) == len(made)
+        prepared = {id(buf) for buf in st._chunks}
+        sink = _sink(ident, 10)
+        st.get(ident, tokens, 10, out=sink)
+        assert _same(sink.pairs, _expected(blocks, layout)) and len(set(calls)) == 2  # both threads read
+        assert len(made) == 1 + store_mod.READ_HELPERS  # none made by the get
+        assert {id(buf) for buf in st._chunks} == prepared  # and every one given back
+        big, big_tokens, big_blocks = make_case(28, 4, make_ident(num_kv_heads=8))  # 4x the block: none fits
+        st.put(big, big_tokens, big_blocks)
+        big_sink = _sink(big, 4)
+        st.get(big, big_tokens, 4, out=big_sink)
+        assert len(made) > 1 + store_mod.READ_HELPERS  # one per thread that read a chunk of it
+        assert _same(big_sink.pairs, _expected(big_blocks, KVLayout.from_identity(big)))
+
+
+def test_prepare_reads_refuses_a_bad_size_and_a_closed_store(tmp_path):
+    from quiver.engine.errors import StoreClosedError, StoreConfigError
+
+    st = BlockStore.open(tmp_path / "s", index="flat", ram_bytes=0)
+    for bad in (0, -1, 1.5, True, "4096", None):
+        with pytest.raises(StoreConfigError):
+            st.prepare_reads(bad)
+    assert st._chunks == []
+    st.close()
+    with pytest.raises(StoreClosedError):
+        st.prepare_reads(4096)
 
 
 def test_a_get_into_an_array_reads_its_chunks_on_two_threads(tmp_path, monkeypatch):
