@@ -1087,11 +1087,14 @@ class BlockStore:
         return empty_huge((need,))
 
     def _give_chunk(self, buf: np.ndarray) -> None:
-        """A buffer back to the idle ones, up to one per thread that reads a batch."""
+        """A buffer back to the idle ones, which keep one per thread that reads a
+        batch: the largest (a prepared buffer is not dropped for a smaller one)."""
         with self._chunks_lock:
-            if len(self._chunks) < 1 + READ_HELPERS:
-                self._chunks.append(buf)
+            self._chunks.append(buf)
+            if len(self._chunks) > 1 + READ_HELPERS:
+                del self._chunks[min(range(len(self._chunks)), key=lambda i: self._chunks[i].nbytes)]
 
+    @_operation
     def prepare_reads(self, block_nbytes: int) -> None:
         """Make, now, what a get of blocks of ``block_nbytes`` payload bytes
         into a ``BlockSink`` makes on first use: a chunk buffer per reading

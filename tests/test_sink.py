@@ -234,6 +234,10 @@ def test_prepare_reads_makes_the_chunk_buffers_a_sink_get_uses(tmp_path, monkeyp
         st.get(big, big_tokens, 4, out=big_sink)
         assert len(made) > 1 + store_mod.READ_HELPERS  # one per thread that read a chunk of it
         assert _same(big_sink.pairs, _expected(big_blocks, KVLayout.from_identity(big)))
+        assert len(st._chunks) == 1 + store_mod.READ_HELPERS  # the idle ones: one per reading thread
+        assert max(buf.nbytes for buf in st._chunks) == big.block_nbytes  # the larger kept
+        st.prepare_reads(8 * ident.block_nbytes)  # replaces the smaller idle buffers
+        assert [buf.nbytes for buf in st._chunks] == [8 * ident.block_nbytes] * (1 + store_mod.READ_HELPERS)
 
 
 def test_prepare_reads_refuses_a_bad_size_and_a_closed_store(tmp_path):
