@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quiver.engine.torch_io import empty_host
-from quiver.tier.hugepages import HUGEPAGE_BYTES, HUGEPAGE_MIN_BYTES, advise_huge_pages
+from quiver.tier.hugepages import HUGEPAGE_BYTES, HUGEPAGE_MIN_BYTES, advise_huge_pages, empty_huge
 from quiver.tier.ram import RamTier
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
@@ -52,6 +52,18 @@ def test_the_l0_arena_is_advised_huge_pages():
     """A RamTier's arena is advised when it is made, before any slot is touched."""
     ram = RamTier(capacity_bytes=16 << 20, slot_bytes=256 << 10)
     assert "hg" in _vm_flags_at(_first_huge_page(ram.arena.ctypes.data))
+
+
+def test_a_chunk_buffer_starts_on_a_huge_page_and_is_advised():
+    """empty_huge: a 2 MiB-aligned writable uint8 array of the shape asked for,
+    advised even just under HUGEPAGE_MIN_BYTES (its span rounds up to whole pages)."""
+    shape = (15, (HUGEPAGE_MIN_BYTES - 4096) // 15)
+    buf = empty_huge(shape)
+    assert buf.shape == shape and buf.dtype.name == "uint8" and buf.flags.writeable and buf.flags.c_contiguous
+    assert buf.ctypes.data % HUGEPAGE_BYTES == 0
+    assert "hg" in _vm_flags_at(buf.ctypes.data)
+    buf.fill(7)
+    assert int(buf.sum()) == 7 * buf.size
 
 
 def test_the_advice_stays_inside_the_buffer(monkeypatch):
