@@ -6,8 +6,8 @@ DynamicCache is ``[batch, H, seq, D]`` per layer and K/V; a block is
 transposing copy: every byte written twice.  A sink takes the transposing copy
 straight from where the verified bytes already are.  A block served by L0 is
 copied once, from its (pinned) slot in the arena into the cache.  Blocks
-read together from L1 or L2 pass through a small per-thread buffer of the
-store's, a chunk at a time, and are taken from it while in the CPU cache; any
+read together from L1 or L2 pass through one of the store's chunk buffers
+(one per reading thread), a chunk at a time, and are taken from it while in the CPU cache; any
 other block (decoded, or checked one at a time) lands in the sink's staging
 array first, as a plain get's would, and is taken from there.
 

@@ -178,7 +178,7 @@ L0_BATCH_MIN = 2
 #: interleaved A/B), even at 2, and dearer from 3.
 READ_BATCH_MIN = 4
 #: L1 and local-directory L2 batches are read in chunks of about this many bytes
-#: (``_read_batch``), with a BlockSink through a reused per-thread buffer: 4 to 32
+#: (``_read_batch``), with a BlockSink through the store's reused chunk buffers: 4 to 32
 #: blocks of 256 KiB measured alike (22.3-24.6 ms for 512), all well under one
 #: 128 MiB pass (34 ms); with two threads, 1 and 2 MiB chunks were slower than 4.
 READ_CHUNK_BYTES = 4 << 20
@@ -789,7 +789,7 @@ class BlockStore:
         ``out`` may also be a :class:`~quiver.engine.sink.BlockSink` (an
         engine's own cache layout): the verified blocks are handed to it, L0
         hits straight from their slots (one copy), L1/L2 batches a chunk at a
-        time from a per-thread buffer, the others through its staging array
+        time from one of the store's chunk buffers, the others through its staging array
         (engine/sink.py).
         Raises BlockNotFoundError for a block no tier holds,
         IdentityMismatchError when the guard refuses a stored block, an
@@ -1008,7 +1008,7 @@ class BlockStore:
 
         def read_parts() -> list[tuple[int, list]]:
             """Chunks taken from ``parts`` until none is left, each read and
-            checked into its rows (with a sink: this thread's buffer, then
+            checked into its rows (with a sink: the chunk buffer this thread took, then
             handed to the sink)."""
             buf = None if sink is None else self._take_chunk(layout.raw_len)
             chunk, good = (rows if buf is None else _rows_of(buf, layout.raw_len)), []
