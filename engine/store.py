@@ -201,15 +201,15 @@ def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
     return pool
 
 
-def _chunk_bytes(raw_len: int) -> int:
-    """Bytes of the buffer one thread reads a sink's chunks into: READ_CHUNK_BYTES
-    of whole blocks (at least one)."""
-    return max(1, READ_CHUNK_BYTES // raw_len) * raw_len
+def _chunk_blocks(raw_len: int) -> int:
+    """Blocks of one chunk of a batch read (``_read_batch``): READ_CHUNK_BYTES of
+    whole blocks, at least one."""
+    return max(1, READ_CHUNK_BYTES // raw_len)
 
 
 def _rows_of(buf: np.ndarray, raw_len: int) -> np.ndarray:
-    """``buf``'s leading ``_chunk_bytes(raw_len)`` bytes as rows of one block each."""
-    return buf[:_chunk_bytes(raw_len)].reshape(-1, raw_len)
+    """``buf``'s leading chunk (``_chunk_blocks``) as rows of one block each."""
+    return buf[:_chunk_blocks(raw_len) * raw_len].reshape(-1, raw_len)
 
 
 def _found(read: Future) -> bool:
@@ -999,7 +999,7 @@ class BlockStore:
         layout = _layout(ident)
         if len(todo) < READ_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
-        per = max(1, READ_CHUNK_BYTES // layout.raw_len)
+        per = _chunk_blocks(layout.raw_len)
         parts = iter([todo[at:at + per] for at in range(0, len(todo), per)])
         next_lock = threading.Lock()
         # One take at a time, unless the sink says its takes of distinct blocks may overlap.
@@ -1074,12 +1074,12 @@ class BlockStore:
         return good
 
     def _take_chunk(self, raw_len: int) -> np.ndarray:
-        """An idle buffer of at least ``_chunk_bytes(raw_len)`` for one thread's
+        """An idle buffer of at least one chunk (``_chunk_blocks``) for one thread's
         chunked reads into a sink (``_read_batch``), taken from the store's
         (a fresh one pays its page faults inside the get: in this VM ~2 ms
         per MiB, 9 of a vLLM restart's first 15 ms load; ``prepare_reads``
         makes them beforehand); give it back with ``_give_chunk``."""
-        need = _chunk_bytes(raw_len)
+        need = _chunk_blocks(raw_len) * raw_len
         with self._chunks_lock:
             for i, buf in enumerate(self._chunks):
                 if buf.nbytes >= need:
