@@ -19,7 +19,10 @@ that layout and two engine layouts:
   tests/test_vllm_connector.py).  Other ISAs (``amx``, ``neon``, ...) pack K
   differently and are refused rather than copied wrong:
   :func:`gather_paged_cpu` / :func:`scatter_paged_cpu` turn it into Quiver's
-  canonical payload, so blocks are portable across engines and ISAs.
+  canonical payload, so blocks are portable across engines and ISAs (for
+  2-byte dtypes with a compiled kernel, one call per layer whatever the block
+  table, engine/copy_kernels.py; otherwise torch's strided copies, one per run
+  of consecutive block ids, layer and K/V).
   :func:`detect_paged_layout` tells the paged layouts apart from the
   registered tensors (and the CPU kernel ISA) and refuses anything else
   (:class:`UnsupportedKVLayoutError`).
@@ -63,7 +66,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quiver.engine.copy_kernels import dynamic_target, paged_runs, scatter_block_rows, scatter_rows
+from quiver.engine.copy_kernels import (dynamic_target, paged_cpu_copy, paged_runs, scatter_block_rows,
+                                        scatter_rows)
 from quiver.engine.errors import BlockTableError, DTypeMismatchError, ShapeMismatchError
 from quiver.engine.identity import CacheIdentity
 from quiver.engine.sink import BlockSink
@@ -411,20 +415,23 @@ def gather_paged_cpu(kv_caches: Sequence[torch.Tensor], block_ids, out: torch.Te
                      layout: KVLayout) -> CopyReport:
     """Copy blocks ``block_ids`` (token order) of vLLM-CPU paged tensors into host ``out`` ``[n, *block_shape]``.
 
-    One strided copy per layer, K/V and run of consecutive block ids, straight
-    into ``out`` (no temporary): one host pass (K is transposed on the way).
+    Straight into ``out`` (no temporary): one host pass, K transposed on the
+    way, by the compiled kernel (one call per layer) where it applies, else by
+    one strided torch copy per layer, K/V and run of consecutive block ids.
     """
     num_blocks = _check_paged_cpu(kv_caches, layout)
     ids = _block_ids(block_ids, num_blocks, unique=False)
     n = ids.numel()
     _check_host(out, n, layout, "out")
-    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes, host_passes=1)
+    if paged_cpu_copy(out, kv_caches, ids.numpy(), gather=True):  # compiled: one call per layer
+        rep.copy_ops = layout.num_layers
+        return rep
     for pos, b, m in _runs(ids):
         for layer, t in enumerate(kv_caches):
             for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
                 out[pos:pos + m, layer, kv].copy_(view)
                 rep.copy_ops += 1
-    rep.host_passes = 1
     return rep
 
 
@@ -435,14 +442,28 @@ def scatter_paged_cpu(src: torch.Tensor, kv_caches: Sequence[torch.Tensor], bloc
     ids = _block_ids(block_ids, num_blocks, unique=True)
     n = ids.numel()
     _check_host(src, n, layout, "src")
-    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes)
+    rep = CopyReport(blocks=n, payload_bytes=n * layout.block_nbytes, host_passes=1)
+    if paged_cpu_copy(src, kv_caches, ids.numpy(), gather=False):  # compiled: one call per layer
+        rep.copy_ops = layout.num_layers
+        return rep
     for pos, b, m in _runs(ids):
         for layer, t in enumerate(kv_caches):
             for kv, view in enumerate(_cpu_blocks(t, b, m, layout)):
                 view.copy_(src[pos:pos + m, layer, kv])
                 rep.copy_ops += 1
-    rep.host_passes = 1
     return rep
+
+
+def warm_paged_cpu_copies(kv_caches: Sequence[torch.Tensor], layout: KVLayout) -> bool:
+    """Load (or compile) the vLLM-CPU layout's copy kernel (engine/copy_kernels.py)
+    before the engine serves: block 0 is gathered and scattered back onto itself
+    (the same bytes).  Otherwise a fresh process's first load or save pays Numba's
+    cache load.  Call it before the engine writes its KV.  True when the kernel is
+    in use; False where torch does the copies."""
+    _check_paged_cpu(kv_caches, layout)
+    buf, first = host_blocks(1, layout), np.zeros(1, dtype=np.int64)
+    return (paged_cpu_copy(buf, kv_caches, first, gather=True)
+            and paged_cpu_copy(buf, kv_caches, first, gather=False))
 
 
 def gather_paged_any(kind: str, kv_caches, block_ids, out: torch.Tensor, layout: KVLayout) -> CopyReport:
@@ -865,6 +886,7 @@ __all__ = [
     "gather_paged",
     "scatter_paged",
     "warm_paged_copies",
+    "warm_paged_cpu_copies",
     "PAGED_FLASH",
     "PAGED_CPU",
     "PAGED_LAYOUTS",

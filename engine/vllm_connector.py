@@ -82,6 +82,7 @@ from quiver.engine.torch_io import (
     host_blocks,
     scatter_paged_any,
     warm_paged_copies,
+    warm_paged_cpu_copies,
 )
 
 try:  # the connector runs inside vLLM; the helpers above this line do not need it
@@ -605,10 +606,10 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                 TORCH_DTYPES[b["kv_dtype"]])
         # An unknown layout (or a CPU kernel ISA whose packing is unverified) is a typed error here.
         self._kind = detect_paged_layout(self._kv, self._layout, cpu_isa=self._cpu_isa(names))
-        if self._kind == PAGED_FLASH:  # on a GPU: the copy kernel compiled now, not in the first save
-            t0 = time.perf_counter()
-            used = warm_paged_copies(self._kv, self._layout)
-            self.events.emit("copy_warmup", seconds=time.perf_counter() - t0, kernel=used)
+        # The copy kernel (Triton on a GPU, Numba on the CPU) compiled or loaded now, not in the first load.
+        t0 = time.perf_counter()
+        used = (warm_paged_copies if self._kind == PAGED_FLASH else warm_paged_cpu_copies)(self._kv, self._layout)
+        self.events.emit("copy_warmup", seconds=time.perf_counter() - t0, kernel=used)
         rank = self.pp_rank * b["tp_size"] + self.tp_rank
         path = self.opts.store_path if self.world == 1 else os.path.join(self.opts.store_path, f"rank{rank}")
         self.store = BlockStore.open(path, index=self.opts.index, object_store=self.opts.object_store,

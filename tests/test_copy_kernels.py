@@ -1,4 +1,4 @@
-"""The compiled DynamicCache scatter (engine/copy_kernels.py): the same bytes as torch's copy, or no copy."""
+"""The compiled copies (engine/copy_kernels.py): the same bytes as torch's copy, or no copy."""
 
 from __future__ import annotations
 
@@ -108,3 +108,82 @@ def test_block_rows_out_of_bounds_copy_nothing():
         target = dynamic_target(pairs, layout.block_shape, torch.float16)
         assert not scatter_block_rows(slots, offset, rows, blocks, target)
         assert all(torch.equal(t, b) for p, q in zip(pairs, before) for t, b in zip(p, q))
+
+
+# --- vLLM's CPU paged layout (paged_cpu_copy) -------------------------------------------
+
+def _torch_paged_cpu(blocks: torch.Tensor, kv_caches, ids, layout: KVLayout, gather: bool) -> None:
+    """The torch path of gather/scatter_paged_cpu, block by block: the reference."""
+    from quiver.engine.torch_io import _cpu_blocks
+
+    for j, b in enumerate(ids):
+        for layer, t in enumerate(kv_caches):
+            for kv, view in enumerate(_cpu_blocks(t, b, 1, layout)):
+                if gather:
+                    blocks[j:j + 1, layer, kv].copy_(view)
+                else:
+                    view.copy_(blocks[j:j + 1, layer, kv])
+
+
+def _paged_cpu_case(dtype, t, d, n_blocks=12, seed=0):
+    layout = KVLayout(num_layers=L, block_tokens=t, num_kv_heads=H, head_dim=d, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    kv = [torch.randint(-30000, 30000, (n_blocks, H, t, 2 * d), generator=g, dtype=torch.int32).to(dtype)
+          for _ in range(L)]
+    return layout, kv
+
+
+@pytest.mark.parametrize("dtype, t, d", [(torch.bfloat16, 32, 64), (torch.float16, 16, 80), (torch.bfloat16, 4, 4)])
+def test_paged_cpu_kernel_moves_what_torch_moves_and_nothing_else(dtype, t, d):
+    from quiver.engine.copy_kernels import paged_cpu_copy
+
+    layout, kv = _paged_cpu_case(dtype, t, d)
+    ids = [7, 1, 2, 3, 11, 0]  # a run and singletons, out of order
+    ours, ref = torch.empty(len(ids), *layout.block_shape, dtype=dtype), torch.empty(len(ids), *layout.block_shape,
+                                                                                      dtype=dtype)
+    assert paged_cpu_copy(ours, kv, np.array(ids), gather=True)  # numba is a dependency: the kernel must run here
+    _torch_paged_cpu(ref, kv, ids, layout, gather=True)
+    assert torch.equal(ours, ref)
+    src = torch.randint(-30000, 30000, ours.shape, dtype=torch.int32).to(dtype)
+    mine, theirs = [x.clone() for x in kv], [x.clone() for x in kv]
+    assert paged_cpu_copy(src, mine, np.array(ids), gather=False)
+    _torch_paged_cpu(src, theirs, ids, layout, gather=False)
+    for a, b, before in zip(mine, theirs, kv):
+        assert torch.equal(a, b)  # the blocks written alike, and every other block untouched
+        assert not torch.equal(a[ids], before[ids])
+
+
+def test_paged_cpu_copies_the_kernel_cannot_do_are_left_to_torch(monkeypatch):
+    """paged_cpu_copy returns False, having copied nothing, where its kernel does not
+    apply (it runs without bounds checks, so every index is checked first)."""
+    from quiver.engine.copy_kernels import paged_cpu_copy
+
+    cases = []
+    layout, kv = _paged_cpu_case(torch.float32, 32, 64)  # 4-byte elements
+    cases.append((torch.zeros(2, *layout.block_shape), kv, [0, 1]))
+    layout, kv = _paged_cpu_case(torch.bfloat16, 6, 64)  # T not a multiple of 4
+    cases.append((torch.zeros(2, *layout.block_shape, dtype=torch.bfloat16), kv, [0, 1]))
+    layout, kv = _paged_cpu_case(torch.bfloat16, 32, 64)
+    blocks = torch.zeros(2, *layout.block_shape, dtype=torch.bfloat16)
+    cases.append((blocks, kv, [0, 12]))  # an id past the last block
+    cases.append((blocks, kv, [-1, 0]))
+    cases.append((blocks, kv[:-1], [0, 1]))  # a layer missing
+    odd = torch.zeros(blocks.numel() * 2 + 1, dtype=torch.bfloat16)[1:1 + blocks.numel()].view(blocks.shape)
+    cases.append((odd, kv, [0, 1]))  # not on an 8-byte boundary
+    for src, layers, ids in cases:
+        before = [x.clone() for x in layers]
+        assert not paged_cpu_copy(src, layers, np.array(ids), gather=False)
+        assert all(torch.equal(a, b) for a, b in zip(layers, before))
+    monkeypatch.setenv(JIT_ENV, "off")
+    before = [x.clone() for x in kv]
+    assert not paged_cpu_copy(blocks, kv, np.array([0, 1]), gather=False)
+    assert all(torch.equal(a, b) for a, b in zip(kv, before))
+
+
+def test_warm_paged_cpu_copies_leaves_the_blocks_as_they_were():
+    from quiver.engine.torch_io import warm_paged_cpu_copies
+
+    layout, kv = _paged_cpu_case(torch.bfloat16, 32, 64)
+    before = [x.clone() for x in kv]
+    assert warm_paged_cpu_copies(kv, layout)
+    assert all(torch.equal(a, b) for a, b in zip(kv, before))

@@ -265,6 +265,10 @@ def test_layout_matches_vllm_cpu_kernel(vllm_python):
     checked = [c for c in cases if "skipped" not in c]
     assert checked, f"no ISA on this machine is one of {CPU_ISAS_VERIFIED}: {cases}"
     assert all(c["k_equal"] and c["v_equal"] and c["scatter_equal"] for c in checked), cases
+    # The compiled copy ran for every 2-byte case (one call per layer), torch's for the rest.
+    kernel = [c for c in checked if c["copier"] == "kernel" and c["dtype"] != "torch.float32"]
+    assert kernel and all(c["copy_ops"] == 1 for c in kernel), cases
+    assert all(c["copy_ops"] > 1 for c in checked if c["copier"] == "torch"), cases
 
 
 def test_1_shared_prefix_within_one_server(main_run, baseline):

@@ -7,7 +7,9 @@ its CPU backend picks on this machine) writes known keys and values into a
 paged tensor at scattered slots; ``gather_paged_cpu`` must return exactly
 those keys and values in Quiver's payload order ``[blocks, layers, K/V,
 tokens, heads, head_dim]``, and ``scatter_paged_cpu`` of that payload into a
-fresh tensor must reproduce vLLM's bytes.  Prints one JSON line per case.
+fresh tensor must reproduce vLLM's bytes.  Each case runs twice: with the
+compiled copy (engine/copy_kernels.py; ``copy_ops`` 1, one call per layer) and
+with torch's (``QUIVER_COPY_JIT=off``).  Prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ def main() -> int:
             slots = torch.tensor([blocks[i // T] * T + i % T for i in range(n)], dtype=torch.int64)
             ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa)
             layout = KVLayout(1, T, H, D, dtype)
-            out = torch.empty((len(blocks), *layout.block_shape), dtype=dtype)
-            gather_paged_cpu([kv], blocks, out, layout)
-            case["k_equal"] = torch.equal(out[:, 0, 0], key.view(len(blocks), T, H, D))
-            case["v_equal"] = torch.equal(out[:, 0, 1], val.view(len(blocks), T, H, D))
-            back = torch.zeros_like(kv)
-            scatter_paged_cpu(out, [back], blocks, layout)
-            case["scatter_equal"] = torch.equal(back, kv)
-            ok &= case["k_equal"] and case["v_equal"] and case["scatter_equal"]
-            print(json.dumps(case), flush=True)
+            for copier in ("kernel", "torch"):
+                os.environ["QUIVER_COPY_JIT"] = "off" if copier == "torch" else ""
+                out = torch.empty((len(blocks), *layout.block_shape), dtype=dtype)
+                rep = gather_paged_cpu([kv], blocks, out, layout)
+                res = dict(case, copier=copier, copy_ops=rep.copy_ops)
+                res["k_equal"] = torch.equal(out[:, 0, 0], key.view(len(blocks), T, H, D))
+                res["v_equal"] = torch.equal(out[:, 0, 1], val.view(len(blocks), T, H, D))
+                back = torch.zeros_like(kv)
+                scatter_paged_cpu(out, [back], blocks, layout)
+                res["scatter_equal"] = torch.equal(back, kv)
+                ok &= res["k_equal"] and res["v_equal"] and res["scatter_equal"]
+                print(json.dumps(res), flush=True)
     return 0 if ok else 1
 
 
