@@ -177,11 +177,12 @@ def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: Dynam
 # head) are K stored transposed, [D, T], then V, [T, D] (engine/torch_io.py).  torch moves
 # them with one strided ``copy_`` per run of consecutive block ids, layer and K/V, each
 # ~12 us of setup: a block table fragmented as vLLM's is (~4.75 runs per 16 blocks) took
-# 1.5-1.7 ms per 16 x 256 KiB blocks, consecutive ids 0.7-0.9 ms.  This kernel moves every
-# block of a chunk for one layer in one call, whatever the block ids, and transposes K four
-# tokens by four dims at a time in 64-bit words: 0.42-0.56 ms for the same 16 blocks either
-# way, where a plain copy of those bytes into the same blocks took 0.27-0.31 ms
-# (8 layers, 4 heads, T=32, D=64, bfloat16; 2026-12-05).
+# 1.45-1.78 ms per 16 x 256 KiB blocks to scatter, consecutive ids 0.75-1.25 ms.  This
+# kernel moves every block of a chunk for one layer in one call, whatever the block ids,
+# and transposes K four tokens by four dims at a time in 64-bit words: 0.58-0.68 ms for
+# the same 16 blocks (0.61-0.83 consecutive), where a plain copy of those bytes into the
+# same blocks took 0.27-0.31 ms (scatter_paged_cpu, 8 layers, 4 heads, T=32, D=64,
+# bfloat16, interleaved, 2026-12-05; docs/ENGINES.md).
 
 
 def _paged_cpu_py(blocks, layer, ids, kv, gather):
@@ -266,9 +267,12 @@ def paged_cpu_copy(blocks: torch.Tensor, kv_caches, ids: np.ndarray, gather: boo
     ids = np.asarray(ids, dtype=np.int64)
     tensors = [blocks, *kv_caches]
     if (blocks.element_size() != 2 or t % 4 or d % 4 or len(kv_caches) != layers or len(ids) != m
-            or not all(x.device.type == "cpu" and x.is_contiguous() and x.data_ptr() % 8 == 0 for x in tensors)):
+            or not all(x.device.type == "cpu" and x.dtype == blocks.dtype and x.is_contiguous()
+                       and x.data_ptr() % 8 == 0 for x in tensors)):
         return False
     num_blocks = kv_caches[0].shape[0]
+    if any(tuple(x.shape) != (num_blocks, h, t, 2 * d) for x in kv_caches):
+        return False
     if len(ids) and (ids.min() < 0 or ids.max() >= num_blocks):
         return False
     kernel = _paged_cpu_kernel()

@@ -168,6 +168,8 @@ def test_paged_cpu_copies_the_kernel_cannot_do_are_left_to_torch(monkeypatch):
     cases.append((blocks, kv, [0, 12]))  # an id past the last block
     cases.append((blocks, kv, [-1, 0]))
     cases.append((blocks, kv[:-1], [0, 1]))  # a layer missing
+    cases.append((blocks, [*kv[:-1], kv[-1][:6]], [0, 1]))  # a layer with fewer blocks
+    cases.append((blocks, [*kv[:-1], kv[-1].to(torch.float16)], [0, 1]))  # another dtype
     odd = torch.zeros(blocks.numel() * 2 + 1, dtype=torch.bfloat16)[1:1 + blocks.numel()].view(blocks.shape)
     cases.append((odd, kv, [0, 1]))  # not on an 8-byte boundary
     for src, layers, ids in cases:
