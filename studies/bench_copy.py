@@ -9,6 +9,12 @@ A request's n blocks move between an engine's KV tensors and one host buffer
   ``paged-gather-consecutive`` / ``paged-scatter-consecutive``: the same with
   the table ``0 .. n-1`` (what a fresh engine's block allocator hands out: one
   run per layer and K/V, where a copy can be one strided copy);
+* ``cpu-paged-gather`` / ``cpu-paged-scatter``: vLLM's CPU layout, per-layer
+  ``[num_blocks, H, T, 2*D]`` with K stored transposed (what the vLLM
+  connector copies on a CPU engine), the same random block table; the compiled
+  kernel (engine/copy_kernels.py), and with ``-torch`` the same copy in torch
+  (``QUIVER_COPY_JIT=off``: one strided copy per run of the table, layer and
+  K/V);
 * ``dynamic-gather``: HuggingFace DynamicCache ``[1, H, n*T, D]`` per layer
   into blocks (a transposing copy: tokens before heads in the payload);
 * ``dynamic-scatter``: blocks into existing cache tensors;
@@ -63,20 +69,25 @@ import numpy as np
 import pytest
 import torch
 
+from quiver.engine.copy_kernels import JIT_ENV
 from quiver.engine.torch_io import (
     KVLayout,
+    _cpu_blocks,
     gather_dynamic,
     gather_paged,
+    gather_paged_cpu,
     host_blocks,
     scatter_dynamic_tensors,
     scatter_paged,
+    scatter_paged_cpu,
 )
 from .config import pick
 
 SHAPE = pick(smoke=(4, 2, 16, 8, 128), quick=(32, 2, 16, 8, 128), full=(32, 2, 16, 8, 128))
 SIZES = pick(smoke=[4], quick=[16, 64, 512], full=[16, 64, 128, 256, 512])
 ROUNDS = pick(smoke=1, quick=5, full=10)
-OPS = ["paged-gather", "paged-scatter", "paged-gather-consecutive", "paged-scatter-consecutive", "dynamic-gather",
+OPS = ["paged-gather", "paged-scatter", "paged-gather-consecutive", "paged-scatter-consecutive", "cpu-paged-gather",
+       "cpu-paged-scatter", "cpu-paged-gather-torch", "cpu-paged-scatter-torch", "dynamic-gather",
        "dynamic-scatter", "dynamic-restore"]
 LAYOUT = KVLayout(num_layers=SHAPE[0], block_tokens=SHAPE[2], num_kv_heads=SHAPE[3], head_dim=SHAPE[4],
                   dtype=torch.float16)
@@ -100,13 +111,15 @@ def _state(n: int) -> dict:
         T, H, D = LAYOUT.block_tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim
         paged = [torch.empty(2, pool, T, H, D, dtype=torch.float16).uniform_(-1, 1, generator=g)
                  for _ in range(LAYOUT.num_layers)]
+        cpu_paged = [torch.empty(pool, H, T, 2 * D, dtype=torch.float16).uniform_(-1, 1, generator=g)
+                     for _ in range(LAYOUT.num_layers)]
         dyn = [tuple(torch.empty(1, H, n * T, D, dtype=torch.float16).uniform_(-1, 1, generator=g) for _ in range(2))
                for _ in range(LAYOUT.num_layers)]
         ids = torch.randperm(pool, generator=g)[:n].tolist()
         host = host_blocks(n, LAYOUT)
         ref_src = np.empty(n * LAYOUT.block_nbytes, np.uint8)
         ref_src.fill(1)
-        _STATE.update(n=n, paged=paged, dyn=dyn, ids=ids, host=host, ref_src=ref_src,
+        _STATE.update(n=n, paged=paged, cpu_paged=cpu_paged, dyn=dyn, ids=ids, host=host, ref_src=ref_src,
                       ref_dst=np.zeros_like(ref_src))
     return _STATE
 
@@ -132,11 +145,21 @@ def _median(fn, rounds: int) -> float:
 
 
 @pytest.mark.parametrize("n, op", [(n, op) for n in SIZES for op in OPS], ids=[f"{op}-{n}" for n in SIZES for op in OPS])
-def test_copy(benchmark, n, op):
+def test_copy(benchmark, monkeypatch, n, op):
     benchmark.group = "copy"
     st = _state(n)
     host, ids = st["host"], (list(range(n)) if op.endswith("-consecutive") else st["ids"])
-    if op.startswith("paged-gather"):
+    if op.endswith("-torch"):
+        monkeypatch.setenv(JIT_ENV, "off")
+    if op.startswith("cpu-paged-gather"):
+        def fn():
+            return gather_paged_cpu(st["cpu_paged"], ids, host, LAYOUT)
+    elif op.startswith("cpu-paged-scatter"):
+        gather_paged_cpu(st["cpu_paged"], ids, host, LAYOUT)
+
+        def fn():
+            return scatter_paged_cpu(host, st["cpu_paged"], ids, LAYOUT)
+    elif op.startswith("paged-gather"):
         def fn():
             return gather_paged(st["paged"], ids, host, LAYOUT)
     elif op.startswith("paged-scatter"):
@@ -175,6 +198,9 @@ def test_copy(benchmark, n, op):
     b = n // 2
     if op.startswith("paged"):
         assert torch.equal(host[b, 1], st["paged"][1][:, ids[b]])
+    elif op.startswith("cpu-paged"):
+        k, v = _cpu_blocks(st["cpu_paged"][1], ids[b], 1, LAYOUT)  # K stored [D, T], V [T, D]
+        assert torch.equal(host[b, 1, 0], k[0]) and torch.equal(host[b, 1, 1], v[0])
     elif op == "dynamic-restore":
         pass  # fresh tensors are checked below
     else:

@@ -32,8 +32,11 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
             "pages are fresh or recycled depends on the heap, so restore figures vary between runs). "
             "Paged ops take a random block table out of a pool of n + n/4 blocks (a busy engine's); "
             "`-consecutive` ones take blocks 0 .. n-1 (a fresh engine's). "
-            "`dynamic-scatter` and `dynamic-restore` run a compiled kernel in the blocks' order "
-            "(engine/copy_kernels.py, Numba); the other ops are torch copies. "
+            "`cpu-paged` ops copy vLLM's CPU layout (`[blocks, H, T, 2*D]`, K stored transposed: what the "
+            "vLLM connector copies on a CPU engine) through the same random block table. "
+            "`dynamic-scatter`, `dynamic-restore` and the `cpu-paged` ops without `-torch` run compiled kernels "
+            "(engine/copy_kernels.py, Numba); `-torch` is the same copy in torch (`QUIVER_COPY_JIT=off`), and the "
+            "other ops are torch copies. "
             f"Goal: ≥ {COPY_GOAL_RATIO:g} of memcpy (the pre-faulted one, for every op). 1 MB = 1e6 B.", "",
         ]
         lines += table(["blocks", "op", "MiB", "MB/s", "memcpy MB/s", "÷ memcpy", f"goal ≥ {COPY_GOAL_RATIO:g}",
