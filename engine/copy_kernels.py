@@ -73,19 +73,21 @@ def _scatter_rows_py(src, rows, blocks, layer, kv, dst):
                     dst[hh, s0 + i, k] = src[r, layer, kv, i, hh, k]
 
 
-def _numba_scatter():
+def _compiled(py_func):
+    """``py_func`` compiled by Numba (GIL released, no bounds checks: callers check
+    every index), with the ART kernels' compile cache on disk."""
     from numba import njit
 
     from quiver.index_backends._art_kernels import attach_cache
 
-    disp = njit(nogil=True, boundscheck=False)(_scatter_rows_py)
-    attach_cache(disp, _scatter_rows_py)
+    disp = njit(nogil=True, boundscheck=False)(py_func)
+    attach_cache(disp, py_func)
     return disp
 
 
 def _kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
-    return _once("scatter_rows", _numba_scatter, logging.WARNING,
+    return _once("scatter_rows", lambda: _compiled(_scatter_rows_py), logging.WARNING,
                  "copy kernel unavailable, DynamicCache copies stay in torch")
 
 
@@ -234,19 +236,9 @@ def _paged_cpu_py(blocks, layer, ids, kv, gather):
                         o[(d + 2) * q + t4], o[(d + 3) * q + t4] = c2, c3
 
 
-def _numba_paged_cpu():
-    from numba import njit
-
-    from quiver.index_backends._art_kernels import attach_cache
-
-    disp = njit(nogil=True, boundscheck=False)(_paged_cpu_py)
-    attach_cache(disp, _paged_cpu_py)
-    return disp
-
-
 def _paged_cpu_kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
-    return _once("paged_cpu", _numba_paged_cpu, logging.WARNING,
+    return _once("paged_cpu", lambda: _compiled(_paged_cpu_py), logging.WARNING,
                  "copy kernel unavailable, vLLM CPU paged copies stay in torch")
 
 

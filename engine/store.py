@@ -986,8 +986,8 @@ class BlockStore:
         get never returns while its helper may still write into ``rows`` or
         the sink.
 
-        With a sink the blocks go through a small buffer of the reading
-        thread's (``_take_chunk``), each chunk handed to the sink once checked,
+        With a sink the blocks go through a chunk buffer each reading thread
+        takes from the store's (``_take_chunk``), each chunk handed to the sink once checked,
         while its bytes are still in the CPU cache, one ``take`` at a time
         unless the sink's ``concurrent_take`` says its takes may overlap (a
         sink need not be thread-safe): 512 x 256 KiB read from files,
