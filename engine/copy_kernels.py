@@ -179,71 +179,24 @@ def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: Dynam
 # head) are K stored transposed, [D, T], then V, [T, D] (engine/torch_io.py).  torch moves
 # them with one strided ``copy_`` per run of consecutive block ids, layer and K/V, each
 # ~12 us of setup: a block table fragmented as vLLM's is (~4.75 runs per 16 blocks) took
-# 1.45-1.78 ms per 16 x 256 KiB blocks to scatter, consecutive ids 0.75-1.25 ms.  This
-# kernel moves every block of a chunk for one layer in one call, whatever the block ids,
-# and transposes K four tokens by four dims at a time in 64-bit words: 0.58-0.68 ms for
-# the same 16 blocks (0.61-0.83 consecutive), where a plain copy of those bytes into the
-# same blocks took 0.27-0.31 ms (scatter_paged_cpu, 8 layers, 4 heads, T=32, D=64,
-# bfloat16, interleaved, 2026-12-05; docs/ENGINES.md).
-
-
-def _paged_cpu_py(blocks, layer, ids, kv, gather):
-    """Between block payloads ``blocks`` ``[m, L, 2, T, H, W]`` and one layer's
-    ``kv`` ``[num_blocks, H, 2*T*W]``, both of 64-bit words holding four 2-byte
-    elements (``W = D/4``): block ``j`` is ``kv[ids[j]]``; ``gather`` copies kv
-    -> blocks, else blocks -> kv.  V rows are copied a word at a time.  K is
-    transposed in 4 x 4 tiles (four tokens' words of four dims become four
-    dims' words of four tokens); that transpose is its own inverse, so both
-    directions take the same steps."""
-    t_, h_, w_ = blocks.shape[3], blocks.shape[4], blocks.shape[5]
-    q = t_ // 4  # words of one dim's T tokens in K
-    v0 = t_ * w_  # V's first word in a head
-    lo16, hi16 = np.uint64(0x0000FFFF0000FFFF), np.uint64(0xFFFF0000FFFF0000)
-    lo32, hi32 = np.uint64(0x00000000FFFFFFFF), np.uint64(0xFFFFFFFF00000000)
-    s16, s32 = np.uint64(16), np.uint64(32)
-    for j in range(ids.shape[0]):
-        b = ids[j]
-        for t in range(t_):  # V: the payload's rows in order
-            for h in range(h_):
-                for w in range(w_):
-                    if gather:
-                        blocks[j, layer, 1, t, h, w] = kv[b, h, v0 + t * w_ + w]
-                    else:
-                        kv[b, h, v0 + t * w_ + w] = blocks[j, layer, 1, t, h, w]
-        for h in range(h_):  # K
-            o = kv[b, h]
-            for t4 in range(q):
-                t = 4 * t4
-                for w in range(w_):
-                    d = 4 * w
-                    if gather:
-                        a0, a1 = o[d * q + t4], o[(d + 1) * q + t4]
-                        a2, a3 = o[(d + 2) * q + t4], o[(d + 3) * q + t4]
-                    else:
-                        a0, a1 = blocks[j, layer, 0, t, h, w], blocks[j, layer, 0, t + 1, h, w]
-                        a2, a3 = blocks[j, layer, 0, t + 2, h, w], blocks[j, layer, 0, t + 3, h, w]
-                    b0 = (a0 & lo16) | ((a1 & lo16) << s16)  # lanes 0 and 2 of rows 0, 1
-                    b1 = ((a0 >> s16) & lo16) | (a1 & hi16)  # lanes 1 and 3 of rows 0, 1
-                    b2 = (a2 & lo16) | ((a3 & lo16) << s16)
-                    b3 = ((a2 >> s16) & lo16) | (a3 & hi16)
-                    c0, c1 = (b0 & lo32) | (b2 << s32), (b1 & lo32) | (b3 << s32)
-                    c2, c3 = (b0 >> s32) | (b2 & hi32), (b1 >> s32) | (b3 & hi32)
-                    if gather:
-                        blocks[j, layer, 0, t, h, w], blocks[j, layer, 0, t + 1, h, w] = c0, c1
-                        blocks[j, layer, 0, t + 2, h, w], blocks[j, layer, 0, t + 3, h, w] = c2, c3
-                    else:
-                        o[d * q + t4], o[(d + 1) * q + t4] = c0, c1
-                        o[(d + 2) * q + t4], o[(d + 3) * q + t4] = c2, c3
+# 1.45-1.78 ms per 16 x 256 KiB blocks to scatter.  The kernel (engine/_paged_cpu_kernel.py)
+# moves every block of a chunk for one layer in one call, whatever the block ids: K in 8 x 8
+# tiles transposed by vector shuffles, both K and V written with non-temporal stores.
 
 
 def _paged_cpu_kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
-    return _once("paged_cpu", lambda: _compiled(_paged_cpu_py), logging.WARNING,
-                 "copy kernel unavailable, vLLM CPU paged copies stay in torch")
+    def make():
+        from quiver.engine._paged_cpu_kernel import paged_cpu_py
+
+        return _compiled(paged_cpu_py)
+
+    return _once("paged_cpu", make, logging.WARNING, "copy kernel unavailable, vLLM CPU paged copies stay in torch")
 
 
-def _u64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().view(torch.uint8).numpy().view(np.uint64)
+def _u16(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous tensor's bytes as a flat array of 2-byte integers (zero-copy)."""
+    return t.detach().view(torch.uint8).numpy().view(np.uint16).reshape(-1)
 
 
 def paged_cpu_copy(blocks: torch.Tensor, kv_caches, ids: np.ndarray, gather: bool) -> bool:
@@ -252,15 +205,16 @@ def paged_cpu_copy(blocks: torch.Tensor, kv_caches, ids: np.ndarray, gather: boo
     H, T, 2*D]``, already checked against the layout by the caller): ``gather``
     copies the layers' blocks into ``blocks``, else ``blocks`` into the layers.
     True when done; False (nothing copied) when the kernel does not apply --
-    unavailable, elements not 2 bytes, T or D not a multiple of 4, a tensor
-    not C-contiguous or not on an 8-byte boundary, an id out of range: the
-    caller copies with torch."""
+    unavailable, elements not 2 bytes, T or D not a multiple of 8, a tensor
+    not C-contiguous, the destination not on a 16-byte boundary, an id out of
+    range: the caller copies with torch."""
     m, layers, _, t, h, d = blocks.shape
     ids = np.asarray(ids, dtype=np.int64)
-    tensors = [blocks, *kv_caches]
-    if (blocks.element_size() != 2 or t % 4 or d % 4 or len(kv_caches) != layers or len(ids) != m
+    dsts = [blocks] if gather else list(kv_caches)
+    if (blocks.element_size() != 2 or t % 8 or d % 8 or len(kv_caches) != layers or len(ids) != m
             or not all(x.device.type == "cpu" and x.dtype == blocks.dtype and x.is_contiguous()
-                       and x.data_ptr() % 8 == 0 for x in tensors)):
+                       for x in [blocks, *kv_caches])
+            or any(x.data_ptr() % 16 for x in dsts)):  # the kernel's non-temporal stores need it
         return False
     num_blocks = kv_caches[0].shape[0]
     if any(tuple(x.shape) != (num_blocks, h, t, 2 * d) for x in kv_caches):
@@ -270,9 +224,9 @@ def paged_cpu_copy(blocks: torch.Tensor, kv_caches, ids: np.ndarray, gather: boo
     kernel = _paged_cpu_kernel()
     if kernel is None:
         return False
-    b = _u64(blocks).reshape(m, layers, 2, t, h, d // 4)
+    src, shape = _u16(blocks), np.array(blocks.shape, dtype=np.int64)
     for layer, x in enumerate(kv_caches):
-        kernel(b, layer, ids, _u64(x).reshape(num_blocks, h, t * d // 2), gather)
+        kernel(src, _u16(x), ids, layer, shape, gather)
     return True
 
 

@@ -133,7 +133,8 @@ def _paged_cpu_case(dtype, t, d, n_blocks=12, seed=0):
     return layout, kv
 
 
-@pytest.mark.parametrize("dtype, t, d", [(torch.bfloat16, 32, 64), (torch.float16, 16, 80), (torch.bfloat16, 4, 4)])
+@pytest.mark.parametrize("dtype, t, d", [(torch.bfloat16, 32, 64), (torch.float16, 16, 80), (torch.bfloat16, 8, 8),
+                                         (torch.float16, 128, 64)])
 def test_paged_cpu_kernel_moves_what_torch_moves_and_nothing_else(dtype, t, d):
     from quiver.engine.copy_kernels import paged_cpu_copy
 
@@ -151,6 +152,12 @@ def test_paged_cpu_kernel_moves_what_torch_moves_and_nothing_else(dtype, t, d):
     for a, b, before in zip(mine, theirs, kv):
         assert torch.equal(a, b)  # the blocks written alike, and every other block untouched
         assert not torch.equal(a[ids], before[ids])
+    # A source at any byte (the loads are unaligned; only the destination must be on 16 bytes).
+    odd = torch.empty(src.numel() + 1, dtype=dtype)[1:].view(src.shape)
+    odd.copy_(src)
+    again = [x.clone() for x in kv]
+    assert paged_cpu_copy(odd, again, np.array(ids), gather=False)
+    assert all(torch.equal(a, b) for a, b in zip(again, theirs))
 
 
 def test_paged_cpu_copies_the_kernel_cannot_do_are_left_to_torch(monkeypatch):
@@ -161,7 +168,9 @@ def test_paged_cpu_copies_the_kernel_cannot_do_are_left_to_torch(monkeypatch):
     cases = []
     layout, kv = _paged_cpu_case(torch.float32, 32, 64)  # 4-byte elements
     cases.append((torch.zeros(2, *layout.block_shape), kv, [0, 1]))
-    layout, kv = _paged_cpu_case(torch.bfloat16, 6, 64)  # T not a multiple of 4
+    layout, kv = _paged_cpu_case(torch.bfloat16, 12, 64)  # T not a multiple of 8
+    cases.append((torch.zeros(2, *layout.block_shape, dtype=torch.bfloat16), kv, [0, 1]))
+    layout, kv = _paged_cpu_case(torch.bfloat16, 16, 20)  # D not a multiple of 8
     cases.append((torch.zeros(2, *layout.block_shape, dtype=torch.bfloat16), kv, [0, 1]))
     layout, kv = _paged_cpu_case(torch.bfloat16, 32, 64)
     blocks = torch.zeros(2, *layout.block_shape, dtype=torch.bfloat16)
@@ -170,12 +179,18 @@ def test_paged_cpu_copies_the_kernel_cannot_do_are_left_to_torch(monkeypatch):
     cases.append((blocks, kv[:-1], [0, 1]))  # a layer missing
     cases.append((blocks, [*kv[:-1], kv[-1][:6]], [0, 1]))  # a layer with fewer blocks
     cases.append((blocks, [*kv[:-1], kv[-1].to(torch.float16)], [0, 1]))  # another dtype
-    odd = torch.zeros(blocks.numel() * 2 + 1, dtype=torch.bfloat16)[1:1 + blocks.numel()].view(blocks.shape)
-    cases.append((odd, kv, [0, 1]))  # not on an 8-byte boundary
+    # Destinations off a 16-byte boundary (the kernel's non-temporal stores would fault there):
+    # a layer 8 bytes in for a scatter, the blocks 2 bytes in for a gather.
+    shifted = torch.zeros(kv[0].numel() + 4, dtype=torch.bfloat16)[4:].view(kv[0].shape)
+    shifted.copy_(kv[0])
+    cases.append((blocks, [shifted, *kv[1:]], [0, 1]))
     for src, layers, ids in cases:
         before = [x.clone() for x in layers]
         assert not paged_cpu_copy(src, layers, np.array(ids), gather=False)
         assert all(torch.equal(a, b) for a, b in zip(layers, before))
+    odd = torch.zeros(blocks.numel() + 1, dtype=torch.bfloat16)[1:].view(blocks.shape)
+    assert not paged_cpu_copy(odd, kv, np.array([0, 1]), gather=True)
+    assert torch.equal(odd, torch.zeros_like(odd))
     monkeypatch.setenv(JIT_ENV, "off")
     before = [x.clone() for x in kv]
     assert not paged_cpu_copy(blocks, kv, np.array([0, 1]), gather=False)
