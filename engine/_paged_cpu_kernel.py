@@ -17,7 +17,10 @@ A gather writes Quiver's block rows, where a tile covers a quarter of eight diff
 lines: non-temporal stores there filled the write-combining buffers and ran slower
 (0.42) than plain ones.  The gather transposes eight tokens' rows into a small
 buffer with plain stores (it stays in L1) and moves the buffer out with non-temporal
-stores: 0.57-0.60 of memcpy, against 0.33-0.36 before.
+stores, and asks for the next block's lines (``llvm.prefetch``) before it starts on
+a block: 0.66-0.75 of memcpy at 2 MiB blocks, against 0.33-0.36 before (the
+prefetch gave 0.59 -> 0.66 and 0.67 -> 0.75 at 16 and 512 blocks; the scatter, whose
+reads are Quiver's consecutive blocks, gained nothing from one).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from quiver.index_backends._art_kernels import _prefetch_intrinsic
+
+_prefetch = _prefetch_intrinsic()  # llvm.prefetch of one element's line (the ART kernels' own)
 
 _VEC = ir.VectorType(ir.IntType(16), 8)  # 16 bytes: eight 2-byte elements
 _I32 = ir.IntType(32)
@@ -129,6 +136,10 @@ def paged_cpu_py(blocks, kv, ids, layer, shape, gather):
         v0 = k0 + t_ * hd
         o0 = ids[j] * h_ * 2 * td  # its block in kv
         if gather:
+            if j + 1 < ids.shape[0]:  # the next block's lines, asked for now: its id is random
+                nxt = ids[j + 1] * h_ * 2 * td
+                for e in range(0, 2 * td * h_, 32):  # 32 elements: a 64-byte line
+                    _prefetch(kv, nxt + e)
             for t8 in range(0, t_, 8):
                 for h in range(h_):
                     for d8 in range(0, d_, 8):
