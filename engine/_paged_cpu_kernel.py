@@ -1,5 +1,5 @@
 """The Numba kernel behind ``copy_kernels.paged_cpu_copy``: vLLM's CPU paged layout,
-with two vector intrinsics Numba does not offer (imported only when the kernel is made).
+with vector intrinsics Numba does not offer (imported only when the kernel is made).
 
 Why intrinsics.  K is stored transposed in vLLM's CPU layout.  Written as scalar loops
 (2-byte lanes, or 4 x 4 tiles in 64-bit words) the transpose ran at 0.16-0.36 of

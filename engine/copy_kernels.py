@@ -224,9 +224,9 @@ def paged_cpu_copy(blocks: torch.Tensor, kv_caches, ids: np.ndarray, gather: boo
     kernel = _paged_cpu_kernel()
     if kernel is None:
         return False
-    src, shape = _u16(blocks), np.array(blocks.shape, dtype=np.int64)
+    payloads, shape = _u16(blocks), np.array(blocks.shape, dtype=np.int64)
     for layer, x in enumerate(kv_caches):
-        kernel(src, _u16(x), ids, layer, shape, gather)
+        kernel(payloads, _u16(x), ids, layer, shape, gather)
     return True
 
 
