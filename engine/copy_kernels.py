@@ -91,6 +91,17 @@ def _kernel():
                  "copy kernel unavailable, DynamicCache copies stay in torch")
 
 
+def _nt_kernel():
+    """The non-temporal variant (engine/_vector_kernels.py), or None (no Numba, or turned off)."""
+    def make():
+        from quiver.engine._vector_kernels import scatter_rows_nt_py
+
+        return _compiled(scatter_rows_nt_py)
+
+    return _once("scatter_rows_nt", make, logging.WARNING,
+                 "non-temporal copy kernel unavailable, DynamicCache copies use the plain one")
+
+
 def _words(t: torch.Tensor, width: int) -> np.ndarray:
     """A C-contiguous tensor's bytes as a numpy array of ``width``-byte integers,
     same shape but the last dimension (zero-copy)."""
@@ -119,8 +130,9 @@ class DynamicTarget(NamedTuple):
 
     block_shape: tuple  # [L, 2, T, H, D]
     row: int            # bytes of one head's D elements: the run both layouts share
-    width: int          # bytes of the kernel's word
-    words: list         # per (layer, K/V), layer-major: [H, seq, row // width] of width-byte integers
+    width: int          # bytes of the kernel's word; 16: the non-temporal kernel's 16-byte moves
+    words: list         # per (layer, K/V), layer-major: [H, seq, row // width] of width-byte
+    #                     integers; for width 16 the tensor's bytes, flat
     seq: int            # tokens every tensor holds
 
 
@@ -136,12 +148,16 @@ def dynamic_target(pairs, block_shape: tuple, dtype: torch.dtype) -> DynamicTarg
             and x.shape[0] == h and x.shape[2] == d for x in dsts):
         return None
     row = d * torch.tensor([], dtype=dtype).element_size()
-    # The widest word a row divides into.  The source may sit at any byte (an arena slot's
+    seq = min(x.shape[1] for x in dsts)
+    # Rows on 16-byte boundaries: written non-temporally (engine/_vector_kernels.py), as a
+    # restore's tensors are fresh, their lines in no cache.
+    if row % 16 == 0 and all(x.data_ptr() % 16 == 0 for x in dsts) and _nt_kernel() is not None:
+        return DynamicTarget(tuple(block_shape), row, 16, [_words(x, 1).reshape(-1) for x in dsts], seq)
+    # Else the widest word a row divides into.  The source may sit at any byte (an arena slot's
     # body follows a 268 B header for 8 layers): x86 loads it unaligned, 14.6-15.1 ms for a
     # 128 MiB restore against 16.6-17.0 with 4-byte words (8 layers, D=64, float32).
     width = next(w for w in (8, 4, 2, 1) if row % w == 0 and all(x.data_ptr() % w == 0 for x in dsts))
-    return DynamicTarget(tuple(block_shape), row, width, [_words(x, width) for x in dsts],
-                         min(x.shape[1] for x in dsts))
+    return DynamicTarget(tuple(block_shape), row, width, [_words(x, width) for x in dsts], seq)
 
 
 def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: DynamicTarget) -> bool:
@@ -164,6 +180,11 @@ def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: Dynam
     if len(rows) and (rows.min() < 0 or rows.max() >= src.shape[0] or blocks.min() < 0
                       or (int(blocks.max()) + 1) * t > target.seq):
         return False
+    if width == 16:
+        kernel, part = _nt_kernel(), t * h * row  # one layer's K (or V) of a payload
+        for i, x in enumerate(target.words):
+            kernel(src, offset + i * part, rows, blocks, t, h, row, x, len(x) // (h * row))
+        return True
     word = {8: np.int64, 4: np.int32, 2: np.int16, 1: np.int8}[width]
     s = np.ndarray((src.shape[0], layers, 2, t, h, row // width), dtype=word, buffer=src, offset=offset,
                    strides=(src.strides[0], 2 * t * h * row, t * h * row, h * row, row, width))
@@ -179,7 +200,7 @@ def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: Dynam
 # head) are K stored transposed, [D, T], then V, [T, D] (engine/torch_io.py).  torch moves
 # them with one strided ``copy_`` per run of consecutive block ids, layer and K/V, each
 # ~12 us of setup: a block table fragmented as vLLM's is (~4.75 runs per 16 blocks) took
-# 1.45-1.78 ms per 16 x 256 KiB blocks to scatter.  The kernel (engine/_paged_cpu_kernel.py)
+# 1.45-1.78 ms per 16 x 256 KiB blocks to scatter.  The kernel (engine/_vector_kernels.py)
 # moves every block of a chunk for one layer in one call, whatever the block ids: K in 8 x 8
 # tiles transposed by vector shuffles, both K and V written with non-temporal stores.
 
@@ -187,7 +208,7 @@ def scatter_block_rows(src: np.ndarray, offset: int, rows, blocks, target: Dynam
 def _paged_cpu_kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
     def make():
-        from quiver.engine._paged_cpu_kernel import paged_cpu_py
+        from quiver.engine._vector_kernels import paged_cpu_py
 
         return _compiled(paged_cpu_py)
 

@@ -25,9 +25,10 @@ def _pairs(batch: int, seq: int, d: int, dtype, seed: int):
     return [tuple(torch.randn(batch, H, seq, d, generator=g).to(dtype) for _ in range(2)) for _ in range(L)]
 
 
-# head_dim * itemsize picks the kernel's word: 16 B (8-byte words), 6 B (2), 12 B (4), 3 B (1)
-@pytest.mark.parametrize("dtype, d", [(torch.float16, 8), (torch.bfloat16, 8), (torch.float16, 3),
-                                      (torch.float32, 3), (torch.int8, 3)])
+# head_dim * itemsize picks the kernel: rows of 16 B and 256 B (16-byte non-temporal moves),
+# 6 B (2-byte words), 12 B (4), 3 B (1)
+@pytest.mark.parametrize("dtype, d", [(torch.float16, 8), (torch.bfloat16, 8), (torch.float32, 64),
+                                      (torch.float16, 3), (torch.float32, 3), (torch.int8, 3)])
 def test_the_kernel_writes_what_torch_writes_and_nothing_else(dtype, d):
     layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=d, dtype=dtype)
     n = 3
@@ -37,6 +38,32 @@ def test_the_kernel_writes_what_torch_writes_and_nothing_else(dtype, d):
     _torch_scatter(src, ref, layout)
     for (k, v), (rk, rv) in zip(ours, ref):
         assert torch.equal(k, rk) and torch.equal(v, rv)  # tokens past n*T and batch row 1 untouched too
+
+
+def test_rows_off_16_byte_boundaries_take_the_word_kernel_with_the_same_result():
+    """16-byte rows on 16-byte boundaries go to the non-temporal kernel (movntdq faults
+    elsewhere); tensors 8 bytes off one take 8-byte words, and both write the same."""
+    from quiver.engine.copy_kernels import dynamic_target
+
+    layout = KVLayout(num_layers=L, block_tokens=T, num_kv_heads=H, head_dim=8, dtype=torch.float16)
+    n = 3
+    src = torch.randint(-100, 100, (n, *layout.block_shape), dtype=torch.int32).to(torch.float16)
+    aligned = _pairs(1, n * T, 8, torch.float16, 8)
+    shifted = []
+    for pair in _pairs(1, n * T, 8, torch.float16, 8):
+        moved = []
+        for t in pair:
+            room = torch.empty(t.numel() + 4, dtype=torch.float16)[4:].view(t.shape)  # 8 bytes in
+            room.copy_(t)
+            moved.append(room)
+        shifted.append(tuple(moved))
+    assert dynamic_target(aligned, layout.block_shape, torch.float16).width == 16
+    assert dynamic_target(shifted, layout.block_shape, torch.float16).width == 8
+    assert scatter_rows(src, aligned) and scatter_rows(src, shifted)
+    ref = _pairs(1, n * T, 8, torch.float16, 8)
+    _torch_scatter(src, ref, layout)
+    for a, b, r in zip(aligned, shifted, ref):
+        assert all(torch.equal(x, z) and torch.equal(y, z) for x, y, z in zip(a, b, r))
 
 
 def test_non_contiguous_destinations_are_left_to_torch():
