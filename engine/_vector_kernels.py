@@ -186,3 +186,14 @@ def scatter_rows_nt_py(src, offset, rows, blocks, t_, h_, row, dst, seq):
                 for e in range(0, row, 16):
                     _move16_nt(payload, s + e, dst, d + e)
     _fence()
+
+
+def copy_rows_nt_py(src, offset, src_rows, dst, dst_rows, nbytes):
+    """``dst[dst_rows[j], :nbytes] = src[src_rows[j], offset:offset + nbytes]`` for
+    every j, stored non-temporally (``dst``'s rows on 16-byte boundaries, ``nbytes``
+    a multiple of 16): a large get's L0 hits into the caller's array."""
+    for j in range(src_rows.shape[0]):
+        row, out = src[src_rows[j]], dst[dst_rows[j]]
+        for e in range(0, nbytes, 16):
+            _move16_nt(row, offset + e, out, e)
+    _fence()

@@ -17,7 +17,8 @@ The gather direction (cache to blocks) gained nothing this way and stays in
 torch.
 
 Compiled by Numba at the first call in a process (about 0.7 s cold, a cache
-load after that: the ART kernels' compile cache, index_backends/_art_kernels.py).
+load after that: the ART kernels' compile cache, index_backends/_art_kernels.py;
+engine/jit.py).
 Without Numba (or with ``QUIVER_COPY_JIT=off``) ``scatter_rows`` and
 ``paged_cpu_copy`` return False and the caller copies with torch: same bytes,
 slower.
@@ -26,36 +27,12 @@ slower.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-log = logging.getLogger("quiver.engine")
-
-#: ``off`` keeps every copy in torch (a baseline for studies and tests).
-JIT_ENV = "QUIVER_COPY_JIT"
-
-_lock = threading.Lock()
-_made: dict = {}  # kernel name -> the kernel, or None once making it failed (torch copies from then on)
-
-
-def _once(name: str, make, level: int, what: str):
-    """The kernel ``make()`` returns, made at the first call of a process; None when
-    ``QUIVER_COPY_JIT=off`` or when making it failed (logged once at ``level``)."""
-    if os.environ.get(JIT_ENV, "").lower() == "off":
-        return None
-    if name not in _made:
-        with _lock:
-            if name not in _made:
-                try:
-                    _made[name] = make()
-                except Exception as exc:  # noqa: BLE001 - any failure: torch copies instead
-                    _made[name] = None
-                    log.log(level, "%s: %s", what, exc)
-    return _made[name]
+from quiver.engine.jit import compiled, once
 
 
 def _scatter_rows_py(src, rows, blocks, layer, kv, dst):
@@ -73,21 +50,9 @@ def _scatter_rows_py(src, rows, blocks, layer, kv, dst):
                     dst[hh, s0 + i, k] = src[r, layer, kv, i, hh, k]
 
 
-def _compiled(py_func):
-    """``py_func`` compiled by Numba (GIL released, no bounds checks: callers check
-    every index), with the ART kernels' compile cache on disk."""
-    from numba import njit
-
-    from quiver.index_backends._art_kernels import attach_cache
-
-    disp = njit(nogil=True, boundscheck=False)(py_func)
-    attach_cache(disp, py_func)
-    return disp
-
-
 def _kernel():
     """The compiled kernel, or None (no Numba, or turned off)."""
-    return _once("scatter_rows", lambda: _compiled(_scatter_rows_py), logging.WARNING,
+    return once("scatter_rows", lambda: compiled(_scatter_rows_py), logging.WARNING,
                  "copy kernel unavailable, DynamicCache copies stay in torch")
 
 
@@ -96,9 +61,9 @@ def _nt_kernel():
     def make():
         from quiver.engine._vector_kernels import scatter_rows_nt_py
 
-        return _compiled(scatter_rows_nt_py)
+        return compiled(scatter_rows_nt_py)
 
-    return _once("scatter_rows_nt", make, logging.WARNING,
+    return once("scatter_rows_nt", make, logging.WARNING,
                  "non-temporal copy kernel unavailable, DynamicCache copies use the plain one")
 
 
@@ -210,9 +175,9 @@ def _paged_cpu_kernel():
     def make():
         from quiver.engine._vector_kernels import paged_cpu_py
 
-        return _compiled(paged_cpu_py)
+        return compiled(paged_cpu_py)
 
-    return _once("paged_cpu", make, logging.WARNING, "copy kernel unavailable, vLLM CPU paged copies stay in torch")
+    return once("paged_cpu", make, logging.WARNING, "copy kernel unavailable, vLLM CPU paged copies stay in torch")
 
 
 def _u16(t: torch.Tensor) -> np.ndarray:
@@ -268,7 +233,7 @@ def _triton_paged_runs():
 
 def _triton_kernel():
     """The Triton kernel, or None (no Triton, or turned off)."""
-    return _once("paged_runs", _triton_paged_runs, logging.INFO,
+    return once("paged_runs", _triton_paged_runs, logging.INFO,
                  "Triton unavailable, CUDA paged copies stay in torch")
 
 

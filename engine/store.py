@@ -62,7 +62,7 @@ import blake3
 import numpy as np
 
 from quiver import index_backends
-from quiver.engine import codecs, quant
+from quiver.engine import codecs, quant, row_copy
 from quiver.engine import config as _config
 from quiver.engine import envelope as _envelope
 from quiver.engine.envelope import (
@@ -488,6 +488,8 @@ class BlockStore:
         with translated("creating the RAM tier"):
             self._ram = RamTier(self._ram_bytes, slot_bytes, policy=self._ram_policy)
         self._ram_slot = slot_bytes
+        if self._ram_bytes >= row_copy.NT_MIN_BYTES:  # an L0 that can serve a get that large
+            row_copy.load_in_background()
 
     # ------------------------------------------------------------------ keys
     def _chain(self, ident: CacheIdentity, token_ids, n: int | None) -> tuple[list[bytes], list[bytes]]:
@@ -910,7 +912,7 @@ class BlockStore:
             return []
         ok = layout.matching_rows(self._ram.heads([pins[i][1] for i in idx], layout.header_len),
                                   self._guard_ids(ident, keys, parents, idx))
-        hl, raw, total = layout.header_len, layout.raw_len, layout.total_len
+        hl, total = layout.header_len, layout.total_len
         good = [i for i, fits in zip(idx, ok) if fits and len(pins[i][0]) == total]
         # One thread copies: split over a thread pool in tasks of 4 MiB, 8 MiB gets ran slower
         # here (memory-bound, and a hand-off costs about a 256 KiB copy), 128 MiB ones gained < 10%.
@@ -918,10 +920,8 @@ class BlockStore:
         # The arena holds bytes verified (or encoded) on their way in: header only.
         if sink is not None and good:
             sink.take(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], good)
-        else:
-            for i in good:
-                at = pins[i][1] * slot_bytes + hl
-                rows[i] = arena[at:at + raw]
+        elif good:  # a large get's with non-temporal stores (engine/row_copy.py)
+            row_copy.copy_rows(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], rows, good)
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l0", each)) for i in good]
 

@@ -69,7 +69,7 @@ import numpy as np
 import pytest
 import torch
 
-from quiver.engine.copy_kernels import JIT_ENV
+from quiver.engine.jit import JIT_ENV
 from quiver.engine.torch_io import (
     KVLayout,
     _cpu_blocks,

@@ -138,6 +138,7 @@ def _rounds(contenders: dict) -> dict:
 
 def _l0(root: Path, block_bytes: int, n: int) -> dict:
     from quiver import BlockStore
+    from quiver.engine import row_copy
 
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
@@ -148,6 +149,7 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
     with BlockStore.open(root / "store", index="flat", ram_bytes=max(n * (block_bytes + 64 * KiB), 64 * MiB)) as st:
         st.put(ident, tokens, blocks)
         assert st.stats()["residency"]["l0"] == n, "the blocks must all be in L0"
+        nt = row_copy.wait_loaded()  # the store loads it in the background: time the steady state
         head = st.stats()["tiers"]["l1"]["used_bytes"] // n - block_bytes - 4  # the envelope's header (+ CRC)
         envelopes = [np.concatenate([np.zeros(head, np.uint8), row, np.zeros(4, np.uint8)])
                      for row in blocks.reshape(n, -1).view(np.uint8)]
@@ -165,13 +167,14 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
             "ratio": med["limit"] / med["store"], "blocks": n, "block_bytes": block_bytes,
             "per_block_s": med["store"] / n, "bytes": n * block_bytes, "floor_s": med["floor"],
             "floor": "each block's body copied from its own buffer into its row (np.copyto per block, no check)",
-            "floor_ratio": med["limit"] / med["floor"]}
+            "floor_ratio": med["limit"] / med["floor"], "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
 def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from quiver import BlockStore
+    from quiver.engine import row_copy
 
     ident = _ident(block_bytes)
     n = THREAD_BLOCKS
@@ -182,6 +185,7 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
         for tokens, blocks in cases:
             st.put(ident, tokens, blocks)
         assert st.stats()["residency"]["l0"] == threads * n, "the blocks must all be in L0"
+        nt = row_copy.wait_loaded()  # the store loads it in the background: time the steady state
 
         def gets():
             list(pool.map(lambda i: st.get(ident, cases[i][0], out=outs[i]), range(threads)))
@@ -198,7 +202,8 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
             "limit": f"memcpy (np.copyto) of the same bytes by the same {threads} thread(s)", "blocks": threads * n,
             "threads": threads, "block_bytes": block_bytes, "per_block_s": med["store"] / (threads * n),
-            "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"]}
+            "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"],
+            "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
 def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool = False,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from quiver.engine.copy_kernels import JIT_ENV, scatter_rows
+from quiver.engine.copy_kernels import scatter_rows
+from quiver.engine.jit import JIT_ENV
 from quiver.engine.torch_io import KVLayout, _host_slices, _seq_strided
 
 L, T, H = 3, 4, 2
