@@ -28,6 +28,7 @@ _making_lock = threading.Lock()  # not _lock: once() holds that while it makes a
 
 
 def off() -> bool:
+    """True when ``QUIVER_COPY_JIT=off``: no kernel is made or used."""
     return os.environ.get(JIT_ENV, "").lower() == "off"
 
 

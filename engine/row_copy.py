@@ -50,8 +50,9 @@ def copy_rows(src: np.ndarray, offset: int, src_rows: list[int], dst: np.ndarray
     non-temporal stores where the rows come to :data:`NT_MIN_BYTES` or more, the
     kernel is loaded and ``dst``'s rows are on 16-byte boundaries; else numpy."""
     row = dst.shape[1]
-    if (len(src_rows) * row >= NT_MIN_BYTES and row % 16 == 0 and dst.strides[1] == 1 and dst.strides[0] % 16 == 0
-            and dst.ctypes.data % 16 == 0 and src.strides[1] == 1 and 0 <= offset <= src.shape[1] - row):
+    if (len(src_rows) and len(src_rows) * row >= NT_MIN_BYTES and row % 16 == 0 and dst.strides[1] == 1
+            and dst.strides[0] % 16 == 0 and dst.ctypes.data % 16 == 0 and src.strides[1] == 1
+            and 0 <= offset <= src.shape[1] - row):
         kernel = once_in_background(_NAME, _make, logging.WARNING, _WHAT)
         if kernel is not None:
             s, d = np.asarray(src_rows, dtype=np.int64), np.asarray(dst_rows, dtype=np.int64)
