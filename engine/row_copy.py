@@ -4,8 +4,9 @@ non-temporal stores (a Numba kernel, engine/_vector_kernels.py).
 A store to a line no cache holds reads the line first, and a get of more bytes than
 the cache holds evicts what it wrote before anyone reads it; non-temporal stores write
 whole lines without reading them and without keeping them.  The kernel is loaded on a
-background thread when a store with L0 opens (engine/jit.py): a get never waits for
-it and copies with numpy until it is there.  Torch-free, like the store.
+background thread at the first get that large (engine/jit.py): no get waits for it
+(that one and any until it is loaded copy with numpy), and a store's open and small
+gets never compete with its loading for the CPU.  Torch-free, like the store.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ def _make():
     from quiver.engine._vector_kernels import copy_rows_nt_py
 
     return compiled(copy_rows_nt_py)
-
-
-def load_in_background() -> None:
-    """Start loading the kernel (BlockStore.open, for a store with L0)."""
-    once_in_background(_NAME, _make, logging.WARNING, _WHAT)
 
 
 def wait_loaded() -> bool:

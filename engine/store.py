@@ -488,8 +488,6 @@ class BlockStore:
         with translated("creating the RAM tier"):
             self._ram = RamTier(self._ram_bytes, slot_bytes, policy=self._ram_policy)
         self._ram_slot = slot_bytes
-        if self._ram_bytes >= row_copy.NT_MIN_BYTES:  # an L0 that can serve a get that large
-            row_copy.load_in_background()
 
     # ------------------------------------------------------------------ keys
     def _chain(self, ident: CacheIdentity, token_ids, n: int | None) -> tuple[list[bytes], list[bytes]]:
