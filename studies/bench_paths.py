@@ -4,8 +4,9 @@ Everything goes through the public API (``BlockStore.open``/``put``/``get``), on
 calling thread (L1/L2 batches: with the store's read helper, and their limits read
 with the same two threads), and every contender is timed in the same rounds, interleaved (store, limit,
 store, limit, ...), so a noisy neighbour hits both, in an order that rotates with the
-round (each contender runs as often first, right after another's, as the others); the
-figures are medians over the rounds and the ratios compare the medians.
+round and reversed every other pass (``_order``: each contender runs as often first as
+the others, after each of its neighbours); the figures are medians over the rounds, and
+each ratio is the median of the rounds' own ratios (``_Rounds.ratio``).
 
 Paths (``path`` in extra_info), per block size:
 
@@ -31,7 +32,7 @@ Paths (``path`` in extra_info), per block size:
   running under the next timed get), beside reading the same L2 object files with
   ``readinto`` (page cache warm) by the same threads: that directory's raw read
   bandwidth.  The four contenders (get, raw read, raw read + CRC, raw read on one thread) run back to back after each round's
-  set-up, in an order that rotates with the round, and the get's promotion is drained
+  set-up, in ``_order``, and the get's promotion is drained
   before the next contender, so none always runs in the same place (a first version ran
   the raw read always right after the store's close; measured side by side on
   2026-12-03 the two orders gave the same ratios within run-to-run noise).
@@ -125,15 +126,41 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _rounds(contenders: dict) -> dict:
-    """Median seconds per contender, timed interleaved over ROUNDS rounds, the
-    order rotating with the round."""
+class _Rounds(dict):
+    """Median seconds per contender, with the rounds' own times (``times``).
+
+    ``ratio(a, b)`` is the median over the rounds of a's time ÷ b's in the same
+    round: contenders of one round ran back to back, so a slow spell of this shared
+    machine that spans a few rounds moves both sides of each round's ratio, where it
+    can move the two medians of a ratio of medians apart."""
+
+    def __init__(self, times: dict[str, list[float]]) -> None:
+        super().__init__({name: float(np.median(ts)) for name, ts in times.items()})
+        self.times = times
+
+    def ratio(self, a: str, b: str) -> float:
+        return float(np.median(np.asarray(self.times[a]) / np.asarray(self.times[b])))
+
+
+def _order(items: list, r: int) -> list:
+    """Round ``r``'s order of the contenders: rotated by ``r`` and, every other
+    pass through the rotations, reversed, so each runs first as often as the
+    others and comes right after each of its two neighbours, not always after the
+    same one (with rotation alone, a plain read always followed the store's get,
+    and a plain read timed right after a get ran ×1.19 slower than after another
+    plain read: 375 against 316 µs for 16 × 256 KiB, 2026-12-05)."""
+    k = len(items)
+    rotated = items[r % k:] + items[:r % k]
+    return rotated[::-1] if (r // k) % 2 else rotated
+
+
+def _rounds(contenders: dict) -> _Rounds:
+    """The contenders timed interleaved over ROUNDS rounds, in ``_order``."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
-    order = list(contenders.items())
     for r in range(ROUNDS):
-        for name, fn in order[r % len(order):] + order[:r % len(order)]:
+        for name, fn in _order(list(contenders.items()), r):
             times[name].append(_timed(fn))
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+    return _Rounds(times)
 
 
 def _l0(root: Path, block_bytes: int, n: int) -> dict:
@@ -164,10 +191,10 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
                        "floor": copy_each})
         assert st.stats()["counters"]["l0_hits"] - hits == ROUNDS * n, "a timed get left L0"
     return {"store_s": med["store"], "limit_s": med["limit"], "limit": "memcpy (np.copyto, same bytes, same out)",
-            "ratio": med["limit"] / med["store"], "blocks": n, "block_bytes": block_bytes,
+            "ratio": med.ratio("limit", "store"), "blocks": n, "block_bytes": block_bytes,
             "per_block_s": med["store"] / n, "bytes": n * block_bytes, "floor_s": med["floor"],
             "floor": "each block's body copied from its own buffer into its row (np.copyto per block, no check)",
-            "floor_ratio": med["limit"] / med["floor"], "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
+            "floor_ratio": med.ratio("limit", "floor"), "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
 def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
@@ -199,7 +226,7 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
         med = _rounds({"store": gets, "limit": copies})
         assert st.stats()["counters"]["l0_hits"] - hits == ROUNDS * threads * n, "a timed get left L0"
     nbytes = threads * n * block_bytes
-    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
+    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med.ratio("limit", "store"),
             "limit": f"memcpy (np.copyto) of the same bytes by the same {threads} thread(s)", "blocks": threads * n,
             "threads": threads, "block_bytes": block_bytes, "per_block_s": med["store"] / (threads * n),
             "bytes": nbytes, "store_bytes_per_s": nbytes / med["store"], "limit_bytes_per_s": nbytes / med["limit"],
@@ -284,11 +311,11 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
         assert st.stats()["counters"]["l1_hits"] - hits == ROUNDS * n, "a timed get did not come from L1"
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
-    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["store"] / med["limit"],
+    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med.ratio("store", "limit"),
             "limit": f"plain files, open + readinto + close each (page cache warm), {_same_threads()}", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
             "bytes": n * block_bytes, "floor_s": med["floor"], "floor": _VERIFIED_READ,
-            "floor_ratio": med["floor"] / med["limit"], "threads": 1 + READ_HELPERS,
+            "floor_ratio": med.ratio("floor", "limit"), "threads": 1 + READ_HELPERS,
             "one_thread_limit_s": med["one_thread"]}
 
 
@@ -326,7 +353,7 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
             st.drain_promotions()  # and its L1 write done, not running under the timed get
             contenders = [("store", lambda: st.get(ident, tokens, out=out)), ("limit", plain), ("floor", verified),
                           ("one_thread", one_thread)]
-            for name, fn in contenders[r % 4:] + contenders[:r % 4]:
+            for name, fn in _order(contenders, r):
                 times[name].append(_timed(fn))
                 if name == "store":  # before a raw read overwrites out; its promotion not under the next
                     assert out.tobytes() == blocks.tobytes(), "the get delivered other bytes"
@@ -342,12 +369,12 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
             one_round(r)
     finally:
         helper.shutdown()
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med["limit"] / med["store"],
+    med = _Rounds(times)
+    return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med.ratio("limit", "store"),
             "limit": f"the L2 directory's object files, open + readinto + close each (page cache warm), "
                      f"{_same_threads()}",
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
-            "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med["limit"] / med["floor"],
+            "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med.ratio("limit", "floor"),
             "threads": 1 + READ_HELPERS, "one_thread_limit_s": med["one_thread"]}
 
 
@@ -448,10 +475,10 @@ def _l2_s3(root: Path, block_bytes: int, n: int, kind: str) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = _Rounds(times)
     return {"store_s": med["store"], "limit_s": med["one"], "sequential_s": med["sequential"],
-            "ratio": med["store"] / med["one"], "vs_sequential": med["sequential"] / med["store"],
-            "parallel_s": med["parallel"], "vs_parallel": med["parallel"] / med["store"],
+            "ratio": med.ratio("store", "one"), "vs_sequential": med.ratio("sequential", "store"),
+            "parallel_s": med["parallel"], "vs_parallel": med.ratio("parallel", "store"),
             "limit": f"one object fetched by the store's object store (one round trip), {kind} over loopback",
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
             "server": kind, "in_flight": L2_READS_IN_FLIGHT}
@@ -514,12 +541,12 @@ def _put(root: Path, block_bytes: int, n: int) -> dict:
     return {"store_s": med["store"], "lmdb_s": med["lmdb"], "limit_s": med["raw"],
             "limit": "raw fsync'd write: the call's bytes into one new file, one fsync",
             "store_bytes_per_s": data / med["store"], "lmdb_bytes_per_s": data / med["lmdb"],
-            "raw_bytes_per_s": data / med["raw"], "ratio": med["raw"] / med["store"],
-            "vs_lmdb": med["lmdb"] / med["store"], "fsyncs_per_block": fsyncs / (ROUNDS * n), "blocks": n,
+            "raw_bytes_per_s": data / med["raw"], "ratio": med.ratio("raw", "store"),
+            "vs_lmdb": med.ratio("lmdb", "store"), "fsyncs_per_block": fsyncs / (ROUNDS * n), "blocks": n,
             "block_bytes": block_bytes, "bytes": data, "floor_s": med["floor"],
             "floor": f"a file per block: each written + fsync'd ({WRITE_PARALLELISM} at a time, as walpub), "
                      "then one fsync of their directory",
-            "floor_vs_lmdb": med["lmdb"] / med["floor"], "floor_ratio": med["raw"] / med["floor"]}
+            "floor_vs_lmdb": med.ratio("lmdb", "floor"), "floor_ratio": med.ratio("raw", "floor")}
 
 
 def _write_fsynced(path: Path, block: np.ndarray) -> None:

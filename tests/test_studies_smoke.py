@@ -246,3 +246,21 @@ def test_report_lmcache_section(tmp_path):
         _bench("lmcache", "test_lmcache_side_by_side", skipped="no .venv-lmcache here")]}))
     report = write_report(src, tmp_path / "out2").read_text()
     assert "The LMCache comparison did not run: no .venv-lmcache here" in report
+
+
+def test_engine_paths_order_and_paired_ratio():
+    """The paths study's round order: each contender first equally often and right
+    after both of its neighbours (not always after the same one); a ratio is the
+    median of each round's own ratio, not the ratio of the two medians."""
+    from quiver.studies.bench_paths import _order, _Rounds
+
+    names = ["store", "limit", "floor", "one"]
+    orders = [_order(names, r) for r in range(2 * len(names))]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert {n: sum(o[0] == n for o in orders) for n in names} == {n: 2 for n in names}
+    after = {n: {o[i - 1] for o in orders for i in range(1, len(o)) if o[i] == n} for n in names}
+    assert all(len(before) == 2 for before in after.values()), after
+    # Two of three rounds have store = 2 x limit: the paired median is 2, the medians tie at 2.0 and 2.0.
+    med = _Rounds({"store": [2.0, 4.0, 2.0], "limit": [1.0, 2.0, 3.0]})
+    assert med["store"] == 2.0 and med["limit"] == 2.0
+    assert med.ratio("store", "limit") == 2.0 and med.ratio("limit", "store") == 0.5
