@@ -16,9 +16,11 @@ process design.  In short:
   WORKER.  The **worker owns the BlockStore** (it holds the store's exclusive
   lock; with several workers, each rank owns ``<store_path>/rank<r>``) and
   serves the scheduler's lookups over an abstract Unix socket named after the
-  store path and rank (:class:`LookupServer`).  Lookups run on the worker's one
-  store thread, in FIFO order behind the saves handed to it, so a lookup sees
-  every block a previous step stored.
+  store path and rank (:class:`LookupServer`).  A lookup asks the store at
+  once, on the server's thread, and adds the blocks of saves still queued on
+  the worker's store thread (:class:`PendingSaves`), so it sees every block a
+  previous step handed over without waiting for those saves to be durable; a
+  load of such blocks waits for their saves first.
 * Scheduler: ``get_num_new_matched_tokens`` asks the workers how many leading
   full blocks of the prompt Quiver holds (the minimum over ranks), keeps at
   least one token to compute, and subtracts what vLLM's own prefix cache has.
@@ -67,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
+import numpy as np
 import torch
 
 from quiver.engine.errors import QuiverError
@@ -99,10 +102,11 @@ except ImportError:  # pragma: no cover - exercised only without vllm
 log = logging.getLogger("quiver.vllm")
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-#: Bound on the store thread's queue (saves + lookups); a full queue makes the
+#: Bound on the store thread's queue of saves; a full queue makes the
 #: forward path wait for the store rather than grow memory without limit.
 STORE_QUEUE_MAX = 64
-#: A lookup that the store thread has not answered by then counts as a miss.
+#: The scheduler's wait for a worker's lookup answer (then a miss), and a load's
+#: wait for the saves that hold its blocks (then the load reads what is stored).
 LOOKUP_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -335,11 +339,11 @@ class LookupClient:
 
 
 class StoreThread:
-    """The worker's one thread that calls the BlockStore for saves and lookups, in FIFO order.
+    """The worker's one thread that makes its saves durable (``BlockStore.put``), in FIFO order.
 
-    A lookup queued after a save sees that save's blocks.  The queue is bounded
-    (STORE_QUEUE_MAX): a producer faster than the disk waits instead of
-    buffering without limit."""
+    Lookups do not queue here (they see the saves still queued through
+    :class:`PendingSaves`).  The queue is bounded (STORE_QUEUE_MAX): a producer
+    faster than the disk waits instead of buffering without limit."""
 
     def __init__(self, store, events: EventLog) -> None:
         self.store, self.events = store, events
@@ -372,6 +376,65 @@ class StoreThread:
     def stop(self) -> None:
         self.q.put(None)
         self.t.join()
+
+
+class PendingSaves:
+    """The saves handed to the store thread and not finished yet: each one's
+    identity (namespace), prompt tokens and last block.
+
+    vLLM's scheduler waits for every lookup, so a lookup must not queue behind
+    saves (each a durable put; with ``l2_mode="sync"`` an L2 upload too): it
+    asks the store at once and adds the leading blocks a pending save of the
+    same identity will hold (``covered``), which keeps "a request scheduled
+    after another sees its blocks".  A load whose blocks a pending save holds
+    waits for it (``wait_stored``) instead of missing them.  A save that fails
+    leaves its blocks out of the store: the load that counted on them fails,
+    and vLLM recomputes those blocks."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._cond = threading.Condition()
+        self._saves: dict[int, tuple[bytes, np.ndarray, int]] = {}
+        self._next = 0
+
+    def add(self, namespace: bytes, tokens, to_block: int) -> int:
+        """A save of blocks up to ``to_block`` of ``tokens``' chain, about to be queued; its handle."""
+        have = np.asarray(tokens[: to_block * self.block_size], dtype=np.int64)
+        with self._cond:
+            self._next += 1
+            self._saves[self._next] = (namespace, have, to_block)
+            return self._next
+
+    def done(self, handle: int) -> None:
+        """The save's put returned (its blocks are in the store) or failed."""
+        with self._cond:
+            self._saves.pop(handle, None)
+            self._cond.notify_all()
+
+    def covered(self, namespace: bytes, tokens) -> int:
+        """Leading full blocks of ``tokens`` some pending save of the same identity
+        holds: the blocks its prompt shares with ``tokens``, up to its last block
+        (the blocks before a save's first are stored, or pending themselves)."""
+        want = np.asarray(tokens, dtype=np.int64)
+        with self._cond:
+            return self._covered(namespace, want)
+
+    def wait_stored(self, namespace: bytes, tokens, start_block: int, timeout_s: float) -> bool:
+        """Wait until no pending save holds a block of ``tokens`` at or past
+        ``start_block`` (False if that takes longer than ``timeout_s``)."""
+        want = np.asarray(tokens, dtype=np.int64)
+        with self._cond:
+            return self._cond.wait_for(lambda: self._covered(namespace, want) <= start_block, timeout=timeout_s)
+
+    def _covered(self, namespace: bytes, want: np.ndarray) -> int:
+        best, bs = 0, self.block_size
+        for ns, have, to_block in self._saves.values():
+            if ns != namespace:
+                continue
+            m = min(want.size, have.size) // bs * bs
+            diff = np.flatnonzero(want[:m] != have[:m])
+            best = max(best, min((int(diff[0]) if diff.size else m) // bs, to_block))
+        return best
 
 
 class LookupServer:
@@ -478,6 +541,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         else:
             self.store = None
             self._store_thread: StoreThread | None = None
+            self._pending = PendingSaves(self.block_size)
             self._server: LookupServer | None = None
             self._kv: list[torch.Tensor] = []
             self._kind: str | None = None
@@ -514,11 +578,13 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if max_blocks * self.block_size <= num_computed_tokens:
             st.query = (num_computed_tokens, 0)
             return 0, False
+        t0 = time.perf_counter()
         n = self._client.lookup(st.parts, list(prompt[: max_blocks * self.block_size]))
+        seconds = time.perf_counter() - t0  # what this request's lookup held the scheduler for
         ext = max(0, min(n, max_blocks) * self.block_size - num_computed_tokens)
         st.query = (num_computed_tokens, ext)
         self.events.emit("lookup", req=request.request_id, prompt_tokens=len(prompt), stored_blocks=n,
-                         local_tokens=num_computed_tokens, external_tokens=ext)
+                         local_tokens=num_computed_tokens, external_tokens=ext, seconds=seconds)
         return ext, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
@@ -661,11 +727,12 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                 pp_rank=self.pp_rank)
 
     def _lookup_answer(self, parts: dict, tokens: list[int]) -> int:
+        """Leading blocks stored or in a pending save, asked on the lookup server's
+        thread (the store is thread-safe), not behind the saves on the store thread."""
         ident = self._ident(parts)
-        ok, res = self._store_thread.submit(self.store.lookup, ident, tokens).get(timeout=LOOKUP_TIMEOUT_S)
-        if not ok:
-            raise res
-        return res
+        # Pending saves first: one that finishes after this look is in the store by the next.
+        pending = self._pending.covered(ident.namespace, tokens)
+        return max(pending, self.store.lookup(ident, tokens))
 
     def _host(self, n: int) -> torch.Tensor:
         """A fresh host buffer for ``n`` blocks: a save's buffer is owned by its
@@ -704,6 +771,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 ident = self._ident(op.parts)
                 buf = self._load_buffer(end - start)  # only the blocks vLLM does not hold already
                 tokens = op.token_ids[: end * self.block_size]
+                # Blocks the lookup counted in a save still queued: stored before they are read.
+                self._pending.wait_stored(ident.namespace, tokens, start, LOOKUP_TIMEOUT_S)
                 if self._kv[0].device.type == "cpu":  # scattered as the get hands the blocks over
                     sink = PagedSink(self._kind, self._kv, op.block_ids[start:end], self._layout, buf)
                     self.store.get(ident, tokens, n_blocks=end, out=sink, start_block=start)
@@ -751,9 +820,11 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             gather_paged_any(self._kind, self._kv, op.block_ids[frm:to], buf, self._layout).wait()  # CUDA: D2H done
             ident = self._ident(op.parts)
             tokens = op.token_ids[: to * self.block_size]
-            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save)
+            handle = self._pending.add(ident.namespace, tokens, to)  # seen by lookups from now on
+            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save, handle)
 
-    def _put(self, req_id: str, ident: CacheIdentity, tokens: list[int], blocks: torch.Tensor, rng) -> int:
+    def _put(self, req_id: str, ident: CacheIdentity, tokens: list[int], blocks: torch.Tensor, rng,
+             handle: int) -> int:
         t0 = time.perf_counter()
         try:
             n = self.store.put(ident, tokens, blocks, start_block=rng[0])
@@ -761,6 +832,8 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             log.warning("QuiverConnector: saving blocks of %s failed: %s", req_id, exc)
             self.events.emit("save_error", req=req_id, error=type(exc).__name__, message=str(exc)[:300])
             return 0
+        finally:
+            self._pending.done(handle)
         self.events.emit("save", req=req_id, blocks=int(blocks.shape[0]), new=n, range=list(rng),
                          seconds=time.perf_counter() - t0)
         return n

@@ -46,7 +46,14 @@ from quiver.engine.torch_io import (
     scatter_paged_any,
     scatter_paged_cpu,
 )
-from quiver.engine.vllm_connector import QuiverOptions, salted_tenant, socket_name
+from quiver.engine.vllm_connector import (
+    PendingSaves,
+    QuiverConnector,
+    QuiverOptions,
+    request_identity,
+    salted_tenant,
+    socket_name,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -124,6 +131,69 @@ def test_options_and_tenant_salt():
     assert salted_tenant("acme", "\x00 weird\n") != "acme"  # any salt string gives a valid tenant
     assert socket_name("/a", 0) != socket_name("/b", 0) != socket_name("/a", 1)
     assert socket_name("/a", 0).startswith("\0")  # abstract: no file, no path-length limit
+
+
+def test_pending_saves_cover_the_shared_prefix_up_to_the_saves_last_block():
+    """A lookup counts the leading blocks a queued save will hold: those its
+    prompt shares with the looked-up tokens, at most up to the save's last
+    block, only for the same identity, and none once the save is done."""
+    ps = PendingSaves(block_size=4)
+    h = ps.add(b"ns-a", list(range(20)), to_block=3)  # blocks 0..2 of a 20-token prompt
+    assert ps.covered(b"ns-a", list(range(16))) == 3  # shares 4 blocks, the save holds 3
+    assert ps.covered(b"ns-a", [0, 1, 2, 3, 4, 5, 6, 99, 8, 9, 10, 11]) == 1  # block 1 differs
+    assert ps.covered(b"ns-a", list(range(6))) == 1  # one full block asked
+    assert ps.covered(b"ns-b", list(range(16))) == 0  # another identity shares nothing
+    h2 = ps.add(b"ns-a", list(range(8)) + [50] * 12, to_block=5)
+    assert ps.covered(b"ns-a", list(range(16))) == 3  # the best of the two
+    ps.done(h)
+    assert ps.covered(b"ns-a", list(range(16))) == 2  # only the second (blocks 0-1 shared)
+    ps.done(h2)
+    assert ps.covered(b"ns-a", list(range(16))) == 0
+
+
+def test_pending_saves_wait_stored_returns_when_the_save_is_done():
+    """A load waits for the queued saves that hold its blocks, not for others:
+    ordered by the waiter's join, never by the clock."""
+    import threading
+
+    ps = PendingSaves(block_size=4)
+    assert ps.wait_stored(b"ns", list(range(8)), 0, timeout_s=0)  # nothing pending
+    h = ps.add(b"ns", list(range(8)), to_block=2)
+    assert ps.wait_stored(b"ns", list(range(8)), 2, timeout_s=0)  # the save holds nothing at or past block 2
+    assert not ps.wait_stored(b"ns", list(range(8)), 1, timeout_s=0)  # it holds block 1: not yet
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(ps.wait_stored(b"ns", list(range(8)), 0, timeout_s=600)))
+    waiter.start()
+    ps.done(h)
+    waiter.join()
+    assert got == [True]
+
+
+def test_lookup_answer_asks_the_store_and_the_pending_saves_not_the_store_thread(tmp_path):
+    """The worker's lookup answer: the store's own lookup plus the blocks of
+    saves still queued, without the store thread (none exists here: a lookup
+    queued behind it would fail).  A real BlockStore, no vLLM."""
+    import numpy as np
+
+    from quiver import BlockStore
+
+    conn = QuiverConnector.__new__(QuiverConnector)  # the worker's lookup half, without vLLM
+    conn.base = dict(model="m", model_revision="r", tokenizer="m", tokenizer_revision="r", kv_dtype="float16",
+                     block_tokens=4, num_kv_heads=1, head_dim=8, tp_size=1, pp_size=1)
+    conn._kv, conn.tp_rank, conn.pp_rank = [None], 0, 0
+    conn._store_thread = None
+    conn._pending = PendingSaves(block_size=4)
+    parts = dict(tenant="t", adapter=None, adapter_revision=None)
+    ident = request_identity(conn.base, parts, num_layers=1, tp_rank=0, pp_rank=0)
+    tokens = list(range(24))
+    with BlockStore.open(tmp_path / "s", ram_bytes=0) as conn.store:
+        conn.store.put(ident, tokens[:8], np.ones((2, *ident.block_shape), dtype=np.float16))
+        assert conn._lookup_answer(parts, tokens) == 2  # stored: blocks 0-1
+        h = conn._pending.add(ident.namespace, tokens, to_block=5)  # a save of blocks 2-4, still queued
+        assert conn._lookup_answer(parts, tokens) == 5
+        assert conn._lookup_answer(dict(parts, tenant="other"), tokens) == 0  # another tenant: nothing
+        conn._pending.done(h)  # the save failed: its blocks never reached the store
+        assert conn._lookup_answer(parts, tokens) == 2
 
 
 # --------------------------------------------------------------------------- vLLM children
