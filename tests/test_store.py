@@ -510,6 +510,42 @@ def test_threads_share_one_store(tmp_path):
         assert st["counters"]["l0_hits"] + st["counters"]["l1_hits"] == st["counters"]["get_blocks"]
 
 
+def test_a_lookup_racing_puts_of_one_prompt_sees_a_prefix_that_only_grows(tmp_path):
+    """The vLLM connector looks up on its server thread while its store thread
+    puts (engine/vllm_connector.py): lookups racing the puts of one prompt's
+    growing prefix never shrink and never pass what was put, whatever the
+    interleaving (L1 only, the ART index, as the connector opens it)."""
+    import threading
+
+    ident, tokens, blocks = make_case(7, 8, make_ident())
+    T = ident.block_tokens
+    done = [0]  # blocks whose put has returned
+    errors: list[BaseException] = []
+    with BlockStore.open(tmp_path / "s", index="art", ram_bytes=0) as store:
+
+        def puts():
+            try:
+                for k in range(1, 9):
+                    assert store.put(ident, tokens[: k * T], blocks[:k]) == 1
+                    done[0] = k
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        seen = [store.lookup(ident, tokens)]
+        writer = threading.Thread(target=puts)
+        writer.start()
+        while writer.is_alive():
+            before = done[0]
+            n = store.lookup(ident, tokens)
+            after = done[0]
+            assert before <= n <= after + 1, (before, n, after)  # at most the one put in flight
+            assert n >= seen[-1], seen[-5:] + [n]
+            seen.append(n)
+        writer.join()
+        assert not errors, errors
+        assert seen[0] == 0 and store.lookup(ident, tokens) == 8
+
+
 # ------------------------------------------------------------------ envelopes built in L0 slots
 
 
