@@ -109,7 +109,7 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         "thread and the store's read helper, in 4 MiB chunks: `threads` 2, and its limit and floor read their "
         "files with the same two threads and chunks, like with like; the limit column adds the same read on one "
         "thread), each contender timed in the same rounds, interleaved "
-        f"in an order that rotates with the round and is reversed every other pass, so no contender always follows the same one (medians of {fmt(e0.get('rounds'), 'int')} rounds; "
+        f"in an order that rotates with the round and is reversed every other pass, so no contender always follows the same one (`l2-s3` and `l2-rgw`: the get first after each round's fresh open, then the three fetches; medians of {fmt(e0.get('rounds'), 'int')} rounds; "
         "each ratio is the median of the rounds' own ratios, so it need not equal the ratio of the two medians shown). Blocks: one layer of float16 "
         "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
         "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
