@@ -415,6 +415,9 @@ class PendingSaves:
         """Leading full blocks of ``tokens`` some pending save of the same identity
         holds: the blocks its prompt shares with ``tokens``, up to its last block
         (the blocks before a save's first are stored, or pending themselves)."""
+        with self._cond:
+            if not self._saves:  # the usual case: no prompt to convert
+                return 0
         want = np.asarray(tokens, dtype=np.int64)
         with self._cond:
             return self._covered(namespace, want)
@@ -422,6 +425,9 @@ class PendingSaves:
     def wait_stored(self, namespace: bytes, tokens, start_block: int, timeout_s: float) -> bool:
         """Wait until no pending save holds a block of ``tokens`` at or past
         ``start_block`` (False if that takes longer than ``timeout_s``)."""
+        with self._cond:
+            if not self._saves:  # every load's first question: nothing queued, no prompt to convert
+                return True
         want = np.asarray(tokens, dtype=np.int64)
         with self._cond:
             return self._cond.wait_for(lambda: self._covered(namespace, want) <= start_block, timeout=timeout_s)
