@@ -546,6 +546,42 @@ def test_a_lookup_racing_puts_of_one_prompt_sees_a_prefix_that_only_grows(tmp_pa
         assert seen[0] == 0 and store.lookup(ident, tokens) == 8
 
 
+def test_a_lookup_racing_gets_that_promote_and_evict_l0_sees_every_block(tmp_path):
+    """The connector also looks up while its store thread loads: gets of two prompts
+    through an L0 of three slots keep promoting blocks from L1 and evicting them
+    again, and a lookup racing them still finds all 8 blocks of each prompt (a block
+    leaving L0 is still in L1), while every get returns the bytes put."""
+    import threading
+
+    from quiver.engine.store import envelope_bound
+
+    ident, tokens, blocks = make_case(8, 8, make_ident())
+    _, tokens2, blocks2 = make_case(9, 8, ident)
+    errors: list[BaseException] = []
+    with BlockStore.open(tmp_path / "s", index="art", ram_bytes=3 * envelope_bound(ident, "none")) as store:
+        assert store.put(ident, tokens, blocks) == 8 and store.put(ident, tokens2, blocks2) == 8
+        lookups = [0]
+
+        def gets():
+            try:
+                for r in range(40):
+                    which = (tokens, blocks) if r % 2 else (tokens2, blocks2)
+                    assert store.get(ident, which[0], 8).tobytes() == which[1].tobytes()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        reader = threading.Thread(target=gets)
+        reader.start()
+        while reader.is_alive():
+            assert store.lookup(ident, tokens) == 8
+            assert store.lookup(ident, tokens2) == 8
+            lookups[0] += 2
+        reader.join()
+        assert not errors, errors
+        counters = store.stats()["counters"]
+    assert lookups[0] > 0
+    assert counters["l0_hits"] > 0 and counters["l1_hits"] > 0, counters  # both tiers served during the race
+
 # ------------------------------------------------------------------ envelopes built in L0 slots
 
 
