@@ -102,6 +102,7 @@ from quiver.engine.l2_publisher import L2Publisher
 from quiver.engine.metrics import latency_snapshot, new_latency
 from quiver.engine.options import check_open_options, check_path, config_record
 from quiver.engine.owed_journal import OwedJournal
+from quiver.engine.pools import started_pool
 from quiver.engine.promoter import FromL1, FromL2, Promoter
 from quiver.engine.payload import block_arrays, check_identity, check_quant, check_start_block
 from quiver.engine.sink import BlockSink
@@ -187,18 +188,6 @@ READ_CHUNK_BYTES = 4 << 20
 #: (2026-12-05, L1, page cache warm, into an array): 32 x 256 KiB 1.53 -> 1.34 ms,
 #: 512 x 256 KiB 29.0 -> 19.4 ms, 8 x 2 MiB 2.66 -> 1.83 ms, 64 x 2 MiB 22.5 -> 13.5 ms.
 READ_HELPERS = 1
-
-
-def _started_pool(workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool with all ``workers`` threads already running: a plain
-    ThreadPoolExecutor starts them one per submit, inside the gets that need
-    them (a few ms each on a loaded host).  A barrier that only ``workers``
-    concurrent tasks pass makes each thread exist before this returns."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
-    barrier = threading.Barrier(workers)
-    for fut in [pool.submit(barrier.wait) for _ in range(workers)]:
-        fut.result()
-    return pool
 
 
 def _chunk_blocks(raw_len: int) -> int:
@@ -1045,7 +1034,7 @@ class BlockStore:
         (``_read_batch``), made on first use."""
         with self._lock:
             if self._read_pool is None:
-                self._read_pool = _started_pool(READ_HELPERS, "quiver-read")
+                self._read_pool = started_pool(READ_HELPERS, "quiver-read")
             return self._read_pool
 
     def _read_rows(self, ident: CacheIdentity, layout: RawLayout, keys: list, parents: list, skeys: list,
@@ -1196,7 +1185,7 @@ class BlockStore:
             return {i: None for i, _ in wanted}
         with self._lock:
             if self._l2_pool is None:
-                self._l2_pool = _started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
+                self._l2_pool = started_pool(L2_READS_IN_FLIGHT, "quiver-l2-read")
             pool = self._l2_pool
         return {i: pool.submit(self._l2_read, l2, sk, ident, dsts[i]) for i, sk in wanted}
 
@@ -1427,6 +1416,7 @@ class BlockStore:
                 self._promoter.stop()  # the queued promotions reach L1 (and L0) before it closes
                 self._l0_promoter.stop()  # it reads L1
                 self._pub.stop_worker()
+                self._pub.stop_pool()  # after the worker, its last user
                 for pool in (self._l2_pool, self._read_pool):  # no get is running (close waited): idle threads
                     if pool is not None:
                         pool.shutdown(wait=True, cancel_futures=True)

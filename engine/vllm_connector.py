@@ -818,6 +818,7 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self.store is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
+        t0, handoff, saves = time.perf_counter(), 0.0, 0
         for op in meta.ops:
             if op.save is None:
                 continue
@@ -827,7 +828,13 @@ class QuiverConnector(KVConnectorBase_V1):  # type: ignore[misc]
             ident = self._ident(op.parts)
             tokens = op.token_ids[: to * self.block_size]
             handle = self._pending.add(ident.namespace, tokens, to)  # seen by lookups from now on
-            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save, handle)
+            t1 = time.perf_counter()
+            self._store_thread.submit(self._put, op.req_id, ident, tokens, buf, op.save, handle)  # waits when full
+            handoff += time.perf_counter() - t1
+            saves += 1
+        if saves:  # what this step's forward waited for: the copies out, and room in the store thread's queue
+            self.events.emit("saves_queued", saves=saves, seconds=time.perf_counter() - t0, handoff_seconds=handoff,
+                             queued=self._store_thread.q.qsize())
 
     def _put(self, req_id: str, ident: CacheIdentity, tokens: list[int], blocks: torch.Tensor, rng,
              handle: int) -> int:

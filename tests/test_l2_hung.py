@@ -338,8 +338,9 @@ def test_flush_and_close_honour_their_budget(proxy, creds, s3_prefix, tmp_path):
                             ram_bytes=0, index="flat")
     try:
         assert store.put(i1, t1, b1) == 2  # published; their manifest is still pending
-        proxy.inject("status", method="PUT", status=503, times=5)
-        with pytest.raises(ObjectStoreUnreachableError):  # 5 quick 503s: 2 keys on the retry list
+        # 10 quick 503s: the 5 tries of each of the 2 keys (in flight together): both on the retry list
+        proxy.inject("status", method="PUT", status=503, times=10)
+        with pytest.raises(ObjectStoreUnreachableError):
             store.put(i2, t2, b2)
         hang_everything(proxy)
         t0 = time.monotonic()

@@ -380,6 +380,34 @@ def test_a_get_reads_its_l2_blocks_concurrently(tmp_path, monkeypatch):
         assert c["l2_hits"] == 6 and c["l1_hits"] == 0
 
 
+def test_a_sync_put_has_its_l2_uploads_in_flight_together(tmp_path, monkeypatch):
+    """A put of L2_PUTS_IN_FLIGHT blocks in l2_mode "sync" uploads them together (one
+    round trip per L2_PUTS_IN_FLIGHT blocks, not per block): a barrier in the directory
+    store's publish lets no upload finish until all have started; sequential uploads
+    would break it (BrokenBarrierError after its timeout, which only a failing run
+    waits for)."""
+    import threading
+
+    from quiver.engine.l2_publisher import L2_PUTS_IN_FLIGHT
+
+    ident, tokens, blocks = make_case(15, L2_PUTS_IN_FLIGHT)
+    barrier = threading.Barrier(L2_PUTS_IN_FLIGHT, timeout=60)
+    real = LocalDirObjectStore._put_named
+
+    def put_named(self, name, data):
+        if name.startswith("blocks/"):
+            barrier.wait()
+        return real(self, name, data)
+
+    with BlockStore.open(tmp_path / "s", object_store=tmp_path / "l2", ram_bytes=0, index="flat") as store:
+        monkeypatch.setattr(LocalDirObjectStore, "_put_named", put_named)
+        assert store.put(ident, tokens, blocks) == L2_PUTS_IN_FLIGHT
+        monkeypatch.setattr(LocalDirObjectStore, "_put_named", real)
+        assert store.stats()["counters"]["l2_published"] == L2_PUTS_IN_FLIGHT
+    with BlockStore.open(tmp_path / "t", object_store=tmp_path / "l2", ram_bytes=0, index="flat") as store:
+        assert store.get(ident, tokens, L2_PUTS_IN_FLIGHT).tobytes() == blocks.tobytes()  # from L2
+
+
 def test_a_local_directory_l2_is_read_on_the_gets_own_thread(tmp_path, monkeypatch):
     """A local directory's reads are page-cache copies: a get reads them on its
     own thread (a read pool made them slower here: BlockStore._start_l2_reads)."""

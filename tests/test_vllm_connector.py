@@ -355,6 +355,10 @@ def test_1_shared_prefix_within_one_server(main_run, baseline):
     saves = {e["req"]: e for e in main_run.of("save", "worker")}
     assert saves[first["req"]]["new"] == 6  # A's 6 full blocks
     assert saves[second["req"]]["range"] == [5, 6] and saves[second["req"]]["new"] == 1
+    queued = main_run.of("saves_queued", "worker")  # what each step's forward waited for, saves handed over
+    saved = main_run.of("save", "worker") + [e for e in main_run.barrier_events if e["event"] == "save"]
+    assert sum(e["saves"] for e in queued) == len(saved)  # a step's event names no request: in `events`
+    assert all(0 <= e["handoff_seconds"] <= e["seconds"] for e in queued)
     assert not main_run.of("load_error")
     assert main_run.outputs["A"] == baseline.outputs["A"]
     assert main_run.outputs["B"] == baseline.outputs["B"]
