@@ -180,6 +180,8 @@ class L2Publisher:
             l2.probe()
         if self.attached:
             return
+        with translated("L2 layout"), deadline(self.L2_BOOTSTRAP_TIMEOUT_S):
+            l2.settle_naming()  # a miss asks one name where no block can have the legacy one
         if self._bootstrap:
             t0 = time.perf_counter()
             with translated("reading L2 manifests"), deadline(self.L2_BOOTSTRAP_TIMEOUT_S):

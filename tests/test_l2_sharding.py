@@ -30,6 +30,7 @@ from s3servers import LOOPBACK, FaultProxy
 from store_child import make_case
 from quiver.tier.objectstore import (
     BLOCKS_DIR,
+    LAYOUT_MARKER,
     LocalDirObjectStore,
     key_from_name,
     legacy_object_name,
@@ -176,6 +177,7 @@ def test_block_store_reads_a_store_published_in_the_legacy_layout(tmp_path):
             dst.parent.mkdir(exist_ok=True)
             shutil.move(src, dst)
     assert all(not (l2 / object_name(sk)).exists() or object_name(sk) == legacy_object_name(sk) for sk in skeys)
+    (l2 / LAYOUT_MARKER).unlink()  # written when `a` found the directory empty; the old code wrote none
     with BlockStore.open(tmp_path / "b", object_store=l2, ram_bytes=0, index="flat") as b:
         assert b.stats()["gauges"]["bootstrap_keys"] == 4
         assert b.lookup(ident, tokens) == 4
@@ -184,3 +186,63 @@ def test_block_store_reads_a_store_published_in_the_legacy_layout(tmp_path):
     with BlockStore.open(tmp_path / "c", object_store=l2, ram_bytes=0, index="flat", bootstrap=False) as c:
         assert c.lookup(ident, tokens) == 4  # found by HEAD under the legacy names
         assert c.get(ident, tokens, 4).tobytes() == blocks.tobytes()
+
+
+def _again(s):
+    """A second handle on the same store (another process's view of it)."""
+    if isinstance(s, LocalDirObjectStore):
+        return LocalDirObjectStore(s.root)
+    return S3ObjectStore(s.bucket, s.prefix, endpoint_url=s._endpoint_url, profile="q",
+                         retry=RetryPolicy(max_tries=3, total_s=10.0))
+
+
+def test_an_empty_store_is_marked_and_a_miss_then_asks_one_name(store):
+    """settle_naming on a store holding nothing writes the layout marker and turns the
+    legacy fallback off; another handle finds the marker and turns it off too, without
+    writing; a handle told legacy_names=True keeps it and writes nothing."""
+    assert store.legacy_names is None and store._head_named(LAYOUT_MARKER) is None
+    assert store.settle_naming() is False and store.legacy_names is False
+    assert store._head_named(LAYOUT_MARKER) is not None
+    other = _again(store)
+    try:
+        assert other.legacy_names is None and other.settle_naming() is False
+        key = model_keys(1, seed=11)[0]
+        assert other._names(key) == [object_name(key)]  # a miss: one name
+        other.legacy_names = True
+        assert other.settle_naming() is True and other._names(key) == object_names(key)
+    finally:
+        other.close()
+
+
+def test_a_store_with_blocks_but_no_marker_keeps_the_fallback_until_migrated(store):
+    """Blocks published before the marker existed may be legacy-named: the fallback
+    stays on (and the legacy block is found) until migrate_legacy_layout has moved
+    them and written the marker; a later handle then asks one name."""
+    old = model_keys(1, seed=12)[0]
+    assert legacy_object_name(old) != object_name(old)
+    put_legacy(store, old, b"L" + old)
+    assert store.settle_naming() is True and store._head_named(LAYOUT_MARKER) is None
+    assert store.get(old) == b"L" + old
+    assert store.migrate_legacy_layout() == 1 and store.legacy_names is False
+    other = _again(store)
+    try:
+        assert other.settle_naming() is False and other.get(old) == b"L" + old
+        assert raw_names(other) == [object_name(old)]
+    finally:
+        other.close()
+
+
+def test_a_blockstore_lookup_miss_on_a_fresh_s3_prefix_is_one_head(moto_server, creds, s3_prefix, tmp_path):
+    """Through BlockStore: L2 attaches to an empty prefix (marker written), so the
+    lookup of a prompt no tier holds asks S3 once, not once per name (the vLLM
+    connector's scheduler waits for every lookup)."""
+    proxy = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
+    ident, tokens, _ = make_case(62, 3)
+    try:
+        with BlockStore.open(tmp_path / "s", object_store=f"s3://{BUCKET}/{s3_prefix}", ram_bytes=0, index="flat",
+                             s3_options=dict(endpoint_url=proxy.endpoint, profile=creds)) as st:
+            proxy.reset()
+            assert st.lookup(ident, tokens) == 0
+            assert proxy.count("HEAD") == 1
+    finally:
+        proxy.close()

@@ -19,12 +19,15 @@ Object names (relative to the store's root or S3 prefix), one naming for both:
     blocks/<hex[-2:]>/<hex>         one object per key (hex = key.hex()), sharded
                                     on the key's last byte (spread across prefixes)
     manifests/<time_ns>-<rand>.qvm  a batch of published keys (format below)
+    layout/tail-sharded             the layout marker: every block is under the name above
 
 Blocks published before the tail sharding live under the legacy name
 ``blocks/<hex[:2]>/<hex>`` (the first byte: the identity namespace's, so one
 model's blocks all shared one prefix).  Reads fall back to it (a HEAD/GET miss
-under the new name tries the legacy one) while ``legacy_names`` is true;
+under the new name tries the legacy one) while ``legacy_names`` is not False;
 publishes use the new name only; ``migrate_legacy_layout`` moves old objects.
+``settle_naming`` (BlockStore calls it when L2 attaches) turns the fallback off
+where the layout marker is found, and writes the marker into an empty store.
 
 Time: every call runs inside the caller's budget when one is set with
 ``deadline(timeout_s)`` (thread-local, nests to the tighter), and a
@@ -63,15 +66,22 @@ from quiver.tier.errors import (
     ObjectCorruptError,
     ObjectStoreClosedError,
     ObjectStoreConfigError,
+    ObjectStoreError,
     ObjectStoreIOError,
     ObjectStoreUnavailableError,
 )
 from quiver.walpub.io import FileSystem, OsFileSystem
 from quiver.walpub.wal import crc32c_of
 
+log = logging.getLogger("quiver.tier.objectstore")
+
 MAX_KEY_BYTES = 64  # 128 hex chars: a file name, well under NAME_MAX (255)
 BLOCKS_DIR = "blocks/"
 MANIFESTS_DIR = "manifests/"
+#: Present: no block of this store is under a legacy name (written into a store found
+#: empty, or by migrate_legacy_layout), so a miss needs no second request.
+LAYOUT_MARKER = "layout/tail-sharded"
+_LAYOUT_BODY = b"quiver: every block is named blocks/<hex of the key's last byte>/<key hex>\n"
 MANIFEST_SUFFIX = ".qvm"
 
 # Manifest object: magic, version, reserved, count, then count x (u8 len, key),
@@ -470,9 +480,10 @@ class ObjectStore(ABC):
     #: read pool): they wait on a network round trip.  False for a local directory,
     #: whose reads are page-cache or local-disk copies, read on the get's own thread.
     concurrent_reads = True
-    #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss.
-    #: Set False once migrate_legacy_layout has run: a miss then costs one request.
-    legacy_names = True
+    #: Reads fall back to the legacy name (blocks/<first byte>/...) on a miss: True;
+    #: False: they do not (a miss costs one request); None (the default): on until
+    #: ``settle_naming`` decides.
+    legacy_names: bool | None = None
     _breaker: CircuitBreaker | None = None
     _op_counts: OpCounts | None = None
 
@@ -505,7 +516,34 @@ class ObjectStore(ABC):
         return self._breaker
 
     def _names(self, key: bytes) -> list[str]:
-        return object_names(key, self.legacy_names)
+        return object_names(key, self.legacy_names is not False)
+
+    def settle_naming(self) -> bool:
+        """Decide ``legacy_names`` where it is None (one HEAD, maybe one LIST and one
+        PUT); returns it.  Off when the store holds the layout marker; off too when
+        it holds no block at all (the marker is written: every block it will hold
+        is named by this version); on when it holds blocks but no marker (they may
+        be legacy-named until ``migrate_legacy_layout`` runs), or when the marker
+        cannot be written (read-only credentials).  Advisory: a wrong "off" would
+        only make a legacy-named block a miss (recomputed), never a wrong read."""
+        if self.legacy_names is not None:
+            return self.legacy_names
+        if self._head_named(LAYOUT_MARKER) is None:
+            if self._any_named(BLOCKS_DIR):
+                self.legacy_names = True
+                return True
+            try:
+                self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
+            except ObjectStoreError as exc:
+                log.info("%r: the layout marker could not be written (%s); misses also try legacy names", self, exc)
+                self.legacy_names = True
+                return True
+        self.legacy_names = False
+        return False
+
+    def _any_named(self, prefix: str) -> bool:
+        """True if any object's name starts with ``prefix`` (stores stop at the first)."""
+        return bool(self._list_named(prefix))
 
     # --- objects --------------------------------------------------------------
     def put(self, key: bytes, data: bytes) -> bool:
@@ -637,6 +675,8 @@ class ObjectStore(ABC):
             self._put_named(object_name(key), data)
             self._delete_named(name)
             moved += 1
+        self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)  # no legacy name left: misses need one request
+        self.legacy_names = False
         return moved
 
     def close(self) -> None:
@@ -986,10 +1026,15 @@ class LocalDirObjectStore(ObjectStore):
         return _NOT_CLEAN
 
     def _list_named(self, prefix: str) -> list[str]:
+        return sorted(self._walk_named(prefix))
+
+    def _any_named(self, prefix: str) -> bool:
+        return next(self._walk_named(prefix), None) is not None
+
+    def _walk_named(self, prefix: str) -> Iterator[str]:
+        """The names of the files under ``prefix``, in no order, one directory listed at a time."""
         self._check_open()
-        base = self._path(prefix.rstrip("/"))
-        names: list[str] = []
-        stack = [base]
+        stack = [self._path(prefix.rstrip("/"))]
         while stack:  # bounded: each directory is listed once (no links between directories)
             dirpath = stack.pop()
             try:
@@ -1002,8 +1047,7 @@ class LocalDirObjectStore(ObjectStore):
                 if self._io.isdir(full):
                     stack.append(full)
                 else:
-                    names.append(f"{rel}/{e}")
-        return sorted(names)
+                    yield f"{rel}/{e}"
 
     def _delete_named(self, name: str) -> None:
         self._check_open()

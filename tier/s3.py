@@ -226,7 +226,7 @@ class S3ObjectStore(ObjectStore):
         max_pool_connections: int = 16,
         breaker: BreakerPolicy | None = None,
         check_bucket: bool = True,
-        legacy_names: bool = True,
+        legacy_names: bool | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ObjectStoreConfigError(f"bad bucket name {bucket!r}")
@@ -237,7 +237,7 @@ class S3ObjectStore(ObjectStore):
         self.retry = retry or RetryPolicy()
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
-        self.legacy_names = bool(legacy_names)
+        self.legacy_names = None if legacy_names is None else bool(legacy_names)
         self._create_bucket = create_bucket
         try:
             core = botocore.session.Session(profile=profile)
@@ -602,6 +602,11 @@ class S3ObjectStore(ObjectStore):
             if not page.get("IsTruncated"):
                 return sorted(names)
             token = page["NextContinuationToken"]
+
+    def _any_named(self, prefix: str) -> bool:
+        kwargs = {"Bucket": self.bucket, "Prefix": self.prefix + prefix, "MaxKeys": 1}
+        page = self._call("list", prefix, lambda c: c.list_objects_v2(**kwargs))
+        return bool(page.get("Contents"))
 
     def _delete_named(self, name: str) -> None:
         full = self.prefix + name
