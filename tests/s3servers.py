@@ -330,7 +330,7 @@ def _reset(sock: socket.socket) -> None:
 
 def _send_error(sock: socket.socket, method: str, status: int) -> None:
     reason = http.client.responses.get(status, "Error")
-    code = {500: "InternalError", 503: "ServiceUnavailable", 429: "SlowDown"}.get(status, "InternalError")
+    code = {500: "InternalError", 503: "ServiceUnavailable", 429: "SlowDown", 403: "AccessDenied"}.get(status, "InternalError")
     body = b"" if method == "HEAD" else (
         f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
         f"<Message>injected by FaultProxy</Message></Error>"

@@ -246,3 +246,19 @@ def test_a_blockstore_lookup_miss_on_a_fresh_s3_prefix_is_one_head(moto_server, 
             assert proxy.count("HEAD") == 1
     finally:
         proxy.close()
+
+
+def test_a_store_that_may_not_write_the_marker_opens_and_keeps_the_fallback(moto_server, creds, s3_prefix, tmp_path):
+    """The server refuses the marker's PUT (403, what read-only credentials get; the
+    proxy answers it): the store still opens, and a miss asks both names."""
+    proxy = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
+    proxy.inject("status", method="PUT", path="/layout/", status=403, times=10)
+    ident, tokens, _ = make_case(63, 2)
+    try:
+        with BlockStore.open(tmp_path / "s", object_store=f"s3://{BUCKET}/{s3_prefix}", ram_bytes=0, index="flat",
+                             s3_options=dict(endpoint_url=proxy.endpoint, profile=creds)) as st:
+            assert st._l2.legacy_names is True
+            proxy.reset()
+            assert st.lookup(ident, tokens) == 0 and proxy.count("HEAD") == 2
+    finally:
+        proxy.close()

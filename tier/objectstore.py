@@ -64,10 +64,11 @@ from quiver.tier.errors import (
     InvalidRangeError,
     ManifestCorruptError,
     ObjectCorruptError,
+    ObjectStoreAuthError,
     ObjectStoreClosedError,
     ObjectStoreConfigError,
-    ObjectStoreError,
     ObjectStoreIOError,
+    ObjectStoreRequestError,
     ObjectStoreUnavailableError,
 )
 from quiver.walpub.io import FileSystem, OsFileSystem
@@ -528,16 +529,17 @@ class ObjectStore(ABC):
         only make a legacy-named block a miss (recomputed), never a wrong read."""
         if self.legacy_names is not None:
             return self.legacy_names
-        if self._head_named(LAYOUT_MARKER) is None:
-            if self._any_named(BLOCKS_DIR):
-                self.legacy_names = True
-                return True
-            try:
+        try:
+            if self._head_named(LAYOUT_MARKER) is None:
+                if self._any_named(BLOCKS_DIR):
+                    self.legacy_names = True
+                    return True
                 self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
-            except ObjectStoreError as exc:
-                log.info("%r: the layout marker could not be written (%s); misses also try legacy names", self, exc)
-                self.legacy_names = True
-                return True
+        except (ObjectStoreAuthError, ObjectStoreRequestError, ObjectStoreIOError) as exc:  # answered: refused
+            log.info("%r: the layout marker could not be read or written (%s); misses also try legacy names",
+                     self, exc)
+            self.legacy_names = True
+            return True
         self.legacy_names = False
         return False
 
