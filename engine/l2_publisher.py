@@ -180,7 +180,7 @@ class L2Publisher:
             l2.probe()
         if self.attached:
             return
-        with translated("L2 layout"), deadline(self.L2_BOOTSTRAP_TIMEOUT_S):
+        with translated("L2 layout"), deadline(l2.breaker.policy.probe_timeout_s):
             l2.settle_naming()  # a miss asks one name where no block can have the legacy one
         if self._bootstrap:
             t0 = time.perf_counter()

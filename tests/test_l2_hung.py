@@ -365,7 +365,7 @@ def test_close_does_not_wait_for_a_background_worker_stuck_on_l2(proxy, creds, s
     try:
         hang_everything(proxy)
         assert store.put(ident, tokens, blocks) == 3
-        wait_until(lambda: proxy.count("PUT") >= 1, "the worker's first PUT reached L2")
+        wait_until(lambda: proxy.count("PUT", path="/blocks/") >= 1, "the worker's first PUT reached L2")
     finally:
         t0 = time.monotonic()
         store.close(l2_timeout_s=1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -262,3 +263,30 @@ def test_a_store_that_may_not_write_the_marker_opens_and_keeps_the_fallback(moto
             assert st.lookup(ident, tokens) == 0 and proxy.count("HEAD") == 2
     finally:
         proxy.close()
+
+
+def test_a_marker_write_that_gets_no_answer_does_not_keep_l2_detached(moto_server, creds, s3_prefix, tmp_path):
+    """The marker's PUT hangs while everything else answers: the write is bounded by
+    the probe's budget (its silent tries open the circuit breaker, as any silent L2
+    does), the open returns, the prober attaches L2 with the fallback on once the
+    breaker's cool-down ends, the store's blocks reach L2 and another store reads
+    them there."""
+    proxy = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
+    proxy.inject("hang", method="PUT", path="/layout/", hang_s=3600, times=10)
+    ident, tokens, blocks = make_case(64, 2)
+    spec = f"s3://{BUCKET}/{s3_prefix}"
+    try:
+        with BlockStore.open(tmp_path / "w", object_store=spec, ram_bytes=0, index="flat",
+                             s3_options=dict(endpoint_url=proxy.endpoint, profile=creds)) as w:
+            assert proxy.count("PUT", path="/layout/") >= 1  # tried (within the 2 s probe budget), no answer
+            end = time.monotonic() + 120  # a cap against a hang only: the prober's attach is the event
+            while not w.l2_health()["attached"] and time.monotonic() < end:
+                time.sleep(0.05)
+            assert w.l2_health()["attached"] is True and w._l2.legacy_names is True
+            assert w.put(ident, tokens, blocks) == 2 and w.stats()["counters"]["l2_published"] == 2
+    finally:
+        proxy.close()
+    with BlockStore.open(tmp_path / "r", object_store=spec, ram_bytes=0, index="flat",
+                         s3_options=dict(endpoint_url=moto_server.endpoint, profile=creds)) as r:
+        assert r.get(ident, tokens, 2).tobytes() == blocks.tobytes()
+        assert r.stats()["counters"]["l2_hits"] == 2

@@ -1193,9 +1193,9 @@ def test_blocks_owed_to_l2_survive_sigkill_and_reach_l2_after_reopen(moto_server
             report = json.loads(line)
             if fault == "hang":
                 deadline = time.monotonic() + 30
-                while proxy.count("PUT") < 1 and time.monotonic() < deadline:
+                while proxy.count("PUT", path="/blocks/") < 1 and time.monotonic() < deadline:
                     time.sleep(0.01)  # the worker's first upload is stuck in flight
-                assert proxy.count("PUT") >= 1
+                assert proxy.count("PUT", path="/blocks/") >= 1
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)

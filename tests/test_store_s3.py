@@ -122,9 +122,10 @@ def test_full_background_queue_defers_to_the_retry_list(s3_server, s3_profile, s
     with BlockStore.open(tmp_path / "s", object_store=f"s3://{BUCKET}/{s3_prefix}", s3_options=opts,
                          l2_mode="background", l2_queue_max=1, l2_enqueue_timeout_s=0.05,
                          l2_retry_interval_s=30.0, ram_bytes=0, index="flat") as store:
+        proxy.reset()  # the requests of the open (the layout marker's PUT) are not counted below
         proxy.inject("hang", method="PUT", hang_s=1.5, times=1)  # the worker's first PUT stalls
         store.put(ident, stall_tokens, stall_block)
-        while proxy.count("PUT") < 1:  # an event: the worker's upload reached the proxy
+        while proxy.count("PUT") < 1:  # an event: the worker's upload of that block reached the proxy
             time.sleep(0.005)
         store.put(ident, tokens, blocks)  # one key fits the queue, the rest wait 0.05 s once
         st = store.stats()  # put did not wait for the stalled upload: the overflow was deferred

@@ -70,6 +70,7 @@ from quiver.tier.errors import (
     ObjectStoreIOError,
     ObjectStoreRequestError,
     ObjectStoreUnavailableError,
+    ObjectStoreUnreachableError,
 )
 from quiver.walpub.io import FileSystem, OsFileSystem
 from quiver.walpub.wal import crc32c_of
@@ -534,7 +535,13 @@ class ObjectStore(ABC):
                 if self._any_named(BLOCKS_DIR):
                     self.legacy_names = True
                     return True
-                self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
+                try:
+                    self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
+                except ObjectStoreUnreachableError as exc:  # reads answer, the write does not: attach anyway
+                    log.info("%r: the layout marker's write got no answer (%s); misses also try legacy names",
+                             self, exc)
+                    self.legacy_names = True
+                    return True
         except (ObjectStoreAuthError, ObjectStoreRequestError, ObjectStoreIOError) as exc:  # answered: refused
             log.info("%r: the layout marker could not be read or written (%s); misses also try legacy names",
                      self, exc)
