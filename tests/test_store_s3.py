@@ -125,8 +125,10 @@ def test_full_background_queue_defers_to_the_retry_list(s3_server, s3_profile, s
         proxy.reset()  # the requests of the open (the layout marker's PUT) are not counted below
         proxy.inject("hang", method="PUT", hang_s=1.5, times=1)  # the worker's first PUT stalls
         store.put(ident, stall_tokens, stall_block)
-        while proxy.count("PUT") < 1:  # an event: the worker's upload of that block reached the proxy
+        end = time.monotonic() + 60  # a cap against a hang only
+        while proxy.count("PUT") < 1 and time.monotonic() < end:  # an event: the worker's upload reached the proxy
             time.sleep(0.005)
+        assert proxy.count("PUT") >= 1
         store.put(ident, tokens, blocks)  # one key fits the queue, the rest wait 0.05 s once
         st = store.stats()  # put did not wait for the stalled upload: the overflow was deferred
         assert st["counters"]["l2_deferred"] == 3 and st["gauges"]["l2_retry_pending"] == 3
