@@ -17,12 +17,17 @@ import numpy as np
 
 from quiver.engine.jit import compiled, once, once_in_background
 
-#: A get copies its L0 hits with non-temporal stores from this many bytes on.  Into an
-#: array the caller reuses (lines still cached), numpy was faster up to 8 MiB (4 x 2 MiB:
-#: 233 against 300 us; 16 x 256 KiB: 111 against 150 us), even at 16 MiB (682 against 627
-#: us) and behind above it (64 x 256 KiB: 1.06 against 0.62-0.70 ms; 64 x 2 MiB: 8.5-9.7
-#: against 5.5-5.9 ms); this machine's L3 is 32 MiB (one thread, 2026-12-05).
-NT_MIN_BYTES = 16 << 20
+#: A get copies its L0 hits with non-temporal stores from this many bytes on.  What
+#: decides is whether the destination's lines are still in the cache.  An engine restores
+#: a prefix into KV memory it has not touched lately (cold): there non-temporal stores
+#: won from 1 MiB on (256 KiB blocks, get of 1/2/4/8/16 MiB: x0.86/0.78/0.72/0.67/0.64 of
+#: numpy's time; 2 MiB blocks, 4/8/16 MiB: x0.77/0.75/0.74).  Into an array copied to again
+#: and again (hot) numpy won below 4 MiB (non-temporal x1.27-1.51 of its time), was about
+#: even at 4-8 MiB (x0.95-1.17) and behind at 16 MiB (x0.72-0.90).  From 4 MiB on, a cold
+#: get gains 83-300 us and a hot one loses at most 76 us (2 x 2 MiB).  Through
+#: BlockStore.get, cold = 24 prefixes and outs in turn (> the 32 MiB L3), one thread,
+#: interleaved, 2026-12-05 (docs/STORE.md).
+NT_MIN_BYTES = 4 << 20
 
 _NAME = "copy_rows_nt"
 _WHAT = "non-temporal copy kernel unavailable, L0 hits are copied with numpy"

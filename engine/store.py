@@ -860,7 +860,7 @@ class BlockStore:
                     raise
         finally:  # also after an error: the blocks read so far were verified
             if ram is not None:
-                ram.unpin_many([pin[1] for pin in pins if pin is not None])
+                ram.unpin_many([pin[0] for pin in pins if pin is not None])
             started = [fut for fut in l2_reads.values() if fut is not None]
             if started:
                 for fut in started:
@@ -897,18 +897,18 @@ class BlockStore:
         layout = _layout(ident)
         if len(idx) < L0_BATCH_MIN or rows.shape[1] != layout.raw_len:
             return []
-        ok = layout.matching_rows(self._ram.heads([pins[i][1] for i in idx], layout.header_len),
+        ok = layout.matching_rows(self._ram.heads([pins[i][0] for i in idx], layout.header_len),
                                   self._guard_ids(ident, keys, parents, idx))
         hl, total = layout.header_len, layout.total_len
-        good = [i for i, fits in zip(idx, ok) if fits and len(pins[i][0]) == total]
+        good = [i for i, fits in zip(idx, ok) if fits and pins[i][1] == total]
         # One thread copies: split over a thread pool in tasks of 4 MiB, 8 MiB gets ran slower
         # here (memory-bound, and a hand-off costs about a 256 KiB copy), 128 MiB ones gained < 10%.
         arena, slot_bytes = self._ram.arena, self._ram.slot_bytes  # pinned slots: read with no lock held
         # The arena holds bytes verified (or encoded) on their way in: header only.
         if sink is not None and good:
-            sink.take(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], good)
+            sink.take(arena.reshape(-1, slot_bytes), hl, [pins[i][0] for i in good], good)
         elif good:  # a large get's with non-temporal stores (engine/row_copy.py)
-            row_copy.copy_rows(arena.reshape(-1, slot_bytes), hl, [pins[i][1] for i in good], rows, good)
+            row_copy.copy_rows(arena.reshape(-1, slot_bytes), hl, [pins[i][0] for i in good], rows, good)
         each = (time.perf_counter() - t0) / max(1, len(good))
         return [(i, ("l0", each)) for i in good]
 
@@ -1264,7 +1264,7 @@ class BlockStore:
         t0 = time.perf_counter()
         if pin is not None:  # the slot is not reused until the get unpins it: decode outside any lock
             try:  # the arena holds bytes verified (or encoded) on their way in: header only
-                self._decode(pin[0], want, dst, ident, verify_body=False)
+                self._decode(self._ram.pinned_view(*pin), want, dst, ident, verify_body=False)
             except EnvelopeError as exc:
                 corrupt = exc
                 self._ram.delete(skey)

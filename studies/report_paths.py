@@ -56,6 +56,11 @@ def _goal(e: dict) -> tuple[str, str]:
     return DASH, DASH
 
 
+def _nt_min(e: dict) -> str:
+    """The get size from which L0 hits were copied with non-temporal stores in that run."""
+    return _size(e["nt_min_bytes"]) if "nt_min_bytes" in e else "`row_copy.NT_MIN_BYTES`"
+
+
 def _floor(e: dict) -> str:
     """The case's floor (a measured contender in the same rounds: the limit plus only
     what the path cannot skip) in the ratio's metric, and the store's time above it per
@@ -116,7 +121,7 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
         "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's two threads, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
         "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". "
-        "An L0 get of 16 MiB or more copies with non-temporal stores (engine/row_copy.py: whole lines written "
+        f"An L0 get of {_nt_min(e0)} or more copies with non-temporal stores (engine/row_copy.py: whole lines written "
         "without reading them first, and not kept in the cache); `np.copyto`, the limit, and the floor write "
         "through the cache, so on those rows (marked) the store can pass ×1.0 of the limit: there the limit "
         "is what a plain copy of the same bytes costs, not the memory's bound. 1 MB = 1e6 B.",

@@ -217,14 +217,15 @@ def test_pin_many_pins_each_key_and_unpin_many_releases_them():
     t = RamTier(capacity_bytes=2 * 64, slot_bytes=64)
     t.put(k(0), b"a" * 64)
     t.put(k(1), b"b" * 64)
-    pins = t.pin_many([k(0), b"absent", k(1), k(0)])
-    assert pins[1] is None and bytes(pins[0][0]) == b"a" * 64 and bytes(pins[2][0]) == b"b" * 64
-    assert pins[3][1] == pins[0][1]  # one slot pinned twice
+    pins = t.pin_many([k(0), b"absent", k(1), k(0)])  # (slot, block bytes) of each hit
+    view = [None if p is None else t.pinned_view(*p) for p in pins]
+    assert pins[1] is None and bytes(view[0]) == b"a" * 64 and bytes(view[2]) == b"b" * 64
+    assert pins[3] == pins[0] and pins[0][1] == 64  # one slot pinned twice
     t.delete(k(0))
     with pytest.raises(TierFullError):  # k(0)'s slot waits for both unpins, k(1)'s is pinned
         t.put(k(2), b"c" * 64)
-    assert bytes(pins[0][0]) == b"a" * 64 and bytes(pins[2][0]) == b"b" * 64
-    t.unpin_many([p[1] for p in pins if p is not None])
+    assert bytes(view[0]) == b"a" * 64 and bytes(view[2]) == b"b" * 64 and view[0].readonly
+    t.unpin_many([p[0] for p in pins if p is not None])
     t.check_invariants()
     t.put(k(3), b"d" * 64)
     t.put(k(4), b"e" * 64)

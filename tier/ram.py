@@ -263,12 +263,15 @@ class RamTier:
         """A read-only view of the block and its slot number, or None; counts as an
         access.  The slot is not reused until ``unpin(slot)``, so the view may be
         read without any lock held."""
-        return self.pin_many([key])[0]
+        pinned = self.pin_many([key])[0]
+        return None if pinned is None else (self.pinned_view(*pinned), pinned[0])
 
-    def pin_many(self, keys: list[bytes]) -> list[tuple[memoryview, int] | None]:
+    def pin_many(self, keys: list[bytes]) -> list[tuple[int, int] | None]:
         """``pin`` of each key under one lock acquisition (a get of n blocks takes
-        the lock once and counts once, not n times)."""
-        out: list[tuple[memoryview, int] | None] = []
+        the lock once and counts once, not n times): (slot, block bytes) of each,
+        or None.  No view is made here (one per block cost about a microsecond,
+        and a batched get reads its slots through the arena): ``pinned_view``."""
+        out: list[tuple[int, int] | None] = []
         hits = nbytes = 0
         with self._lock:
             where, pins, access = self._where, self._pins, self._policy.access
@@ -280,13 +283,17 @@ class RamTier:
                 slot, n = entry
                 access(key)
                 pins[slot] = pins.get(slot, 0) + 1
-                out.append((self._view(slot, n).toreadonly(), slot))
+                out.append(entry)
                 hits += 1
                 nbytes += n
             self._n["hits"] += hits
             self._n["misses"] += len(keys) - hits
             self._n["bytes_out"] += nbytes
         return out
+
+    def pinned_view(self, slot: int, nbytes: int) -> memoryview:
+        """A read-only view of the first ``nbytes`` of a slot the caller has pinned."""
+        return self._view(slot, nbytes).toreadonly()
 
     def heads(self, slots: list[int], nbytes: int) -> np.ndarray:
         """The first ``nbytes`` of each listed slot, ``[len(slots), nbytes]``
