@@ -593,6 +593,7 @@ def test_engine_path(benchmark, path, block_bytes):
             out = run_once(benchmark, lambda: _put(root, block_bytes, PUT_BLOCKS[block_bytes]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS,
-                               nt_min_bytes=row_copy.NT_MIN_BYTES)  # l1/l2-batch: their own threads
+    from quiver.engine.row_copy import NT_MIN_BYTES
+
+    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS, nt_min_bytes=NT_MIN_BYTES)  # l1/l2-batch: their own threads
     assert out["store_s"] > 0 and out["limit_s"] > 0
