@@ -12,7 +12,12 @@ Paths (``path`` in extra_info), per block size:
 
 - ``l0-batch``: ``get(ident, tokens, out=out)`` of ``BATCH`` blocks all in L0 (RAM),
   beside ``np.copyto`` of the same bytes into the same ``out`` (memcpy).
-- ``l0-single``: the same for one block.
+- ``l0-cold``: what an engine restoring a prefix pays: gets of ``COLD_GET_BYTES`` each
+  into KV memory not touched lately.  ``COLD_TURNS`` prefixes, each with its own ``out``,
+  are got in turn (each get's blocks and ``out`` were last touched ``COLD_TURNS - 1``
+  gets ago, more bytes than the CPU caches hold), beside ``np.copyto`` of the same
+  sources into the same outs in the same turns; times per get.
+- ``l0-single``: the same as ``l0-batch`` for one block.
 - ``l0-fixed``: a batch of ``BATCH`` tiny blocks (512 B payload), so the time per
   block is the fixed cost of a get (keying, guard, bookkeeping), not the bytes.
 - ``l0-threads-T``: T threads (1, 2, 4), each a get of its own ``THREAD_BLOCKS`` L0
@@ -81,7 +86,9 @@ PUT_BLOCKS = {64 * KiB: 8, 256 * KiB: 16, 2 * MiB: 8}
 ROUNDS = pick(smoke=3, quick=21, full=41)
 THREADS = pick(smoke=[2], quick=[1, 2, 4], full=[1, 2, 4])
 THREAD_BLOCKS = pick(smoke=4, quick=16, full=16)
-PATHS = ["l0-batch", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREADS], "l1-batch", "l2-batch",
+COLD_GET_BYTES = pick(smoke=1 * MiB, quick=8 * MiB, full=8 * MiB)
+COLD_TURNS = pick(smoke=3, quick=12, full=12)  # 12 x 8 MiB out, 12 x 8 MiB sources: 3x this machine's 32 MiB L3
+PATHS = ["l0-batch", "l0-cold", "l0-single", "l0-fixed", *[f"l0-threads-{t}" for t in THREADS], "l1-batch", "l2-batch",
          "l2-s3", "l2-rgw", "put-durable"]
 GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, "put-durable-256KiB": 1.0,
          "put-durable-2MiB": 0.8}
@@ -195,6 +202,42 @@ def _l0(root: Path, block_bytes: int, n: int) -> dict:
             "per_block_s": med["store"] / n, "bytes": n * block_bytes, "floor_s": med["floor"],
             "floor": "each block's body copied from its own buffer into its row (np.copyto per block, no check)",
             "floor_ratio": med.ratio("limit", "floor"), "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
+
+
+def _l0_cold(root: Path, block_bytes: int) -> dict:
+    from quiver import BlockStore
+    from quiver.engine import row_copy
+
+    ident = _ident(block_bytes)
+    n = max(2, COLD_GET_BYTES // block_bytes)
+    cases = [_case(ident, n) for _ in range(COLD_TURNS)]
+    outs = [np.ones_like(blocks) for _, blocks in cases]  # touched: no page faults in the timings
+    ram = COLD_TURNS * n * (block_bytes + 64 * KiB) + 64 * MiB
+    with BlockStore.open(root / "store", index="flat", ram_bytes=ram) as st:
+        for tokens, blocks in cases:
+            st.put(ident, tokens, blocks)
+        assert st.stats()["residency"]["l0"] == COLD_TURNS * n, "the blocks must all be in L0"
+        nt = row_copy.wait_loaded()  # the store loads it in the background: time the steady state
+
+        def gets():
+            for (tokens, _), out in zip(cases, outs):
+                st.get(ident, tokens, out=out)
+
+        def copies():
+            for (_, blocks), out in zip(cases, outs):
+                np.copyto(out, blocks)
+
+        gets()
+        assert all(o.tobytes() == b.tobytes() for o, (_, b) in zip(outs, cases))
+        hits = st.stats()["counters"]["l0_hits"]
+        med = _rounds({"store": gets, "limit": copies})
+        assert st.stats()["counters"]["l0_hits"] - hits == ROUNDS * COLD_TURNS * n, "a timed get left L0"
+    return {"store_s": med["store"] / COLD_TURNS, "limit_s": med["limit"] / COLD_TURNS,
+            "ratio": med.ratio("limit", "store"), "blocks": n, "block_bytes": block_bytes, "turns": COLD_TURNS,
+            "limit": (f"memcpy (np.copyto) of the same sources into the same outs, in the same turns "
+                      f"({COLD_TURNS} prefixes and outs)"),
+            "per_block_s": med["store"] / (COLD_TURNS * n), "bytes": n * block_bytes,
+            "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
 def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
@@ -574,6 +617,8 @@ def test_engine_path(benchmark, path, block_bytes):
     try:
         if path == "l0-batch":
             out = run_once(benchmark, lambda: _l0(root, block_bytes, BATCH))
+        elif path == "l0-cold":
+            out = run_once(benchmark, lambda: _l0_cold(root, block_bytes))
         elif path == "l0-single":
             out = run_once(benchmark, lambda: _l0(root, block_bytes, 1))
         elif path == "l0-fixed":
@@ -595,5 +640,6 @@ def test_engine_path(benchmark, path, block_bytes):
         shutil.rmtree(root, ignore_errors=True)
     from quiver.engine.row_copy import NT_MIN_BYTES
 
-    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS, nt_min_bytes=NT_MIN_BYTES)  # l1/l2-batch: their own threads
+    # l1/l2-batch: their own threads
+    benchmark.extra_info.update({"threads": 1, **out}, path=path, rounds=ROUNDS, nt_min_bytes=NT_MIN_BYTES)
     assert out["store_s"] > 0 and out["limit_s"] > 0
