@@ -180,7 +180,10 @@ class L2Publisher:
             l2.probe()
         if self.attached:
             return
-        with translated("L2 layout"), deadline(l2.breaker.policy.probe_timeout_s):
+        # L2 answered the probe: deciding its layout reads its state, as the manifests read does,
+        # under that budget (RGW's first HEAD on a new bucket took the probe's whole 2 s in a study
+        # run, and a store that answers slowly is not down); the marker's write has the probe's.
+        with translated("L2 layout"), deadline(self.L2_BOOTSTRAP_TIMEOUT_S):
             l2.settle_naming()  # a miss asks one name where no block can have the legacy one
         if self._bootstrap:
             t0 = time.perf_counter()

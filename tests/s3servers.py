@@ -180,7 +180,7 @@ class RgwServer:
 
 # --- fault proxy ---------------------------------------------------------------------------
 
-ACTIONS = ("status", "reset", "reset_after", "hang", "truncate", "short", "flip")
+ACTIONS = ("status", "reset", "reset_after", "hang", "delay", "truncate", "short", "flip")
 
 
 @dataclass
@@ -276,6 +276,8 @@ class FaultProxy:
                 if action == "hang":
                     time.sleep(rule.hang_s)
                     return
+                if action == "delay":  # a slow server that answers: hang_s, then the request goes on
+                    time.sleep(rule.hang_s)
                 if action == "status":
                     _send_error(sock, method, rule.status)
                     continue

@@ -31,6 +31,7 @@ from s3servers import LOOPBACK, FaultProxy
 from store_child import make_case
 from quiver.tier.objectstore import (
     BLOCKS_DIR,
+    BreakerPolicy,
     LAYOUT_MARKER,
     LocalDirObjectStore,
     key_from_name,
@@ -290,3 +291,23 @@ def test_a_marker_write_that_gets_no_answer_does_not_keep_l2_detached(moto_serve
                          s3_options=dict(endpoint_url=moto_server.endpoint, profile=creds)) as r:
         assert r.get(ident, tokens, 2).tobytes() == blocks.tobytes()
         assert r.stats()["counters"]["l2_hits"] == 2
+
+
+def test_a_slow_answer_while_the_layout_is_decided_does_not_detach_l2(moto_server, creds, s3_prefix, tmp_path):
+    """The marker's HEAD answers after longer than the probe's 2 s budget (RGW's first
+    request on a new bucket did, in a loaded study run): L2 answered the probe, so the
+    layout is decided under the manifests read's budget, the open attaches L2 with the
+    marker written, and a put publishes at once (it was refused with the breaker open)."""
+    proxy = FaultProxy((LOOPBACK, urlsplit(moto_server.endpoint).port))
+    probe_s = BreakerPolicy().probe_timeout_s
+    proxy.inject("delay", method="HEAD", path="/layout/", hang_s=probe_s + 0.5, times=1)
+    ident, tokens, blocks = make_case(65, 2)
+    try:
+        with BlockStore.open(tmp_path / "s", object_store=f"s3://{BUCKET}/{s3_prefix}", ram_bytes=0, index="flat",
+                             s3_options=dict(endpoint_url=proxy.endpoint, profile=creds)) as st:
+            assert proxy.count("HEAD", path="/layout/") == 1  # answered late, not retried
+            assert st.l2_health()["attached"] is True and st._l2.legacy_names is False
+            assert proxy.count("PUT", path="/layout/") == 1
+            assert st.put(ident, tokens, blocks) == 2 and st.stats()["counters"]["l2_published"] == 2
+    finally:
+        proxy.close()

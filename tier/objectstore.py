@@ -535,8 +535,9 @@ class ObjectStore(ABC):
                 if self._any_named(BLOCKS_DIR):
                     self.legacy_names = True
                     return True
-                try:
-                    self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
+                try:  # bounded by the probe's budget: a write that hangs costs the open no more
+                    with deadline(self.breaker.policy.probe_timeout_s):
+                        self._put_named(LAYOUT_MARKER, _LAYOUT_BODY)
                 except ObjectStoreUnreachableError as exc:  # reads answer, the write does not: attach anyway
                     log.info("%r: the layout marker's write got no answer (%s); misses also try legacy names",
                              self, exc)
