@@ -829,12 +829,13 @@ class BlockStore:
         l2_reads = self._start_l2_reads(ident, ((i, skeys[i]) for i in range(n) if pins[i] is None), dsts)
         try:
             batch = self._l0_batch(ident, keys, parents, pins, rows, sink) if rows is not None else []
-            missed = n - len(batch)  # a get served whole from L0 asks no other tier
-            if rows is not None and missed:  # not in L0, and in L1's index when the get began (else: l2_reads)
+            # Not in L0, and in L1's index when the get began (else: l2_reads); a get served
+            # whole from L0 (or whose other hits _read_one takes) asks no other tier.
+            l1_todo = [i for i in range(n) if pins[i] is None and i not in l2_reads]
+            if rows is not None and (l1_todo or l2_reads):
                 try:
-                    batch += self._l1_batch(ident, keys, parents, skeys, rows,
-                                            [i for i in range(n) if pins[i] is None and i not in l2_reads], from_l1,
-                                            sink)
+                    if l1_todo:
+                        batch += self._l1_batch(ident, keys, parents, skeys, rows, l1_todo, from_l1, sink)
                     if l2_reads:
                         batch += self._l2_batch(ident, keys, parents, skeys, rows,
                                                 [i for i, read in l2_reads.items() if read is None], from_l2, sink)
