@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import (DASH, prefix_path_cells, _absent, _ex, _is_num, _ms, _plot_line, _section_head, _size, _txt, _verdict, _x,
-                            fmt, pyplot, reproduce_line, save_plot, table)
+from .report_common import (DASH, mb_per_s, prefix_path_cells, _absent, _ex, _is_num, _ms, _plot_line, _section_head, _size,
+                            _txt, _verdict, _x, fmt, pyplot, reproduce_line, save_plot, table)
 
 GROUPS = ["ttft"]
 # Goal, not a result.
@@ -14,7 +14,58 @@ TTFT_STORE_SHARE_GOAL_PCT = 10.0
 TTFT_PATHS = ["full", "l0", "l1", "l2"]
 
 
-def ttft_section(mode: str, benches: list[dict], plots) -> list[str]:
+def _misses(prefixes: list[int], cells: dict, goal: float, paths_cases: list[dict]) -> list[str]:
+    """Why each missed share missed, from the run's own figures: the get rate the goal
+    asks for beside the one measured, and what the get's three passes over the bytes cost
+    at the rates the same run measured for them (engine-paths study, at the block size
+    nearest this study's: the l1-batch floor = a page-cache read + one CRC pass, read as a
+    get reads a batch; the l0-batch limit = a memcpy)."""
+    out, sizes, blocks = [], [], []
+    for P in prefixes:
+        for path in TTFT_PATHS[1:]:
+            e = cells.get((P, path)) or {}
+            share, prefill, kv = e.get("store_share"), e.get("suffix_prefill_s"), e.get("kv_bytes")
+            if _is_num(share) and share > goal and _is_num(prefill):
+                out.append(e)
+                sizes += [kv] if _is_num(kv) else []
+                blocks += [kv / e["blocks"]] if _is_num(kv) and _is_num(e.get("blocks")) and e["blocks"] else []
+    if not out:
+        return []
+    size = sorted({c.get("block_bytes") for c in paths_cases if _is_num(c.get("block_bytes"))},
+                  key=lambda b: abs(b - blocks[0]) if blocks else 0)
+    l1, l0 = ({} if not size else next((c for c in paths_cases if c.get("path") == p and c.get("block_bytes") == size[0]),
+                                       {}) for p in ("l1-batch", "l0-batch"))
+    read_check, copy = mb_per_s(l1.get("bytes"), l1.get("floor_s")), mb_per_s(l0.get("bytes"), l0.get("limit_s"))
+    said = []
+    for e in out:
+        share, prefill, kv = e["store_share"], e["suffix_prefill_s"], e.get("kv_bytes")
+        left = goal * prefill - sum(e.get(k) or 0.0 for k in ("lookup_s", "scatter_s"))
+        need = mb_per_s(kv, left) if left > 0 else None
+        passes = kv / 1e6 / read_check + kv / 1e6 / copy if read_check and copy and _is_num(kv) else None
+        said.append(f"P = {e['prefix_tokens']:,} from {e['path'].upper()}: store {fmt(_ms(e.get('store_s')))} ms "
+                    f"against {fmt(_ms(goal * prefill))} ms ({TTFT_STORE_SHARE_GOAL_PCT:g}% of the suffix prefill), "
+                    f"missed by {_x(share / goal)}; the get moved {fmt(e.get('get_mb_per_s'))} MB/s "
+                    f"({fmt(_ms(e.get('get_s')))} ms) where the goal asks {fmt(need)} MB/s"
+                    + (f", and its passes one after another at this run's rates take {fmt(_ms(passes))} ms"
+                       if passes else ""))
+    why = (" A get from L1 or L2 reads every byte from the page cache, checks it (one CRC32C pass) and copies it "
+           "into the model's cache.")
+    if read_check and copy:
+        why += (f" This run's engine-paths study measured the read and check at {fmt(read_check)} MB/s (`l1-batch` "
+                f"floor) and a copy at {fmt(copy)} MB/s (`l0-batch` memcpy), blocks of {_size(size[0])}, in batches "
+                f"of {_span([l1.get('bytes'), l0.get('bytes')])}, most of whose bytes stay in the CPU caches; a "
+                f"restore of {_span(sizes)} streams each pass through memory, so part of the gap between the get and "
+                "its passes is memory bandwidth and part the get's own cost: this run does not separate the two.")
+    return ["**Misses.** " + "; ".join(said) + "." + why, ""]
+
+
+def _span(sizes: list) -> str:
+    """The sizes' range as "32 MiB–128 MiB" (one size: itself)."""
+    lo, hi = _size(min(sizes, default=None)), _size(max(sizes, default=None))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def ttft_section(mode: str, benches: list[dict], plots, paths_cases: list[dict] | None = None) -> list[str]:
     prefixes, cells = prefix_path_cells(benches)
     e0 = _ex(benches[0]) if benches else {}
     m = e0.get("model") or {}
@@ -50,6 +101,7 @@ def ttft_section(mode: str, benches: list[dict], plots) -> list[str]:
     lines += table(["prefix tokens", "path", "TTFT ms", "speedup", "store ms", "lookup ms", "get ms", "scatter ms",
                     "suffix prefill ms", "store share", f"goal ≤ {TTFT_STORE_SHARE_GOAL_PCT:g}%", "get MB/s",
                     "prefix KV"], rows)
+    lines += _misses(prefixes, cells, goal, paths_cases or [])
     puts = [f"P = {P:,}: {fmt(_ms(cells[(P, 'full')].get('populate_put_s')))} ms "
             f"({fmt(cells[(P, 'full')].get('populate_put_mb_per_s'))} MB/s)" for P in prefixes if (P, "full") in cells]
     if puts:
@@ -77,7 +129,7 @@ def ttft_headline_rows(benches: list[dict]) -> list[list[str]]:
 
 
 def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
-    return ttft_section(mode, groups["ttft"], plots)
+    return ttft_section(mode, groups["ttft"], plots, [_ex(b) for b in groups.get("engine-paths", [])])
 
 
 def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
