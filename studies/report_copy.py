@@ -41,6 +41,7 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
         ]
         lines += table(["blocks", "op", "MiB", "MB/s", "memcpy MB/s", "÷ memcpy", f"goal ≥ {COPY_GOAL_RATIO:g}",
                         "memcpy runs MB/s", "÷ memcpy runs", "÷ memcpy fresh", "copy ops"], rows)
+        lines += _misses([_ex(b) for b in cpu])
     if cuda:
         rows = [[fmt(_ex(b).get("op")), fmt(_ex(b).get("host")), fmt(_ex(b).get("copier")),
                  fmt(_ex(b).get("blocks"), "int"),
@@ -54,6 +55,28 @@ def copy_section(mode: str, benches: list[dict]) -> list[str]:
         lines += table(["op", "host", "device pass", "blocks", "MB/s", "raw pinned MB/s", "÷ pinned", f"goal ≥ {COPY_GOAL_RATIO:g}",
                         "÷ raw pageable", "device"], rows)
     return lines + [reproduce_line(mode, benches), ""]
+
+
+def _misses(cases: list[dict]) -> list[str]:
+    """Why each missed op missed, from its own row: how much of memcpy the same bytes
+    reach when copied in the layout's pieces (``memcpy runs``), and the op against that."""
+    said = []
+    for e in cases:
+        ratio, runs, op_runs = e.get("ratio_to_memcpy"), e.get("memcpy_runs_mb_per_s"), e.get("ratio_to_memcpy_runs")
+        mem = e.get("memcpy_mb_per_s")
+        if not (isinstance(ratio, (int, float)) and ratio < COPY_GOAL_RATIO) or str(e.get("op")).endswith("-torch"):
+            continue  # -torch: the baseline without the compiled kernels, not the path a copy takes
+        text = f"{fmt(e.get('blocks'), 'int')} blocks {e.get('op')} ×{fmt(ratio)} of memcpy"
+        if isinstance(runs, (int, float)) and isinstance(mem, (int, float)) and mem > 0:
+            text += (f": a memcpy of the same bytes in the layout's pieces reached ×{fmt(runs / mem)} of one memcpy, "
+                     f"the op ×{fmt(op_runs)} of that")
+        said.append(text)
+    if not said:
+        return []
+    return ["**Misses** (the `-torch` rows, the baseline without the compiled kernels, aside). " + "; ".join(said)
+            + ". Where the pieces' memcpy is itself near or under the goal, the layout's pieces (one run per block, "
+            "layer and K/V) bound the op; the rest is the op's own cost (its setup per call, its gather or "
+            "transpose).", ""]
 
 
 def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
