@@ -56,6 +56,11 @@ def _goal(e: dict) -> tuple[str, str]:
     return DASH, DASH
 
 
+def _cold(cases: list[dict]) -> dict:
+    """The run's first l0-cold case ({} where it has none): its turns and bytes per get."""
+    return next((e for e in cases if e.get("path") == "l0-cold"), {})
+
+
 def _nt_min(e: dict) -> str:
     """The get size from which L0 hits were copied with non-temporal stores in that run."""
     return _size(e["nt_min_bytes"]) if "nt_min_bytes" in e else "`row_copy.NT_MIN_BYTES`"
@@ -117,7 +122,11 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         f"in an order that rotates with the round and is reversed every other pass, so no contender always follows the same one (`l2-s3` and `l2-rgw`: the get first after each round's fresh open, then the three fetches; medians of {fmt(e0.get('rounds'), 'int')} rounds; "
         "each ratio is the median of the rounds' own ratios, so it need not equal the ratio of the two medians shown). Blocks: one layer of float16 "
         "K and V, 16 tokens, random payloads, codec none. L0 cases hold every block in RAM and decode into the "
-        "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost. `l1-batch` "
+        "caller's `out`; `l0-fixed` uses 512 B payloads, so its time per block is the get's fixed cost; "
+        f"`l0-cold` is what an engine restoring a prefix pays: gets of {_size(_cold(cases).get('bytes'))} into KV "
+        f"memory not touched lately ({fmt(_cold(cases).get('turns'), 'int')} prefixes, each with its own `out`, got in turn: more bytes than "
+        "the CPU caches hold between one get of a prefix and the next), beside `np.copyto` of the same sources into "
+        "the same outs in the same turns, times per get. `l1-batch` "
         "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
         "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's two threads, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
         "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". "
