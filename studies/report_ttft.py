@@ -31,10 +31,12 @@ def _misses(prefixes: list[int], cells: dict, goal: float, paths_cases: list[dic
                 blocks += [kv / e["blocks"]] if _is_num(kv) and _is_num(e.get("blocks")) and e["blocks"] else []
     if not out:
         return []
-    size = sorted({c.get("block_bytes") for c in paths_cases if _is_num(c.get("block_bytes"))},
-                  key=lambda b: abs(b - blocks[0]) if blocks else 0)
-    l1, l0 = ({} if not size else next((c for c in paths_cases if c.get("path") == p and c.get("block_bytes") == size[0]),
-                                       {}) for p in ("l1-batch", "l0-batch"))
+    sizes_measured = [c["block_bytes"] for c in paths_cases if _is_num(c.get("block_bytes"))]
+    size = min(sizes_measured, key=lambda b: abs(b - blocks[0]) if blocks else 0, default=None)
+
+    def case(path: str) -> dict:
+        return next((c for c in paths_cases if c.get("path") == path and c.get("block_bytes") == size), {})
+    l1, l0 = case("l1-batch"), case("l0-batch")
     read_check, copy = mb_per_s(l1.get("bytes"), l1.get("floor_s")), mb_per_s(l0.get("bytes"), l0.get("limit_s"))
     said = []
     for e in out:
@@ -52,7 +54,7 @@ def _misses(prefixes: list[int], cells: dict, goal: float, paths_cases: list[dic
            "into the model's cache.")
     if read_check and copy:
         why += (f" This run's engine-paths study measured the read and check at {fmt(read_check)} MB/s (`l1-batch` "
-                f"floor) and a copy at {fmt(copy)} MB/s (`l0-batch` memcpy), blocks of {_size(size[0])}, in batches "
+                f"floor) and a copy at {fmt(copy)} MB/s (`l0-batch` memcpy), blocks of {_size(size)}, in batches "
                 f"of {_span([l1.get('bytes'), l0.get('bytes')])}, most of whose bytes stay in the CPU caches; a "
                 f"restore of {_span(sizes)} streams each pass through memory, so part of the gap between the get and "
                 "its passes is memory bandwidth and part the get's own cost: this run does not separate the two.")
