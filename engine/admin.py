@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import crc32c as _crc32c
 
 from quiver.engine.envelope import decode_header
 from quiver.engine.errors import (
@@ -53,6 +52,7 @@ from quiver.engine.errors import (
     StoreLockedError,
 )
 from quiver.engine.identity import CacheIdentity
+from quiver.walpub.checksum import crc32c
 
 NAMESPACE_BYTES = 16
 STORE_KEY_BYTES = 48  # namespace (16) + chain key (32), engine.store.STORE_KEY_BYTES
@@ -203,7 +203,7 @@ def envelope_problem(skey: bytes, data) -> str | None:
     if len(mv) != h.total_len:
         return f"envelope is {len(mv)} bytes, its header says {h.total_len}"
     end = h.header_len + h.body_len
-    if _crc32c.crc32c(mv[:end]) != int.from_bytes(mv[end:end + 4], "little"):
+    if crc32c(mv[:end]) != int.from_bytes(mv[end:end + 4], "little"):
         return "envelope CRC32C mismatch"
     if h.key != skey[NAMESPACE_BYTES:]:
         return "the header names another block"

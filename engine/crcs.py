@@ -2,16 +2,17 @@
 
 An envelope with layer CRCs needs a CRC32C of each layer and one of the whole
 header + body (docs/FORMAT.md).  Both used to be computed from the bytes: two
-passes over every payload byte at about memcpy speed.  CRC32C is linear, so
+passes over every payload byte.  CRC32C is linear, so
 ``crc(A || B)`` follows from ``crc(A)``, ``crc(B)`` and ``len(B)`` alone (zlib's
 ``crc32_combine``, here for the Castagnoli polynomial): the layers are read
 once and the envelope CRC is combined from theirs.
 
 The operator "append ``n`` zero bytes" is built once per length (square and
 multiply over GF(2), about 0.7 ms, cached per length) and applied through four
-byte tables: 0.4 us per combine in Python, against 2.7 us for a CRC32C pass
-over 64 KiB here, so a caller combines only pieces of ``COMBINE_MIN_BYTES`` or
-more and runs the CRC over smaller ones again.
+byte tables: 0.3 us per combine in Python, against 1.4 us for a CRC32C pass
+over 64 KiB here, 0.5 us over 16 KiB and 0.36 us over 8 KiB (2026-12-05, the
+store's CRC32C, ``quiver.walpub.checksum``), so a caller combines only pieces of
+``COMBINE_MIN_BYTES`` or more and runs the CRC over smaller ones again.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ import math
 import struct
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
 from quiver.engine import codecs, crcs, quant
@@ -51,6 +50,7 @@ from quiver.engine.errors import (
     UnknownCodecError,
     UnsupportedVersionError,
 )
+from quiver.walpub.checksum import crc32c
 
 MAGIC = b"QVKB"
 VERSION = 1
@@ -281,7 +281,7 @@ class PreparedEnvelope:
         """CRC32C of the whole envelope as stored (header, body, trailing CRC),
         continued from the trailing CRC over its own 4 bytes: what walpub
         records for these bytes, with no pass over them (``Volume.publish_many``)."""
-        return crc32c.crc32c(self.crc, _U32.unpack(self.crc)[0])
+        return crc32c(self.crc, _U32.unpack(self.crc)[0])
 
     def write_into(self, dest) -> int:
         """Copy the envelope to the start of ``dest`` (a writable C-contiguous
@@ -377,18 +377,18 @@ def prepare_envelope(
     )
     head = fixed + struct.pack(f"<{len(offsets)}Q", *offsets)
     spans = list(zip(offsets, offsets[1:] + (raw.size,))) if layer_crcs else []
-    layer_crc_values = [crc32c.crc32c(raw[a:b]) for a, b in spans]
+    layer_crc_values = [crc32c(raw[a:b]) for a, b in spans]
     if layer_crcs:
         head += struct.pack(f"<{len(offsets)}I", *layer_crc_values)
-    head += _U32.pack(crc32c.crc32c(head))
-    crc = crc32c.crc32c(head)
+    head += _U32.pack(crc32c(head))
+    crc = crc32c(head)
     if layer_crcs:  # codec none: the body is raw, which the layers tile (first offset 0): one pass, not two
         for (a, b), layer_crc in zip(spans, layer_crc_values):
             crc = crcs.combine(crc, layer_crc, b - a) if b - a >= crcs.COMBINE_MIN_BYTES \
-                else crc32c.crc32c(raw[a:b], crc)
+                else crc32c(raw[a:b], crc)
     else:
         for p in parts:
-            crc = crc32c.crc32c(p, crc)
+            crc = crc32c(p, crc)
     return PreparedEnvelope(head=head, parts=tuple(parts), crc=_U32.pack(crc),
                             nbytes=len(head) + body_len + _CRC_SIZE)
 
@@ -497,7 +497,7 @@ def decode_header(buf, *, allow_lossy: bool = False) -> EnvelopeHeader:
     if len(mv) < header_len:
         raise TruncatedEnvelopeError(f"{len(mv)} bytes cannot hold the {header_len}-byte header")
     (stored_crc,) = _U32.unpack_from(mv, header_len - _CRC_SIZE)
-    if crc32c.crc32c(mv[:header_len - _CRC_SIZE]) != stored_crc:
+    if crc32c(mv[:header_len - _CRC_SIZE]) != stored_crc:
         raise ChecksumMismatchError("header CRC32C mismatch")
 
     codecs.check_codec_id(cid, allow_lossy=allow_lossy)
@@ -556,7 +556,7 @@ def verify_layer(h: EnvelopeHeader, i: int, data) -> None:
     start, stop = h.layer_body_range(i)
     if memoryview(data).nbytes != stop - start:
         raise TruncatedEnvelopeError(f"layer {i}: {memoryview(data).nbytes} bytes, expected {stop - start}")
-    if crc32c.crc32c(data) != h.layer_crcs[i]:
+    if crc32c(data) != h.layer_crcs[i]:
         raise ChecksumMismatchError(f"layer {i}: CRC32C mismatch")
 
 
@@ -571,7 +571,7 @@ def _verified(buf, allow_lossy: bool, verify_body: bool = True) -> tuple[Envelop
         raise CorruptEnvelopeError(f"{len(mv) - h.total_len} bytes after the envelope's CRC")
     end = h.header_len + h.body_len
     (stored,) = _U32.unpack_from(mv, end)
-    if verify_body and crc32c.crc32c(mv[:end]) != stored:
+    if verify_body and crc32c(mv[:end]) != stored:
         raise ChecksumMismatchError("envelope CRC32C mismatch")
     return h, mv[h.header_len:end]
 
@@ -650,7 +650,7 @@ class RawLayout:
             ok &= (heads[:, _PER_BLOCK_AT:at] == ids).all(axis=1)
         # Each header's CRC over slices of one bytes copy: indexing the array row by row cost 2x.
         rows = memoryview(heads.tobytes())
-        crcs = np.array([crc32c.crc32c(rows[o:o + n - _CRC_SIZE]) for o in range(0, len(rows), n)], dtype=np.uint32)
+        crcs = np.array([crc32c(rows[o:o + n - _CRC_SIZE]) for o in range(0, len(rows), n)], dtype=np.uint32)
         return ok & (crcs == heads[:, n - _CRC_SIZE:n].copy().view("<u4")[:, 0])
 
     def _rows_by_bytes(self, heads: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
@@ -664,7 +664,7 @@ class RawLayout:
             o = j * n
             ok.append(rows[o:o + _PER_BLOCK_AT] == self.lead and rows[o + at:o + end] == self.rest
                       and (want is None or rows[o + _PER_BLOCK_AT:o + at] == want[j * width:(j + 1) * width])
-                      and crc32c.crc32c(rows[o:o + n - _CRC_SIZE]) == _U32.unpack_from(rows, o + n - _CRC_SIZE)[0])
+                      and crc32c(rows[o:o + n - _CRC_SIZE]) == _U32.unpack_from(rows, o + n - _CRC_SIZE)[0])
         return np.array(ok, dtype=bool)
 
     def matches(self, head: memoryview) -> bool:
@@ -673,7 +673,7 @@ class RawLayout:
         n = self.header_len
         return (len(head) >= n and head[:_PER_BLOCK_AT] == self.lead
                 and head[_PER_BLOCK_END:_PER_BLOCK_END + len(self.rest)] == self.rest
-                and crc32c.crc32c(head[:n - _CRC_SIZE]) == _U32.unpack_from(head, n - _CRC_SIZE)[0])
+                and crc32c(head[:n - _CRC_SIZE]) == _U32.unpack_from(head, n - _CRC_SIZE)[0])
 
 
 @functools.lru_cache(maxsize=256)
@@ -709,7 +709,7 @@ def decode_raw_into(buf, out, layout: RawLayout, *, verify_body: bool = True) ->
     if len(mv) != layout.total_len or dst.nbytes != layout.raw_len or not layout.matches(mv):
         return False
     end = layout.header_len + layout.raw_len
-    if verify_body and crc32c.crc32c(mv[:end]) != _U32.unpack_from(mv, end)[0]:
+    if verify_body and crc32c(mv[:end]) != _U32.unpack_from(mv, end)[0]:
         raise ChecksumMismatchError("envelope CRC32C mismatch")
     dst[:] = np.frombuffer(mv, dtype=np.uint8, count=layout.raw_len, offset=layout.header_len)
     return True

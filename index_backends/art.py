@@ -41,7 +41,6 @@ import struct
 import time
 from typing import Iterator, Sequence
 
-import crc32c
 import numpy as np
 
 if importlib.util.find_spec("numba") is None:  # interpreted-only would be correct but far too slow
@@ -64,6 +63,7 @@ from quiver.index_backends.errors import (
     InvalidKeyError,
 )
 from quiver.index_backends.protocol import IndexStats
+from quiver.walpub.checksum import crc32c
 
 SNAP_NAME = "art.snap"
 LOG_NAME = "art.log"
@@ -317,13 +317,13 @@ class ArtIndex:
         magic, ver, lsn, seq, words, kbytes, vbytes, records, body_crc, head_crc = _SNAP.unpack(head)
         if magic != _SNAP_MAGIC or ver != _SNAP_VERSION:
             raise ArtCorruptError(f"{self._snap_path}: bad magic or version {ver}")
-        if crc32c.crc32c(head[:-4]) != head_crc:
+        if crc32c(head[:-4]) != head_crc:
             raise ArtCorruptError(f"{self._snap_path}: header CRC mismatch")
         if len(data) != _SNAP.size + words * 8 + kbytes + vbytes:
             raise ArtCorruptError(f"{self._snap_path}: {len(data)} bytes, its header says "
                                   f"{_SNAP.size + words * 8 + kbytes + vbytes} (truncated or overwritten)")
         body = memoryview(data)[_SNAP.size :]
-        if crc32c.crc32c(body) != body_crc:
+        if crc32c(body) != body_crc:
             raise ArtCorruptError(f"{self._snap_path}: body CRC mismatch")
         # Small headroom, so a reopened index is not at its growth point.
         N = np.zeros(words + max(words // 16, kern.INSERT_W + 64), dtype=np.int64)
@@ -362,7 +362,7 @@ class ArtIndex:
         while pos + _FRAME.size <= len(data):
             plen, crc, ftype, lsn = _FRAME.unpack_from(data, pos)
             end = pos + _FRAME.size + plen
-            if end > len(data) or crc32c.crc32c(memoryview(data)[pos + 8 : end]) != crc:
+            if end > len(data) or crc32c(memoryview(data)[pos + 8 : end]) != crc:
                 break
             if lsn > self._snap_lsn:
                 if ftype == F_COMMIT:
@@ -408,7 +408,7 @@ class ArtIndex:
             return
         self._lsn += 1
         body = _FRAME.pack(len(payload), 0, ftype, self._lsn)[8:] + payload
-        self._buf += _FRAME.pack(len(payload), crc32c.crc32c(body), ftype, self._lsn)[:8]
+        self._buf += _FRAME.pack(len(payload), crc32c(body), ftype, self._lsn)[:8]
         self._buf += body
         self._uncommitted = True
         if len(self._buf) >= SPILL_BYTES:
@@ -427,7 +427,7 @@ class ArtIndex:
         self._uncommitted = False
         self._lsn += 1
         body = _FRAME.pack(0, 0, F_COMMIT, self._lsn)[8:]
-        self._buf += _FRAME.pack(0, crc32c.crc32c(body), F_COMMIT, self._lsn)[:8] + body
+        self._buf += _FRAME.pack(0, crc32c(body), F_COMMIT, self._lsn)[:8] + body
         self._write_buf()
         if self._fsync:
             self._io.fsync(self._log_fd, "index_log")
@@ -448,10 +448,10 @@ class ArtIndex:
         parts = (memoryview(N.view(np.uint8))[: words * 8], memoryview(K)[:kbytes], memoryview(V)[:vbytes])
         crc = 0
         for mv in parts:
-            crc = crc32c.crc32c(mv, crc)
+            crc = crc32c(mv, crc)
         head = _SNAP.pack(_SNAP_MAGIC, _SNAP_VERSION, self._lsn, self._seq, words, kbytes, vbytes,
                           int(N[kern.M_COUNT]), crc, 0)[:-4]
-        head += _U32.pack(crc32c.crc32c(head))
+        head += _U32.pack(crc32c(head))
         io = self._io
         tmp = self._snap_path + ".tmp"
         if io.exists(tmp):

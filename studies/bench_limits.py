@@ -1,8 +1,8 @@
 """Physical limits of this machine, measured in the same run as every other study.
 
 memcpy bandwidth (numpy copyto), fsync'd sequential write bandwidth (64 KiB and
-1 MiB writes, each followed by fsync, on the repository's disk), CRC32C and
-BLAKE3 throughput.  Each result's ``extra_info`` carries ``bytes`` (per round)
+1 MiB writes, each followed by fsync, on the repository's disk), CRC32C (the
+store's, and the ``crc32c`` package's beside it) and BLAKE3 throughput.  Each result's ``extra_info`` carries ``bytes`` (per round)
 and ``gb_per_s`` (bytes / median round time, 1 GB = 1e9 bytes), which the
 report sets beside the figures they bound.
 """
@@ -16,6 +16,8 @@ import blake3
 import crc32c
 import numpy as np
 import pytest
+
+from quiver.walpub import checksum
 
 from .config import pick
 from .workloads import latency_summary
@@ -50,10 +52,22 @@ def test_memcpy(benchmark):
 
 
 def test_crc32c(benchmark):
+    """CRC32C as every read's check computes it (``quiver.walpub.checksum``)."""
+    benchmark.group = "limits"
+    buf = _buffer(HASH_BYTES).tobytes()
+    benchmark.pedantic(checksum.crc32c, args=(buf,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _record(benchmark, HASH_BYTES, what="CRC32C, the store's (awscrt: aws-c-checksums)")
+
+
+def test_crc32c_package(benchmark):
+    """The same CRC32C through the ``crc32c`` package (SSE4.2), which the store used
+    before: beside the store's, the reason for the choice (walpub/checksum.py)."""
     benchmark.group = "limits"
     buf = _buffer(HASH_BYTES).tobytes()
     benchmark.pedantic(crc32c.crc32c, args=(buf,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _record(benchmark, HASH_BYTES, what="crc32c.crc32c", hardware=getattr(crc32c, "hardware_based", None))
+    assert crc32c.crc32c(buf) == checksum.crc32c(buf)
+    _record(benchmark, HASH_BYTES, what="CRC32C, the crc32c package",
+            hardware=getattr(crc32c, "hardware_based", None))
 
 
 def test_blake3(benchmark):

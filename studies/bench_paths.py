@@ -285,9 +285,8 @@ def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool =
     calling thread and the helper's thread each taking the next chunk until none is left."""
     import threading
 
-    import crc32c
-
     from quiver.engine.store import READ_CHUNK_BYTES
+    from quiver.walpub.checksum import crc32c
 
     views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
     per = max(1, READ_CHUNK_BYTES // max(1, views[0].nbytes)) if views else 1
@@ -302,7 +301,7 @@ def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool =
                 f.readinto(views[i])
                 f.readinto(tail)
             if verify:
-                crc32c.crc32c(tail, crc32c.crc32c(views[i]))
+                crc32c(tail, crc32c(views[i]))
 
     def read():
         chunks = iter([range(at, min(at + per, len(paths))) for at in range(0, len(paths), per)])

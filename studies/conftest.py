@@ -32,7 +32,7 @@ _FAILED_IDS: set[str] = set()
 _STARTED = time.time()
 
 LIBRARIES = [
-    "numpy", "numba", "blake3", "crc32c", "rocksdict", "lmdb", "sortedcontainers",
+    "numpy", "numba", "blake3", "awscrt", "crc32c", "rocksdict", "lmdb", "sortedcontainers",
     "pyroaring", "lz4", "zstandard", "torch", "transformers", "boto3", "moto", "matplotlib", "pytest", "pytest-benchmark",
 ]
 

@@ -145,8 +145,8 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
               "its own envelope-sized buffer into its row of `out` with no check (the memory cost of a per-block "
               "copy out of separate slots, without the get's Python); `l1-batch` and `l2-batch` read the same plain "
               "files and then run one CRC32C pass over each (the one check a read from disk needs: docs/FORMAT.md). "
-              "A floor short of the goal means the goal cannot be met by removing overhead (CRC32C runs at about "
-              "the page-cache copy's speed here, so one verification pass costs about as much as the read); the "
+              "A floor short of the goal means the goal cannot be met by removing overhead (the one verification "
+              "pass is a CRC32C at the speed the `limits` section gives, beside a page-cache copy's); the "
               "µs per block above the floor are the get's own per-block cost (keying, index, guard, header checks, "
               "bookkeeping), the part a faster implementation would remove.", ""]
     lines += ["### Durable put (one thread, durable on return)", "",

@@ -8,6 +8,7 @@ import pytest
 
 from quiver.engine import crcs
 from quiver.engine.envelope import decode_block, prepare_envelope, uniform_layer_offsets
+from quiver.walpub import checksum
 
 
 @pytest.mark.parametrize("len_a, len_b", [(0, 0), (0, 5), (7, 0), (1, 1), (168, 3), (33, 65536), (4096, 1 << 21),
@@ -29,3 +30,28 @@ def test_an_envelope_with_layer_crcs_has_the_crc_of_its_bytes(layers, heads):
     data = enc.tobytes()
     assert data[-4:] == crc32c.crc32c(data[:-4]).to_bytes(4, "little")
     assert np.array_equal(decode_block(data)[1].view(np.uint16), payload.view(np.uint16))
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 3, 180, 4095, 65537, 1 << 21])
+def test_the_stores_crc32c_is_the_crc32c_packages(nbytes):
+    """quiver.walpub.checksum (awscrt) gives the values of the format's reference
+    (the ``crc32c`` package) for every buffer kind a read or put hands it, whole
+    and continued from a previous value."""
+    rng = np.random.default_rng(nbytes)
+    data = rng.bytes(nbytes)
+    want = crc32c.crc32c(data)
+    half = nbytes // 2
+    arr = np.frombuffer(data, np.uint8).copy()
+    for buf in (data, bytearray(data), memoryview(data), arr, memoryview(arr)):
+        assert checksum.crc32c(buf) == want
+    if nbytes % 2 == 0:
+        assert checksum.crc32c(arr.view(np.float16).reshape(2, -1) if nbytes else arr) == want
+    assert checksum.crc32c(memoryview(data)[half:], checksum.crc32c(memoryview(data)[:half])) == want
+    assert checksum.crc32c_of([data[:half], memoryview(data)[half:]]) == want
+    assert checksum.crc32c(data, 0x12345678) == crc32c.crc32c(data, 0x12345678)
+
+
+def test_the_stores_crc32c_refuses_a_strided_buffer():
+    """A non-contiguous view is refused (typed), never checksummed as other bytes."""
+    with pytest.raises((ValueError, BufferError, TypeError)):
+        checksum.crc32c(np.arange(64, dtype=np.uint8)[::2])

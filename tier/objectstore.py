@@ -57,8 +57,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import crc32c
-
 from quiver.tier.errors import (
     InvalidObjectKeyError,
     InvalidRangeError,
@@ -72,8 +70,8 @@ from quiver.tier.errors import (
     ObjectStoreUnavailableError,
     ObjectStoreUnreachableError,
 )
+from quiver.walpub.checksum import crc32c, crc32c_of
 from quiver.walpub.io import FileSystem, OsFileSystem
-from quiver.walpub.wal import crc32c_of
 
 log = logging.getLogger("quiver.tier.objectstore")
 
@@ -386,7 +384,7 @@ def encode_manifest(keys: list[bytes]) -> bytes:
     for k in keys:
         out.append(len(k))
         out += k
-    out += _U32.pack(crc32c.crc32c(out))
+    out += _U32.pack(crc32c(out))
     return bytes(out)
 
 
@@ -395,7 +393,7 @@ def decode_manifest(data: bytes, name: str = "?") -> list[bytes]:
     if len(data) < _MANIFEST_HEAD.size + 4:
         raise ManifestCorruptError(f"manifest {name}: {len(data)} bytes is too short")
     (crc,) = _U32.unpack_from(data, len(data) - 4)
-    if crc32c.crc32c(memoryview(data)[:-4]) != crc:
+    if crc32c(memoryview(data)[:-4]) != crc:
         raise ManifestCorruptError(f"manifest {name}: CRC32C mismatch")
     magic, version, _, count = _MANIFEST_HEAD.unpack_from(data, 0)
     if magic != MANIFEST_MAGIC or version != MANIFEST_VERSION:
@@ -963,7 +961,7 @@ class LocalDirObjectStore(ObjectStore):
             try:
                 view = memoryview(data).cast("B")  # any contiguous buffer, as bytes
                 io.write(fd, view)
-                io.write(fd, _TRAILER.pack(crc32c.crc32c(view), _TRAILER_MAGIC))
+                io.write(fd, _TRAILER.pack(crc32c(view), _TRAILER_MAGIC))
                 io.fsync(fd, "l2_manifest" if manifest else "l2_object")
             finally:
                 io.close(fd)

@@ -46,7 +46,6 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.exceptions as bex
 import botocore.session
-import crc32c
 from botocore.config import Config
 
 from quiver.tier.errors import (
@@ -63,6 +62,7 @@ from quiver.tier.objectstore import (
     ObjectStore,
     current_deadline,
 )
+from quiver.walpub.checksum import crc32c
 
 log = logging.getLogger("quiver.tier.s3")
 
@@ -475,7 +475,7 @@ class S3ObjectStore(ObjectStore):
     def _put_named(self, name: str, data: bytes) -> bool:
         if not isinstance(data, bytes):
             data = bytes(data)
-        meta = {CRC_META: f"{crc32c.crc32c(data):08x}"}
+        meta = {CRC_META: f"{crc32c(data):08x}"}
         if len(data) >= self.multipart_threshold:
             return self._put_multipart(name, data, meta)
         full = self.prefix + name
@@ -583,7 +583,7 @@ class S3ObjectStore(ObjectStore):
             body = r["Body"].read()
             _check_length(body, r)
             want = r.get("Metadata", {}).get(CRC_META)
-            if want is not None and f"{crc32c.crc32c(body):08x}" != want.lower():
+            if want is not None and f"{crc32c(body):08x}" != want.lower():
                 raise _Damaged("body fails its CRC32C")
             return body
 

@@ -31,8 +31,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import crc32c as _crc32c
-
+from quiver.walpub.checksum import crc32c, crc32c_of
 from quiver.walpub.io import FileSystem
 
 T_PUT = 1
@@ -46,19 +45,6 @@ RESET_FIXED = struct.Struct("<Q")
 MAX_KEY_BYTES = 120            # hex name + ".blk" stays under NAME_MAX (255)
 MAX_PAYLOAD = PUT_FIXED.size + MAX_KEY_BYTES
 SEGMENT_RE = re.compile(r"^(\d{16})\.log$")
-
-
-def crc32c(data: bytes, value: int = 0) -> int:
-    """CRC32C of ``data``, continuing from ``value`` (the CRC of the bytes before it)."""
-    return _crc32c.crc32c(data, value)
-
-
-def crc32c_of(pieces) -> int:
-    """CRC32C of the pieces' bytes in order (an object read in pieces): one pass, no join."""
-    crc = 0
-    for piece in pieces:
-        crc = _crc32c.crc32c(piece, crc)
-    return crc
 
 
 @dataclass(frozen=True)
