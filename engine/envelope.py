@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quiver.engine import codecs, crcs, quant
+from quiver.engine import codecs, quant
 from quiver.engine.errors import (
     BadMagicError,
     ChecksumMismatchError,
@@ -50,7 +50,7 @@ from quiver.engine.errors import (
     UnknownCodecError,
     UnsupportedVersionError,
 )
-from quiver.walpub.checksum import crc32c
+from quiver.walpub.checksum import COMBINE_MIN_BYTES, crc32c, crc32c_combine
 
 MAGIC = b"QVKB"
 VERSION = 1
@@ -384,8 +384,7 @@ def prepare_envelope(
     crc = crc32c(head)
     if layer_crcs:  # codec none: the body is raw, which the layers tile (first offset 0): one pass, not two
         for (a, b), layer_crc in zip(spans, layer_crc_values):
-            crc = crcs.combine(crc, layer_crc, b - a) if b - a >= crcs.COMBINE_MIN_BYTES \
-                else crc32c(raw[a:b], crc)
+            crc = crc32c_combine(crc, layer_crc, b - a) if b - a >= COMBINE_MIN_BYTES else crc32c(raw[a:b], crc)
     else:
         for p in parts:
             crc = crc32c(p, crc)

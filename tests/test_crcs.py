@@ -1,4 +1,5 @@
-"""CRC32C combine (engine/crcs.py) against the CRC of the joined bytes, and the envelope CRC it now makes."""
+"""The store's CRC32C (walpub/checksum.py) against the crc32c package, its combine against the CRC
+of the joined bytes, and the envelope CRC the combine makes."""
 
 from __future__ import annotations
 
@@ -6,24 +7,25 @@ import crc32c
 import numpy as np
 import pytest
 
-from quiver.engine import crcs
 from quiver.engine.envelope import decode_block, prepare_envelope, uniform_layer_offsets
 from quiver.walpub import checksum
 
 
 @pytest.mark.parametrize("len_a, len_b", [(0, 0), (0, 5), (7, 0), (1, 1), (168, 3), (33, 65536), (4096, 1 << 21),
-                                          (5, crcs.COMBINE_MIN_BYTES - 1)])
+                                          (5, checksum.COMBINE_MIN_BYTES - 1)])
 def test_combine_is_the_crc_of_the_concatenation(len_a, len_b):
     rng = np.random.default_rng(len_a * 31 + len_b)
     a, b = rng.bytes(len_a), rng.bytes(len_b)
-    assert crcs.combine(crc32c.crc32c(a), crc32c.crc32c(b), len_b) == crc32c.crc32c(a + b)
+    assert checksum.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len_b) == crc32c.crc32c(a + b)
 
 
-@pytest.mark.parametrize("layers, heads", [(1, 4), (3, 4), (32, 4), (3, 1)])  # 32 KiB layers; 8 KiB ones
-def test_an_envelope_with_layer_crcs_has_the_crc_of_its_bytes(layers, heads):
+@pytest.mark.parametrize("layers, heads, dim", [(1, 4, 128), (3, 4, 128), (32, 4, 128), (3, 1, 128), (3, 1, 32)])
+def test_an_envelope_with_layer_crcs_has_the_crc_of_its_bytes(layers, heads, dim):
     """Layers above and below COMBINE_MIN_BYTES: the trailing CRC is the one a reader computes."""
     rng = np.random.default_rng(layers)
-    payload = rng.integers(0, 2**16, (layers, 2, 16, heads, 128), dtype=np.uint16).view(np.float16)
+    payload = rng.integers(0, 2**16, (layers, 2, 16, heads, dim), dtype=np.uint16).view(np.float16)
+    layer_bytes = payload.nbytes // layers  # 32 KiB, 8 KiB (combined), 2 KiB (under COMBINE_MIN_BYTES: CRC'd again)
+    assert (layer_bytes >= checksum.COMBINE_MIN_BYTES) == (dim == 128)  # both sides of the threshold are covered
     z = bytes(32)
     enc = prepare_envelope(payload, fingerprint=z, key=z, parent=z, token_count=16,
                            layer_offsets=uniform_layer_offsets(layers, payload.nbytes), layer_crcs=True)

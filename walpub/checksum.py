@@ -13,14 +13,27 @@ function's: the tests check this module against the ``crc32c`` package.
 
 ``crc32c(data, value)`` takes any C-contiguous buffer (bytes, memoryview,
 numpy array, mmap) and continues from ``value``, the CRC of the bytes before.
+
+``crc32c_combine(crc_a, crc_b, len_b)`` is the CRC32C of ``A || B`` from the
+CRCs of its pieces and ``len(B)`` (CRC32C is linear), with no pass over the
+bytes: an envelope with layer CRCs gets its whole CRC from its layers' (the
+body read once, not twice: docs/FORMAT.md).  0.19 us a call here, against
+0.25 us for a CRC32C pass over 4 KiB and 0.50 us over 16 KiB, so a caller
+combines pieces of ``COMBINE_MIN_BYTES`` or more and runs the CRC over smaller
+ones again (at 1 KiB the two were even).
 """
 
 from __future__ import annotations
 
+from awscrt.checksums import combine_crc32c as _aws_combine
 from awscrt.checksums import crc32c as _aws_crc32c
 
 #: CRC32C of a buffer, continuing from a previous value: ``crc32c(data, value=0)``.
 crc32c = _aws_crc32c
+#: CRC32C of ``A || B`` from ``crc32c(A)``, ``crc32c(B)`` and ``len(B)``: ``crc32c_combine(crc_a, crc_b, len_b)``.
+crc32c_combine = _aws_combine
+#: Pieces at least this large are combined; smaller ones are cheaper to CRC again.
+COMBINE_MIN_BYTES = 4 * 1024
 
 
 def crc32c_of(pieces) -> int:
@@ -31,4 +44,4 @@ def crc32c_of(pieces) -> int:
     return crc
 
 
-__all__ = ["crc32c", "crc32c_of"]
+__all__ = ["COMBINE_MIN_BYTES", "crc32c", "crc32c_combine", "crc32c_of"]

@@ -725,7 +725,7 @@ class Volume:
         with ``writev``: BlockStore's envelope header, the caller's payload and
         the CRC, never joined).  ``crc`` is the CRC32C of exactly those bytes,
         when the caller already has it (BlockStore derives it from the
-        envelope's own CRC, engine/crcs.py): the record takes it instead of a
+        envelope's own CRC, walpub/checksum.py's combine): the record takes it instead of a
         pass over the bytes.  A wrong one loses the object, never serves it:
         every read checks the bytes against the record and drops what fails
         (CorruptObjectError)."""
