@@ -9,7 +9,10 @@ about the speed of a page-cache copy (the one check took as long as the read),
 while aws-c-checksums (``awscrt``), which folds with AVX-512 carry-less
 multiplies where the CPU has them, ran at 54-56 GB/s on the same buffers and
 releases the GIL (2026-12-05, AMD EPYC, 2 cores).  The values are the same
-function's: the tests check this module against the ``crc32c`` package.
+function's: the tests check this module against the ``crc32c`` package.  Its
+price is at import: loading ``_awscrt`` takes ~35 ms here (``import quiver``
+0.20 -> 0.24 s in the first-request study), paid once per process; a lazy
+import would not save it, since a store's open already checks WAL frames.
 
 ``crc32c(data, value)`` takes any C-contiguous buffer (bytes, memoryview,
 numpy array, mmap) and continues from ``value``, the CRC of the bytes before.
