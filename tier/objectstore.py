@@ -934,7 +934,9 @@ class LocalDirObjectStore(ObjectStore):
 
     # --- primitives -------------------------------------------------------------
     def _path(self, name: str) -> str:
-        return os.path.join(self.root, *name.split("/"))
+        """The file of ``name`` ("/"-separated, relative) under the root (an
+        absolute path without a trailing "/": ``__init__``'s abspath)."""
+        return f"{self.root}/{name}"
 
     def _put_named(self, name: str, data: bytes) -> bool:
         self._check_open()
