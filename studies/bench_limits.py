@@ -2,9 +2,10 @@
 
 memcpy bandwidth (numpy copyto), fsync'd sequential write bandwidth (64 KiB and
 1 MiB writes, each followed by fsync, on the repository's disk), CRC32C (the
-store's, and the ``crc32c`` package's beside it) and BLAKE3 throughput.  Each result's ``extra_info`` carries ``bytes`` (per round)
-and ``gb_per_s`` (bytes / median round time, 1 GB = 1e9 bytes), which the
-report sets beside the figures they bound.
+store's, and the ``crc32c`` package's beside it) and BLAKE3 throughput.  Each
+result's ``extra_info`` carries ``bytes`` (per round) and ``gb_per_s`` (bytes /
+median round time, 1 GB = 1e9 bytes), which the report sets beside the figures
+they bound.
 """
 
 from __future__ import annotations
