@@ -46,7 +46,7 @@ from quiver.walpub import CorruptObjectError, ObjectNotFoundError, OsFileSystem,
 from quiver.walpub import wal as walmod
 from quiver.walpub.crash_check import Expect, check_reads, check_recovered, explore
 from quiver.walpub.volume import CRASH_POINTS, CRASHPOINT_ENV, arm_crash_point, object_relpath
-from quiver.walpub.wal import crc32c
+from quiver.walpub.checksum import crc32c
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WALPUB_BACKENDS = ("flat", "sorted", "lmdb", "lsm", "art")

@@ -11,7 +11,7 @@ multiplies where the CPU has them, ran at 54-56 GB/s on the same buffers and
 releases the GIL (2026-12-05, AMD EPYC, 2 cores).  The values are the same
 function's: the tests check this module against the ``crc32c`` package.  Its
 price is at import: loading ``_awscrt`` takes ~35 ms here (``import quiver``
-0.20 -> 0.24 s in the first-request study), paid once per process; a lazy
+0.20 -> 0.22-0.24 s in the first-request study), paid once per process; a lazy
 import would not save it, since a store's open already checks WAL frames.
 
 ``crc32c(data, value)`` takes any C-contiguous buffer (bytes, memoryview,

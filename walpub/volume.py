@@ -41,6 +41,7 @@ from quiver import index_backends
 from quiver.index_backends.errors import IndexBackendError, IndexCorruptError, IndexLockedError, UnknownBackendError
 from quiver.index_backends.protocol import ResidencyIndex
 from quiver.walpub import wal as _wal
+from quiver.walpub.checksum import crc32c
 from quiver.walpub.errors import (
     BusyError,
     CorruptObjectError,
@@ -53,7 +54,7 @@ from quiver.walpub.errors import (
     VolumeLockedError,
 )
 from quiver.walpub.io import FileSystem, OsFileSystem
-from quiver.walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord, crc32c
+from quiver.walpub.wal import MAX_KEY_BYTES, DeleteRecord, PutRecord
 
 MAX_OBJECT_BYTES = 1 << 30
 # The residency record, the index value of every live key (docs/INDEXES.md):

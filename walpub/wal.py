@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from quiver.walpub.checksum import crc32c, crc32c_of
+from quiver.walpub.checksum import crc32c
 from quiver.walpub.io import FileSystem
 
 T_PUT = 1
@@ -417,5 +417,5 @@ def compact(io: FileSystem, wal_dir: str, tmp_dir: str, seg_id: int, base_seq: i
 __all__ = [
     "PutRecord", "DeleteRecord", "ResetRecord", "Record", "encode", "decode_frames",
     "replay", "ReplayResult", "first_record", "iter_put_records", "WalWriter", "compact", "list_segments", "segment_name",
-    "MAX_KEY_BYTES", "crc32c", "crc32c_of",
+    "MAX_KEY_BYTES",
 ]
