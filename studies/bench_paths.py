@@ -23,9 +23,10 @@ Paths (``path`` in extra_info), per block size:
 - ``l0-threads-T``: T threads (1, 2, 4), each a get of its own ``THREAD_BLOCKS`` L0
   blocks per round, beside T threads each ``np.copyto`` of the same bytes (both from one
   persistent thread pool): aggregate bytes/s, the same threads on both sides.
-- ``l1-batch``: ``ram_bytes=0`` (every get is an L1 read, as after a restart), page
-  cache warm (one untimed get first), beside a plain-file ``readinto`` of the same
-  number of files of the same size into the same ``out`` (open, readinto, close each).
+- ``l1-batch``: ``ram_bytes=0`` (every get an L1 read, as after a restart), page
+  cache warm (one untimed get first), beside a raw read of the store's own object
+  files into the same ``out`` (open, one ``preadv`` of header, body and CRC, close
+  each: ``_plain_reader``).
   The get reads a batch in 4 MiB chunks on its own thread and the store's read helper
   (``READ_HELPERS``); the limit and floor read the files with the same threads and
   chunks (like with like), and ``one_thread_limit_s`` is the same read on one thread.
@@ -34,8 +35,8 @@ Paths (``path`` in extra_info), per block size:
   blocks, and close untimed), so it includes the L2 reads (into ``out``, on the get's
   threads as L1's batch), verification, and queueing the promotion into L1 (the background writer
   reads the objects again and writes them after the get returns: untimed, and not
-  running under the next timed get), beside reading the same L2 object files with
-  ``readinto`` (page cache warm) by the same threads: that directory's raw read
+  running under the next timed get), beside reading the same L2 object files as
+  ``l1-batch``'s limit does (page cache warm) by the same threads: that directory's raw read
   bandwidth.  The four contenders (get, raw read, raw read + CRC, raw read on one thread) run back to back after each round's
   set-up, in ``_order``, and the get's promotion is drained
   before the next contender, so none always runs in the same place (a first version ran
@@ -60,7 +61,7 @@ Paths (``path`` in extra_info), per block size:
   count (``stats()["tiers"]["l1"]["volume"]["fsyncs"]``) over the store's puts.
 
 Goals (issue 10's, constants here; the report marks them): L0 batch ≥ 0.8 of memcpy,
-single ≥ 0.5; fixed cost ≤ 10 µs per block in a batch of 64; L1 ≤ 1.5× readinto; L2 (directory) ≥ 0.7 of its raw read;
+single ≥ 0.5; fixed cost ≤ 10 µs per block in a batch of 64; L1 ≤ 1.5× its objects' raw read; L2 (directory) ≥ 0.7 of its raw read;
 durable put at 256 KiB ≥ LMDB, at 2 MiB ≥ 0.8 of the raw fsync'd write.
 """
 
@@ -94,7 +95,7 @@ GOALS = {"l0-batch": 0.8, "l0-single": 0.5, "l0-fixed": 10e-6, "l1-batch": 1.5, 
          "put-durable-2MiB": 0.8}
 _SEQ = [0]
 WRITE_PARALLELISM = 8  # walpub's object writes + fsyncs in flight (walpub/io.py, RealIO.write_parallelism)
-_VERIFIED_READ = "the same plain files read, then one CRC32C pass over each (the one check a disk read needs)"
+_VERIFIED_READ = "the same files read as the limit reads them, then one CRC32C pass over each (the one check a disk read needs)"
 
 
 def _same_threads() -> str:
@@ -276,32 +277,47 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
             "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
-def _plain_reader(paths: list[Path], out: np.ndarray, extra: int, verify: bool = False,
+def _plain_reader(paths: list[Path], out: np.ndarray, head: int, tail: int, verify: bool = False,
                   helper: ThreadPoolExecutor | None = None):
-    """Read each file into its block of ``out`` (the rest, ``extra`` bytes, into a scratch);
-    ``verify``: then one CRC32C pass over what was read (the one check a read from disk needs:
-    docs/FORMAT.md), the floor of a verified read.  With ``helper`` the files are read as the
-    store reads a batch (``BlockStore._read_batch``): in chunks of ``READ_CHUNK_BYTES``, the
-    calling thread and the helper's thread each taking the next chunk until none is left."""
+    """Read each file as the store's object it is: its first ``head`` bytes (the envelope's
+    header) into a scratch, the next block into its block of ``out``, its last ``tail`` bytes
+    (CRC, trailer) into a scratch, with one ``preadv`` (``os.open``, ``os.preadv``,
+    ``os.close``: the fewest calls a read of the file takes).  ``verify``: then one CRC32C
+    pass over what was read (the one check a read from disk needs: docs/FORMAT.md), the
+    floor of a verified read.  With ``helper`` the files are read as the store reads a batch
+    (``BlockStore._read_batch``): in chunks of ``READ_CHUNK_BYTES``, the calling thread and
+    the helper's thread each taking the next chunk until none is left.
+
+    The body lands where the store's get puts it, from the same file offset.  A first
+    version read it from offset 0 of a copy of each file, into arrays that start 16 bytes
+    into a page (numpy's): the kernel's copy runs slow when the destination lies 1 to 31
+    bytes past the source within a page (x4 at 1-8 bytes, x1.8 at 16-31, once the bytes
+    have left the CPU cache), so that limit ran 29.1 against this one's 14.6 us per
+    256 KiB block, 349 against 231 us at 2 MiB (one thread, interleaved, 2026-12-05;
+    docs/STORE.md), and the ratios it gave flattered the store."""
     import threading
 
     from quiver.engine.store import READ_CHUNK_BYTES
     from quiver.walpub.checksum import crc32c
 
     views = [memoryview(out[i].reshape(-1).view(np.uint8)) for i in range(len(paths))]
+    names = [str(p) for p in paths]
     per = max(1, READ_CHUNK_BYTES // max(1, views[0].nbytes)) if views else 1
-    tails = threading.local()  # each thread's scratch for the rest of a file
+    scratch = threading.local()  # each thread's scratch for a file's header and tail
 
     def read_files(files) -> None:
-        tail = getattr(tails, "buf", None)
-        if tail is None:
-            tail = tails.buf = bytearray(max(extra, 1))
+        bufs = getattr(scratch, "bufs", None)
+        if bufs is None:
+            bufs = scratch.bufs = (bytearray(head), bytearray(tail))
+        first, last = bufs
         for i in files:
-            with open(paths[i], "rb", buffering=0) as f:
-                f.readinto(views[i])
-                f.readinto(tail)
+            fd = os.open(names[i], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.preadv(fd, [first, views[i], last], 0)
+            finally:
+                os.close(fd)
             if verify:
-                crc32c(tail, crc32c(views[i]))
+                crc32c(last, crc32c(views[i], crc32c(first)))
 
     def read():
         chunks = iter([range(at, min(at + per, len(paths))) for at in range(0, len(paths), per)])
@@ -330,23 +346,19 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
     ident = _ident(block_bytes)
     tokens, blocks = _case(ident, n)
     out = np.empty_like(blocks)
-    files = root / "plain"
-    files.mkdir()
     with BlockStore.open(root / "store", index="art", ram_bytes=0) as st:
         st.put(ident, tokens, blocks)
         env_bytes = st.stats()["tiers"]["l1"]["used_bytes"] // n
-        paths = []
-        for i in range(n):  # the same number of files, of the store's object size
-            p = files / f"{i:04d}"
-            p.write_bytes(blocks[i].tobytes() + bytes(env_bytes - block_bytes))
-            paths.append(p)
-        extra = env_bytes - block_bytes  # the rest of each file: the envelope's header and CRC
+        paths = sorted((root / "store").rglob("*.blk"))  # the store's own object files (docs/WALPUB.md)
+        assert len(paths) == n, f"{len(paths)} L1 objects for {n} blocks"
+        head = env_bytes - block_bytes - 4  # before the body: the envelope's header; after it: its CRC
         with ThreadPoolExecutor(READ_HELPERS) as helper:  # the store's read helper(s), one per store
-            plain = _plain_reader(paths, out, extra, helper=helper)
-            verified = _plain_reader(paths, out, extra, verify=True, helper=helper)
-            one_thread = _plain_reader(paths, out, extra)
-            st.get(ident, tokens, out=out)  # page cache warm, code loaded
+            plain = _plain_reader(paths, out, head, 4, helper=helper)
+            verified = _plain_reader(paths, out, head, 4, verify=True, helper=helper)
+            one_thread = _plain_reader(paths, out, head, 4)
             plain()
+            assert sorted(r.tobytes() for r in out) == sorted(b.tobytes() for b in blocks), "the limit read other bytes"
+            st.get(ident, tokens, out=out)  # page cache warm, code loaded
             hits = st.stats()["counters"]["l1_hits"]
             med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "floor": verified,
                            "one_thread": one_thread})
@@ -354,7 +366,8 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
         st.get(ident, tokens, out=out)
         assert out.tobytes() == blocks.tobytes()
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med.ratio("store", "limit"),
-            "limit": f"plain files, open + readinto + close each (page cache warm), {_same_threads()}", "blocks": n,
+            "limit": f"the store's object files, open + one preadv (header, body into out, CRC) + close each "
+                     f"(page cache warm), {_same_threads()}", "blocks": n,
             "block_bytes": block_bytes, "object_bytes": env_bytes, "per_block_s": med["store"] / n,
             "bytes": n * block_bytes, "floor_s": med["floor"], "floor": _VERIFIED_READ,
             "floor_ratio": med.ratio("floor", "limit"), "threads": 1 + READ_HELPERS,
@@ -376,13 +389,15 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         before = {p for p in (l2 / "blocks").rglob("*") if p.is_file()}
         st.put(ident, tokens, blocks)
         assert st.flush_l2(timeout_s=300) == 0
+        header_bytes = st.stats()["tiers"]["l1"]["used_bytes"] // (n + len(warm_blocks)) - block_bytes - 4
     paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
-    extra = max(p.stat().st_size for p in paths) - block_bytes
+    head = header_bytes  # before the body: the envelope's header; after it: its CRC and the L2 trailer
+    tail = max(p.stat().st_size for p in paths) - head - block_bytes
     helper = ThreadPoolExecutor(READ_HELPERS)  # the store's read helper(s), one per store
-    plain = _plain_reader(paths, out, extra, helper=helper)
-    verified = _plain_reader(paths, out, extra, verify=True, helper=helper)
-    one_thread = _plain_reader(paths, out, extra)
+    plain = _plain_reader(paths, out, head, tail, helper=helper)
+    verified = _plain_reader(paths, out, head, tail, verify=True, helper=helper)
+    one_thread = _plain_reader(paths, out, head, tail)
     times: dict[str, list[float]] = {"store": [], "limit": [], "floor": [], "one_thread": []}
 
     def one_round(r: int) -> None:
@@ -404,6 +419,8 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         shutil.rmtree(root / f"reader{r}")
 
     try:
+        plain()
+        assert sorted(r.tobytes() for r in out) == sorted(b.tobytes() for b in blocks), "the limit read other bytes"
         one_round(0)  # code loaded, L2 files in the page cache
         for k in times:
             times[k].clear()
@@ -413,8 +430,8 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         helper.shutdown()
     med = _Rounds(times)
     return {"store_s": med["store"], "limit_s": med["limit"], "ratio": med.ratio("limit", "store"),
-            "limit": f"the L2 directory's object files, open + readinto + close each (page cache warm), "
-                     f"{_same_threads()}",
+            "limit": f"the L2 directory's object files, open + one preadv (header, body into out, CRC and "
+                     f"trailer) + close each (page cache warm), {_same_threads()}",
             "blocks": n, "block_bytes": block_bytes, "per_block_s": med["store"] / n, "bytes": n * block_bytes,
             "floor_s": med["floor"], "floor": _VERIFIED_READ, "floor_ratio": med.ratio("limit", "floor"),
             "threads": 1 + READ_HELPERS, "one_thread_limit_s": med["one_thread"]}

@@ -4,7 +4,7 @@
 extra_info per case: ``path`` (l0-batch | l0-single | l0-fixed | l1-batch | put-durable),
 ``block_bytes``, ``blocks``, ``bytes``, ``rounds``, ``threads``, ``store_s`` and ``limit_s``
 (medians of interleaved rounds), ``limit`` (what the limit is), ``ratio`` (the path's
-goal metric: ÷ memcpy for L0, × readinto for L1, ÷ raw fsync'd write for put),
+goal metric: ÷ memcpy for L0, × its objects' raw read for L1, ÷ raw fsync'd write for put),
 ``per_block_s``; put also ``lmdb_s``, ``vs_lmdb``, ``*_bytes_per_s``, ``fsyncs_per_block``; L0, L1, L2
 and put also ``floor_s``, ``floor`` (what it is) and ``floor_ratio`` (in the ratio's metric), put
 ``floor_vs_lmdb``.
@@ -21,7 +21,7 @@ GROUPS = ["engine-paths"]
 ORDER = ["l0-batch", "l0-cold", "l0-single", "l0-fixed", "l0-threads-1", "l0-threads-2", "l0-threads-4", "l1-batch", "l2-batch",
          "l2-s3", "l2-rgw", "put-durable"]
 MiB = 1 << 20
-_METRIC = {"l0": " of memcpy", "l1": " readinto", "l2": " of raw read"}  # what a get's ratio is of
+_METRIC = {"l0": " of memcpy", "l1": " raw read", "l2": " of raw read"}  # what a get's ratio is of
 
 
 def _cases(groups: dict) -> list[dict]:
@@ -40,7 +40,7 @@ def _goal(e: dict) -> tuple[str, str]:
     if path == "l0-fixed":
         return "≤ 10 µs per block, batch of 64", _verdict(_us(e.get("per_block_s")), 10.0, False)
     if path == "l1-batch":
-        return "≤ ×1.5 readinto", _verdict(ratio, 1.5, False)
+        return "≤ ×1.5 raw read", _verdict(ratio, 1.5, False)
     if path == "l2-batch":
         return "≥ ×0.7 the directory's raw read", _verdict(ratio, 0.7, True)
     if path in ("l2-s3", "l2-rgw"):
@@ -127,8 +127,9 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
         f"memory not touched lately ({fmt(_cold(cases).get('turns'), 'int')} prefixes, each with its own `out`, got in turn: more bytes than "
         "the CPU caches hold between one get of a prefix and the next), beside `np.copyto` of the same sources into "
         "the same outs in the same turns, times per get. `l1-batch` "
-        "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside plain files of "
-        "the store's object size read with `readinto`; `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's two threads, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside `readinto` of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
+        "runs with `ram_bytes=0` (every get an L1 read, as after a restart), page cache warm, beside the store's own "
+        "object files read raw (open, one `preadv`: header into a scratch, body into `out`, CRC; close: the body lands "
+        "where the get puts it, from the same offset; docs/STORE.md says why not a copy read from offset 0); `l2-batch` reads blocks only a local-directory L2 holds (a fresh store directory per round: the L2 reads straight into `out` on the get's two threads, verification, and the promotion into L1, queued to the background writer, which reads the objects again), beside the same raw read of the L2's own object files; `l2-s3` does the same against moto over loopback HTTP (SigV4 on), beside one GET, the same n GETs one after another through the store's own object store and the same n GETs from 8 threads (what reads in flight reach on this machine), and `l2-rgw` against Ceph RGW (a one-node cluster on loopback; absent where it cannot run); `l0-threads-T` runs T threads, each a get of its own blocks, beside T threads each copying the same bytes (aggregate). Goals are issue 10's constants. What a RAM or L1 hit verifies "
         "(one CRC pass per byte per tier crossing) is in docs/FORMAT.md, \"What each read verifies\". "
         f"An L0 get of {_nt_min(e0)} or more copies with non-temporal stores (engine/row_copy.py: whole lines written "
         "without reading them first, and not kept in the cache); `np.copyto`, the limit, and the floor write "
@@ -143,8 +144,8 @@ def section(mode: str, groups: dict, plots, q: dict) -> list[str]:
                    [_get_row(e) for e in cases if e["path"] != "put-durable"])
     lines += ["**Floors** (the profile of a miss, timed in the same rounds): `l0-*` copies each block's body from "
               "its own envelope-sized buffer into its row of `out` with no check (the memory cost of a per-block "
-              "copy out of separate slots, without the get's Python); `l1-batch` and `l2-batch` read the same plain "
-              "files and then run one CRC32C pass over each (the one check a read from disk needs: docs/FORMAT.md). "
+              "copy out of separate slots, without the get's Python); `l1-batch` and `l2-batch` read the same files "
+              "as their limits and then run one CRC32C pass over each (the one check a read from disk needs: docs/FORMAT.md). "
               "A floor short of the goal means the goal cannot be met by removing overhead (the one verification "
               "pass is a CRC32C at the speed the `limits` section gives, beside a page-cache copy's); the "
               "µs per block above the floor are the get's own per-block cost (keying, index, guard, header checks, "
@@ -187,14 +188,14 @@ def headline_rows(groups: dict, available: list[str]) -> list[list[str]]:
                      f"{_x(e.get('ratio'))} raw fsync'd write, {fmt(e.get('fsyncs_per_block'))} fsyncs/block")
         else:
             value = (f"{fmt(_us(e.get('per_block_s')))} µs/block, {_x(e.get('ratio'))}"
-                     + {"l0": " memcpy", "l1": " readinto", "l2": " raw read"}.get(e["path"][:2], ""))
+                     + {"l0": " memcpy", "l1": " raw read", "l2": " raw read"}.get(e["path"][:2], ""))
         return f"{e['path']} {_size(e.get('block_bytes'))}: {value}" + (f" ({verdict})" if verdict != DASH else "")
 
     gets = [cell(e) for e in cases if e["path"] in ("l0-batch", "l0-single", "l0-fixed", "l1-batch", "l2-batch")]
     puts = [cell(e) for e in cases if e["path"] == "put-durable"]
     return [["Restore through `BlockStore.get` ÷ its limit (issue 10 goals)", "; ".join(gets) or DASH,
-             "one calling thread (L1/L2 batches and their limits: two threads); L0 ÷ memcpy, L1 × plain-file "
-             "readinto, L2 (directory) ÷ its raw read", link],
+             "one calling thread (L1/L2 batches and their limits: two threads); L0 ÷ memcpy, L1 × its objects' raw "
+             "read, L2 (directory) ÷ its raw read", link],
             ["Durable put through `BlockStore.put` (issue 10 goals)", "; ".join(puts) or DASH,
              "one thread, durable on return, beside LMDB (sync=True) and a raw fsync'd write", link]]
 
