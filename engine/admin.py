@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from quiver.engine.envelope import decode_header
 from quiver.engine.errors import (
     EnvelopeError,

@@ -26,7 +26,7 @@ Paths (``path`` in extra_info), per block size:
 - ``l1-batch``: ``ram_bytes=0`` (every get an L1 read, as after a restart), page
   cache warm (one untimed get first), beside a raw read of the store's own object
   files into the same ``out`` (open, one ``preadv`` of header, body and CRC, close
-  each: ``_plain_reader``).
+  each: ``_raw_reader``).
   The get reads a batch in 4 MiB chunks on its own thread and the store's read helper
   (``READ_HELPERS``); the limit and floor read the files with the same threads and
   chunks (like with like), and ``one_thread_limit_s`` is the same read on one thread.
@@ -277,8 +277,8 @@ def _l0_threads(root: Path, block_bytes: int, threads: int) -> dict:
             "nt": nt and n * block_bytes >= row_copy.NT_MIN_BYTES}
 
 
-def _plain_reader(paths: list[Path], out: np.ndarray, head: int, tail: int, verify: bool = False,
-                  helper: ThreadPoolExecutor | None = None):
+def _raw_reader(paths: list[Path], out: np.ndarray, head: int, tail: int, verify: bool = False,
+                helper: ThreadPoolExecutor | None = None):
     """Read each file as the store's object it is: its first ``head`` bytes (the envelope's
     header) into a scratch, the next block into its block of ``out``, its last ``tail`` bytes
     (CRC, trailer) into a scratch, with one ``preadv`` (``os.open``, ``os.preadv``,
@@ -353,14 +353,14 @@ def _l1(root: Path, block_bytes: int, n: int) -> dict:
         assert len(paths) == n, f"{len(paths)} L1 objects for {n} blocks"
         head = env_bytes - block_bytes - 4  # before the body: the envelope's header; after it: its CRC
         with ThreadPoolExecutor(READ_HELPERS) as helper:  # the store's read helper(s), one per store
-            plain = _plain_reader(paths, out, head, 4, helper=helper)
-            verified = _plain_reader(paths, out, head, 4, verify=True, helper=helper)
-            one_thread = _plain_reader(paths, out, head, 4)
-            plain()
+            raw = _raw_reader(paths, out, head, 4, helper=helper)
+            verified = _raw_reader(paths, out, head, 4, verify=True, helper=helper)
+            one_thread = _raw_reader(paths, out, head, 4)
+            raw()
             assert sorted(r.tobytes() for r in out) == sorted(b.tobytes() for b in blocks), "the limit read other bytes"
             st.get(ident, tokens, out=out)  # page cache warm, code loaded
             hits = st.stats()["counters"]["l1_hits"]
-            med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": plain, "floor": verified,
+            med = _rounds({"store": lambda: st.get(ident, tokens, out=out), "limit": raw, "floor": verified,
                            "one_thread": one_thread})
         assert st.stats()["counters"]["l1_hits"] - hits == ROUNDS * n, "a timed get did not come from L1"
         st.get(ident, tokens, out=out)
@@ -389,15 +389,15 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         before = {p for p in (l2 / "blocks").rglob("*") if p.is_file()}
         st.put(ident, tokens, blocks)
         assert st.flush_l2(timeout_s=300) == 0
-        header_bytes = st.stats()["tiers"]["l1"]["used_bytes"] // (n + len(warm_blocks)) - block_bytes - 4
+        # before the body: the envelope's header; after it: its CRC and the L2 trailer
+        head = st.stats()["tiers"]["l1"]["used_bytes"] // (n + len(warm_blocks)) - block_bytes - 4
     paths = sorted(p for p in (l2 / "blocks").rglob("*") if p.is_file() and p not in before)
     assert len(paths) == n, f"{len(paths)} L2 objects for {n} blocks"
-    head = header_bytes  # before the body: the envelope's header; after it: its CRC and the L2 trailer
     tail = max(p.stat().st_size for p in paths) - head - block_bytes
     helper = ThreadPoolExecutor(READ_HELPERS)  # the store's read helper(s), one per store
-    plain = _plain_reader(paths, out, head, tail, helper=helper)
-    verified = _plain_reader(paths, out, head, tail, verify=True, helper=helper)
-    one_thread = _plain_reader(paths, out, head, tail)
+    raw = _raw_reader(paths, out, head, tail, helper=helper)
+    verified = _raw_reader(paths, out, head, tail, verify=True, helper=helper)
+    one_thread = _raw_reader(paths, out, head, tail)
     times: dict[str, list[float]] = {"store": [], "limit": [], "floor": [], "one_thread": []}
 
     def one_round(r: int) -> None:
@@ -408,7 +408,7 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         with BlockStore.open(root / f"reader{r}", index="art", ram_bytes=0, object_store=l2) as st:
             st.get(ident, warm_tokens)  # untimed: the store's L2 read threads started, as in a running server
             st.drain_promotions()  # and its L1 write done, not running under the timed get
-            contenders = [("store", lambda: st.get(ident, tokens, out=out)), ("limit", plain), ("floor", verified),
+            contenders = [("store", lambda: st.get(ident, tokens, out=out)), ("limit", raw), ("floor", verified),
                           ("one_thread", one_thread)]
             for name, fn in _order(contenders, r):
                 times[name].append(_timed(fn))
@@ -419,7 +419,7 @@ def _l2(root: Path, block_bytes: int, n: int) -> dict:
         shutil.rmtree(root / f"reader{r}")
 
     try:
-        plain()
+        raw()
         assert sorted(r.tobytes() for r in out) == sorted(b.tobytes() for b in blocks), "the limit read other bytes"
         one_round(0)  # code loaded, L2 files in the page cache
         for k in times:
